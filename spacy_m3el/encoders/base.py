@@ -1,0 +1,160 @@
+"""The interface every multimodal backbone implements."""
+from abc import ABC, abstractmethod
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy
+import torch
+from PIL import Image
+from torch import nn
+
+from ..model import EncodedItems
+
+
+class MultimodalEncoder(nn.Module, ABC):
+    """Turns texts and images into the global and local features of DESIGN 3.1.
+
+    Subclasses set the dims and the image normalisation, and implement
+    :meth:`tokenize`, :meth:`encode_text` and :meth:`encode_image`. The text
+    global and the text tokens share one width (``text_dim``).
+    """
+
+    text_dim: int
+    image_global_dim: int
+    image_token_dim: int
+    image_size: int
+    image_mean: Tuple[float, float, float]
+    image_std: Tuple[float, float, float]
+
+    def __init__(self, *, max_text_length: int = 40, frozen: bool = False) -> None:
+        super().__init__()
+        if max_text_length < 3:
+            raise ValueError(f"max_text_length must be at least 3, got {max_text_length}")
+        self.max_text_length = max_text_length
+        self.frozen = False
+        self._frozen_requested = frozen
+
+    def _finish_init(self) -> None:
+        """Call at the end of a subclass __init__, once the towers exist."""
+        if self._frozen_requested:
+            self.freeze()
+
+    def freeze(self) -> None:
+        """Stop training the backbone: no gradients, eval-mode normalisation."""
+        self.frozen = True
+        for param in self.parameters():
+            param.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "MultimodalEncoder":
+        return super().train(mode and not self.frozen)
+
+    @property
+    def device(self) -> torch.device:
+        param = next(self.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    @abstractmethod
+    def describe(self) -> Dict[str, Any]:
+        """JSON-serialisable description: which backbone and weights, to check
+        that cached features and saved pipelines match."""
+
+    @abstractmethod
+    def tokenize(self, texts: Sequence[str]) -> Dict[str, torch.Tensor]:
+        """input_ids and attention_mask, truncated to ``max_text_length``."""
+
+    @abstractmethod
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(text global [N, dt], text tokens [N, L, dt])."""
+
+    @abstractmethod
+    def encode_image(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(image global [N, image_global_dim], patches [N, P, image_token_dim])."""
+
+    def preprocess_images(
+        self, images: Sequence[Optional[Image.Image]]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Resize (shorter side), centre-crop and normalise RGB images.
+
+        A missing image becomes an all-zero input with a False mask.
+        """
+        size = self.image_size
+        pixels = torch.zeros((len(images), 3, size, size), dtype=torch.float32)
+        mask = torch.zeros(len(images), dtype=torch.bool)
+        mean = torch.tensor(self.image_mean).view(3, 1, 1)
+        std = torch.tensor(self.image_std).view(3, 1, 1)
+        for i, image in enumerate(images):
+            if image is None:
+                continue
+            image = image.convert("RGB") if image.mode != "RGB" else image
+            scale = size / min(image.size)
+            width = max(size, round(image.width * scale))
+            height = max(size, round(image.height * scale))
+            image = image.resize((width, height), Image.BICUBIC)
+            left, top = (width - size) // 2, (height - size) // 2
+            image = image.crop((left, top, left + size, top + size))
+            array = numpy.asarray(image, dtype=numpy.float32) / 255.0
+            tensor = torch.from_numpy(array).permute(2, 0, 1)
+            pixels[i] = (tensor - mean) / std
+            mask[i] = True
+        return pixels, mask
+
+    def encode(
+        self, texts: Sequence[str], images: Sequence[Optional[Image.Image]]
+    ) -> EncodedItems:
+        """Encode N texts and N images (None = no image) into model inputs."""
+        if len(texts) != len(images):
+            raise ValueError(f"Got {len(texts)} texts but {len(images)} images")
+        device = self.device
+        tokens = {k: v.to(device) for k, v in self.tokenize(list(texts)).items()}
+        text_global, text_tokens = self.encode_text(tokens["input_ids"], tokens["attention_mask"])
+        pixels, image_mask = self.preprocess_images(images)
+        image_global, image_tokens = self.encode_image_masked(pixels.to(device), image_mask.to(device))
+        return EncodedItems(
+            text_global=text_global,
+            text_tokens=text_tokens,
+            text_mask=tokens["attention_mask"].to(torch.bool),
+            image_global=image_global,
+            image_tokens=image_tokens,
+            image_mask=image_mask.to(device),
+        )
+
+    def encode_image_masked(
+        self, pixels: torch.Tensor, image_mask: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Run the image tower only on items that have an image; zeros elsewhere."""
+        count = pixels.shape[0]
+        present = image_mask.nonzero(as_tuple=True)[0]
+        if len(present) == count:
+            return self.encode_image(pixels)
+        probe_global, probe_tokens = self._image_output_shapes()
+        image_global = pixels.new_zeros((count, *probe_global))
+        image_tokens = pixels.new_zeros((count, *probe_tokens))
+        if len(present):
+            present_global, present_tokens = self.encode_image(pixels[present])
+            image_global = image_global.to(present_global.dtype).index_copy(0, present, present_global)
+            image_tokens = image_tokens.to(present_tokens.dtype).index_copy(0, present, present_tokens)
+        return image_global, image_tokens
+
+    @abstractmethod
+    def _image_output_shapes(self) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        """Shapes of one item's image global and patches, for absent images."""
+
+    def text_for_mention(self, mention: str, sentence: str) -> str:
+        return f"{mention} [SEP] {sentence}"
+
+    def text_for_entity(self, name: str, description: str) -> str:
+        return f"{name} [SEP] {description}"
+
+
+def pad_tokens(rows: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Stack variable-length [L_i, d] rows into [N, L, d] plus a bool mask."""
+    width = max(row.shape[0] for row in rows)
+    dim = rows[0].shape[1]
+    out = rows[0].new_zeros((len(rows), width, dim))
+    mask = torch.zeros((len(rows), width), dtype=torch.bool, device=rows[0].device)
+    for i, row in enumerate(rows):
+        out[i, : row.shape[0]] = row
+        mask[i, : row.shape[0]] = True
+    return out, mask

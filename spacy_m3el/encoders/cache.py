@@ -1,0 +1,138 @@
+"""Memoised features of a frozen encoder, for fast CPU training and linking."""
+from collections import OrderedDict
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+from ..images import ImageRef
+from ..model import EncodedItems
+from .base import MultimodalEncoder, pad_tokens
+
+Features = Tuple[torch.Tensor, torch.Tensor]
+
+
+class _LRU:
+    def __init__(self, max_items: int) -> None:
+        self.max_items = max_items
+        self.items: "OrderedDict[str, Features]" = OrderedDict()
+
+    def get(self, key: str) -> Optional[Features]:
+        value = self.items.get(key)
+        if value is not None:
+            self.items.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: Features) -> None:
+        self.items[key] = value
+        self.items.move_to_end(key)
+        while len(self.items) > self.max_items:
+            self.items.popitem(last=False)
+
+
+class FeatureCache:
+    """Encodes texts and images item by item, remembering what it has seen.
+
+    Only valid for a frozen encoder: a trainable one changes its outputs at
+    every update. Features are stored on the CPU in ``dtype`` (fp16 halves the
+    memory) and cast back to float32 on the way out.
+    """
+
+    def __init__(
+        self,
+        encoder: MultimodalEncoder,
+        *,
+        max_items: int = 200_000,
+        batch_size: int = 32,
+        dtype: torch.dtype = torch.float16,
+    ) -> None:
+        if not encoder.frozen:
+            raise ValueError("FeatureCache needs a frozen encoder (freeze() it first)")
+        self.encoder = encoder
+        self.batch_size = batch_size
+        self.dtype = dtype
+        self.texts = _LRU(max_items)
+        self.images = _LRU(max_items)
+
+    def __len__(self) -> int:
+        return len(self.texts.items) + len(self.images.items)
+
+    def clear(self) -> None:
+        self.texts.items.clear()
+        self.images.items.clear()
+
+    def _store(self, features: Features) -> Features:
+        return tuple(t.detach().to("cpu", self.dtype).contiguous() for t in features)  # type: ignore
+
+    @torch.no_grad()
+    def _encode_texts(self, texts: Sequence[str]) -> Dict[str, Features]:
+        found: Dict[str, Features] = {}
+        missing = []
+        for text in dict.fromkeys(texts):
+            cached = self.texts.get(text)
+            if cached is None:
+                missing.append(text)
+            else:
+                found[text] = cached
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
+            tokens = {k: v.to(self.encoder.device) for k, v in self.encoder.tokenize(chunk).items()}
+            text_global, text_tokens = self.encoder.encode_text(tokens["input_ids"], tokens["attention_mask"])
+            lengths = tokens["attention_mask"].sum(dim=1).tolist()
+            for i, text in enumerate(chunk):
+                found[text] = self._store((text_global[i], text_tokens[i, : lengths[i]]))
+                self.texts.put(text, found[text])
+        return found
+
+    @torch.no_grad()
+    def _encode_images(self, refs: Sequence[Optional[ImageRef]]) -> Dict[str, Optional[Features]]:
+        found: Dict[str, Optional[Features]] = {}
+        pending = []
+        for ref in refs:
+            if ref is None or ref.key in found:
+                continue
+            cached = self.images.get(ref.key)
+            if cached is not None:
+                found[ref.key] = cached
+                continue
+            image = ref.load()
+            if image is None:
+                found[ref.key] = None  # unreadable and tolerated: not cached, retried next time
+                continue
+            found[ref.key] = None
+            pending.append((ref.key, image))
+        for start in range(0, len(pending), self.batch_size):
+            chunk = pending[start : start + self.batch_size]
+            pixels, _ = self.encoder.preprocess_images([image for _, image in chunk])
+            image_global, image_tokens = self.encoder.encode_image(pixels.to(self.encoder.device))
+            for i, (key, _) in enumerate(chunk):
+                features = self._store((image_global[i], image_tokens[i]))
+                self.images.put(key, features)
+                found[key] = features
+        return found
+
+    def encode(self, texts: Sequence[str], images: Sequence[Optional[ImageRef]]) -> EncodedItems:
+        """Features for N texts and N images (None = no image), as a padded batch."""
+        if len(texts) != len(images):
+            raise ValueError(f"Got {len(texts)} texts but {len(images)} images")
+        text_features = self._encode_texts(texts)
+        image_features = self._encode_images(images)
+        globals_, token_rows = zip(*(text_features[t] for t in texts))
+        text_tokens, text_mask = pad_tokens([row.float() for row in token_rows])
+        global_shape, token_shape = self.encoder._image_output_shapes()
+        image_global = torch.zeros((len(texts), *global_shape))
+        image_tokens = torch.zeros((len(texts), *token_shape))
+        image_mask = torch.zeros(len(texts), dtype=torch.bool)
+        for i, ref in enumerate(images):
+            features = image_features.get(ref.key) if ref is not None else None
+            if features is not None:
+                image_global[i] = features[0].float()
+                image_tokens[i] = features[1].float()
+                image_mask[i] = True
+        return EncodedItems(
+            text_global=torch.stack([g.float() for g in globals_]),
+            text_tokens=text_tokens,
+            text_mask=text_mask,
+            image_global=image_global,
+            image_tokens=image_tokens,
+            image_mask=image_mask,
+        )

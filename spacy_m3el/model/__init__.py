@@ -1,0 +1,18 @@
+"""Torch modules of M3EL, free of spaCy so they can be used and tested alone."""
+from .config import M3ELConfig
+from .contrastive import intra_modal_contrastive_loss
+from .layers import CSRAPooling, GatedFusion, MatchLayer
+from .m3el import EncodedItems, M3ELMatcher
+from .matching import CrossModalMatching, IntraModalMatching
+
+__all__ = [
+    "M3ELConfig",
+    "M3ELMatcher",
+    "EncodedItems",
+    "intra_modal_contrastive_loss",
+    "IntraModalMatching",
+    "CrossModalMatching",
+    "MatchLayer",
+    "CSRAPooling",
+    "GatedFusion",
+]

@@ -1,0 +1,130 @@
+"""Intra-modal (G2G, G2L) and cross-modal (T2V, V2T) matching networks.
+
+Every module is split into a per-item *side* computation (which depends on
+one mention or one entity only, so entity sides can be cached) and a cheap
+pairwise part. Sides are plain ``Dict[str, Tensor]`` so they can be indexed,
+moved and serialised without custom classes.
+"""
+import math
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from .layers import CSRAPooling, GatedFusion, MatchLayer, masked_mean, masked_softmax
+
+Side = Dict[str, torch.Tensor]
+
+
+class IntraModalMatching(nn.Module):
+    """G2G and G2L matching inside one modality (DESIGN 3.2)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, *, use_g2l: bool = True) -> None:
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.use_g2l = use_g2l
+        if use_g2l:
+            self.query = nn.Linear(input_dim, hidden_dim)
+            self.key = nn.Linear(input_dim, hidden_dim)
+            self.value = nn.Linear(input_dim, hidden_dim)
+            self.cls = nn.Linear(input_dim, hidden_dim)
+            self.layer_norm = nn.LayerNorm(hidden_dim)
+
+    def entity_side(self, global_: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> Side:
+        side = {"global": global_}
+        if self.use_g2l:
+            side["query"] = self.query(tokens)
+            side["query_mask"] = mask
+            side["cls"] = self.cls(global_)
+        return side
+
+    def mention_side(self, global_: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> Side:
+        side = {"global": global_}
+        if self.use_g2l:
+            side["key"] = self.key(tokens)
+            side["value"] = self.value(tokens)
+            side["key_mask"] = mask
+        return side
+
+    def g2l(self, mention: Side, entity: Side, pairwise: bool) -> torch.Tensor:
+        """G2L scores: [B, E] when ``pairwise`` (entity side is [E, ...]),
+        else [B, K] with an entity side already gathered to [B, K, ...]."""
+        query, query_mask, cls = entity["query"], entity["query_mask"], entity["cls"]
+        key = mention["key"].unsqueeze(1)  # [B, 1, Lm, h]
+        value = mention["value"].unsqueeze(1)
+        key_mask = mention["key_mask"][:, None, None, :]  # [B, 1, 1, Lm]
+        if pairwise:
+            query = query.unsqueeze(0)  # [1, E, Le, h]
+            query_mask = query_mask.unsqueeze(0)
+            cls = cls.unsqueeze(0)
+        attention = query @ key.transpose(-1, -2) / math.sqrt(self.hidden_dim)
+        context = masked_softmax(attention, key_mask) @ value  # [B, E, Le, h]
+        context = masked_mean(context, query_mask, dim=-2)
+        context = self.layer_norm(context)
+        return (cls * context).sum(dim=-1)
+
+
+class CrossModalMatching(nn.Module):
+    """Bidirectional (T2V and V2T) or unidirectional (T2V + gated fusion)
+    cross-modal matching (DESIGN 3.3). Produces one context vector per item
+    and direction; the score is their inner product."""
+
+    def __init__(
+        self,
+        text_dim: int,
+        image_dim: int,
+        hidden_dim: int,
+        *,
+        temperatures,
+        lam: float,
+        bidirectional: bool,
+    ) -> None:
+        super().__init__()
+        self.bidirectional = bidirectional
+        self.text_proj = nn.Linear(text_dim, hidden_dim)
+        self.image_proj = nn.Linear(image_dim, hidden_dim)
+        self.match = MatchLayer(hidden_dim)
+        self.pool = CSRAPooling(temperatures, lam)
+        self.gate = nn.Linear(hidden_dim, 1)
+        self.gate_norm = nn.LayerNorm(hidden_dim)
+        if not bidirectional:
+            self.fusion = GatedFusion(hidden_dim)
+
+    def _context(
+        self, global_: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Context of a global vector of one modality over the tokens of the other."""
+        query = global_.unsqueeze(1)
+        matched_global = self.match(query, tokens, token_mask)  # [N, 1, h]
+        matched_tokens = self.match(tokens, query)  # [N, P, h]
+        if self.bidirectional:
+            sequence = torch.cat([matched_global, matched_tokens], dim=1)
+            ones = torch.ones_like(token_mask[:, :1])
+            pooled = self.pool(sequence, torch.cat([ones, token_mask], dim=1))
+        else:
+            pooled = self.fusion(matched_global.squeeze(1), self.pool(matched_tokens, token_mask))
+        gate = torch.tanh(self.gate(global_))
+        return self.gate_norm(global_ * gate + pooled)
+
+    def side(
+        self,
+        text_global: torch.Tensor,
+        text_tokens: torch.Tensor,
+        text_mask: torch.Tensor,
+        image_global: torch.Tensor,
+        image_tokens: torch.Tensor,
+        image_token_mask: torch.Tensor,
+        *,
+        use_t2v: bool,
+        use_v2t: bool,
+    ) -> Side:
+        side: Side = {}
+        if use_t2v:
+            side["t2v"] = self._context(
+                self.text_proj(text_global), self.image_proj(image_tokens), image_token_mask
+            )
+        if use_v2t:
+            side["v2t"] = self._context(
+                self.image_proj(image_global), self.text_proj(text_tokens), text_mask
+            )
+        return side
