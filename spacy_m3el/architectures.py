@@ -1,0 +1,157 @@
+"""The registered thinc model: an M3EL network (encoder + matcher) in a
+PyTorch shim, serialised with safetensors instead of pickle."""
+import hashlib
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from thinc.api import ArgsKwargs, Model, PyTorchWrapper_v3, get_torch_default_device
+from torch import nn
+
+from .encoders import FeatureCache, MultimodalEncoder
+from .images import ImageRef
+from .model import EncodedItems, M3ELConfig, M3ELMatcher
+
+
+class M3ELNetwork(nn.Module):
+    """A backbone and the M3EL matcher, with a feature cache when frozen."""
+
+    def __init__(self, encoder: MultimodalEncoder, matcher: M3ELMatcher) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.matcher = matcher
+        self.feature_cache: Optional[FeatureCache] = FeatureCache(encoder) if encoder.frozen else None
+
+    def encode(self, texts: Sequence[str], images: Sequence[Optional[ImageRef]]) -> EncodedItems:
+        device = next(self.matcher.parameters()).device
+        if self.feature_cache is not None:
+            return self.feature_cache.encode(texts, images).to(device)
+        decoded = [ref.load() if ref is not None else None for ref in images]
+        return self.encoder.encode(texts, decoded)
+
+    def forward(
+        self,
+        mention_texts: List[str],
+        mention_images: List[Optional[ImageRef]],
+        entity_texts: List[str],
+        entity_images: List[Optional[ImageRef]],
+        labels: torch.Tensor,
+    ) -> Dict[str, torch.Tensor]:
+        mentions = self.encode(mention_texts, mention_images)
+        entities = self.encode(entity_texts, entity_images)
+        return self.matcher.loss(mentions, entities, labels.to(mentions.text_global.device))
+
+    def trainable_state(self) -> Dict[str, torch.Tensor]:
+        """Everything that must be saved: a frozen backbone is reloaded from
+        its own package instead of being copied into every pipeline."""
+        state = self.state_dict()
+        if self.encoder.frozen:
+            state = {k: v for k, v in state.items() if not k.startswith("encoder.")}
+        return state
+
+    def fingerprint(self) -> str:
+        """Identifies the exact weights, so a stale entity cache is detected."""
+        digest = hashlib.sha1(repr(self.encoder.describe()).encode())
+        digest.update(repr(self.matcher.config.to_dict()).encode())
+        for name, tensor in sorted(self.trainable_state().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()
+
+
+def _serialize(network: M3ELNetwork) -> bytes:
+    state = {k: v.detach().contiguous().cpu() for k, v in network.trainable_state().items()}
+    return save_safetensors(state)
+
+
+def _deserialize(network: M3ELNetwork, data: bytes, device: torch.device) -> M3ELNetwork:
+    state = load_safetensors(data)
+    missing, unexpected = network.load_state_dict(state, strict=False)
+    if network.encoder.frozen:
+        missing = [k for k in missing if not k.startswith("encoder.")]
+    if missing or unexpected:
+        raise ValueError(
+            "The saved M3EL weights do not fit this model's configuration: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}. Was the pipeline saved "
+            "with a different backbone or different switches?"
+        )
+    network.to(device)
+    return network
+
+
+def _convert_inputs(model: Model, inputs: Dict[str, Any], is_train: bool):
+    return ArgsKwargs(args=(), kwargs=inputs), lambda d_inputs: []
+
+
+def _convert_outputs(model: Model, inputs_outputs, is_train: bool):
+    _, losses = inputs_outputs
+
+    def backprop(d_loss: Any) -> ArgsKwargs:
+        loss = losses["loss"]
+        return ArgsKwargs(args=([loss],), kwargs={"grad_tensors": [torch.ones_like(loss)]})
+
+    return losses, backprop
+
+
+def build_m3el_model(
+    encoder: MultimodalEncoder,
+    hidden_dim: int = 96,
+    image_dim: int = 96,
+    temperature: float = 0.03,
+    inter_weight: float = 1.0,
+    intra_weight: float = 0.8,
+    csra_temperatures: List[Union[float, str]] = [2.0, 2.5, 3.5, 4.5, "inf"],
+    csra_lambda: float = 1.0,
+    use_contrastive: bool = True,
+    use_g2g: bool = True,
+    use_g2l: bool = True,
+    use_text: bool = True,
+    use_image: bool = True,
+    use_t2v: bool = True,
+    use_v2t: bool = True,
+    cross_modal: str = "bidirectional",
+    mixed_precision: bool = False,
+    grad_scaler_config: Optional[Dict[str, Any]] = None,
+) -> Model:
+    """Registered as ``spacy-m3el.M3EL.v1`` (spacy_architectures)."""
+    config = M3ELConfig(
+        text_dim=encoder.text_dim,
+        image_global_dim=encoder.image_global_dim,
+        image_token_dim=encoder.image_token_dim,
+        image_dim=image_dim,
+        hidden_dim=hidden_dim,
+        temperature=temperature,
+        inter_weight=inter_weight,
+        intra_weight=intra_weight,
+        csra_temperatures=tuple(float(t) for t in csra_temperatures),
+        csra_lambda=csra_lambda,
+        use_contrastive=use_contrastive,
+        use_g2g=use_g2g,
+        use_g2l=use_g2l,
+        use_text=use_text,
+        use_image=use_image,
+        use_t2v=use_t2v,
+        use_v2t=use_v2t,
+        cross_modal=cross_modal,
+    )
+    network = M3ELNetwork(encoder, M3ELMatcher(config))
+    network.to(get_torch_default_device())
+    from thinc.api import PyTorchGradScaler
+
+    scaler = PyTorchGradScaler(**(grad_scaler_config or {"enabled": False}))
+    model = PyTorchWrapper_v3(
+        network,
+        convert_inputs=_convert_inputs,
+        convert_outputs=_convert_outputs,
+        mixed_precision=mixed_precision,
+        grad_scaler=scaler,
+        serialize_model=_serialize,
+        deserialize_model=_deserialize,
+    )
+    model.attrs["m3el_config"] = config.to_dict()
+    return model
+
+
+def get_network(model: Model) -> M3ELNetwork:
+    return model.shims[0]._model
