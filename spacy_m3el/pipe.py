@@ -148,8 +148,10 @@ class M3ELLinker(TrainablePipe):
         register_extensions()
         if on_bad_image not in ("raise", "warn"):
             raise ValueError(f"on_bad_image must be 'raise' or 'warn', got {on_bad_image!r}")
-        if n_candidates < 1:
-            raise ValueError(f"n_candidates must be at least 1, got {n_candidates}")
+        if n_candidates < 0:
+            raise ValueError(f"n_candidates must be >= 0 (0 = alias table only), got {n_candidates}")
+        if n_candidates == 0 and not use_alias_candidates:
+            raise ValueError("m3el_linker has no candidate source: set n_candidates > 0 or use_alias_candidates")
         self.vocab = vocab
         self.model = model
         self.name = name
@@ -431,7 +433,10 @@ class M3ELLinker(TrainablePipe):
         mention_side = matcher.mention_side(network.encode(texts, refs))
         query = matcher.mention_retrieval_vectors(mention_side)
         k = min(self.n_candidates, len(self.kb))
-        dense = (query @ self._entity_vectors.T).topk(k, dim=1).indices.tolist()
+        if k > 0:
+            dense = (query @ self._entity_vectors.T).topk(k, dim=1).indices.tolist()
+        else:
+            dense = [[] for _ in spans]
         priors: List[Dict[int, float]] = []
         candidate_rows: List[List[int]] = []
         for span, top in zip(spans, dense):
@@ -439,10 +444,15 @@ class M3ELLinker(TrainablePipe):
             priors.append(alias)
             candidate_rows.append(list(dict.fromkeys(list(alias) + top)))
         width = max(len(rows) for rows in candidate_rows)
-        index = torch.tensor([rows + [rows[0]] * (width - len(rows)) for rows in candidate_rows])
+        if width == 0:
+            return [{"id": NIL, "score": None, "candidates": []} for _ in spans]
+        index = torch.tensor([rows + [0] * (width - len(rows)) for rows in candidate_rows])
         scores = matcher.scores(mention_side, self._entity_side, index.to(query.device))
         results = []
         for i, rows in enumerate(candidate_rows):
+            if not rows:
+                results.append({"id": NIL, "score": None, "candidates": []})
+                continue
             final = scores["score"][i, : len(rows)]
             order = torch.argsort(final, descending=True).tolist()
             candidates = []

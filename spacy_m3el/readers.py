@@ -1,0 +1,96 @@
+"""Training corpora that keep images on the predicted docs.
+
+``spacy.Corpus.v1`` rebuilds ``eg.predicted`` with ``nlp.make_doc(text)``, which
+drops ``doc._.image`` (DESIGN section 4, known traps); this reader copies it.
+"""
+import random
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional, Union
+
+from spacy.language import Language
+from spacy.tokens import Doc, DocBin
+from spacy.training import Example
+
+from .extensions import register_extensions, resolve_path
+
+
+def _copy_images(source: Doc, target: Doc, image_dir: Optional[Path]) -> None:
+    target._.image = resolve_path(source._.image, image_dir)
+
+
+def _gold_ents(reference: Doc, predicted: Doc, image_dir: Optional[Path]) -> None:
+    spans = []
+    for ent in reference.ents:
+        span = predicted.char_span(ent.start_char, ent.end_char, label=ent.label_)
+        if span is None:
+            raise ValueError(
+                f"Entity '{ent.text}' ({ent.start_char}-{ent.end_char}) in doc '{reference.text[:60]}' "
+                "does not align with the tokenizer's tokens"
+            )
+        if ent._.image is not None:
+            span._.image = resolve_path(ent._.image, image_dir)
+        spans.append(span)
+    predicted.ents = spans
+
+
+class MultimodalCorpus:
+    """Examples from a DocBin with ``doc._.image`` (paths) kept on both sides.
+
+    path: a .spacy file or a folder of them. image_dir: base for relative image
+    paths. gold_ents: copy the gold entity spans (without their KB ids) onto
+    the predicted docs, to evaluate linking given the mentions, as MEL papers do.
+    """
+
+    def __init__(
+        self,
+        path: Union[str, Path],
+        *,
+        image_dir: Optional[Union[str, Path]] = None,
+        gold_ents: bool = True,
+        limit: int = 0,
+        shuffle: bool = False,
+    ) -> None:
+        register_extensions()
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"Corpus not found: {self.path}")
+        self.image_dir = Path(image_dir) if image_dir else None
+        self.gold_ents = gold_ents
+        self.limit = limit
+        self.shuffle = shuffle
+
+    def _files(self) -> list:
+        if self.path.is_dir():
+            files = sorted(self.path.rglob("*.spacy"))
+            if not files:
+                raise FileNotFoundError(f"No .spacy files under {self.path}")
+            return files
+        return [self.path]
+
+    def __call__(self, nlp: Language) -> Iterator[Example]:
+        docs = []
+        for file in self._files():
+            docs.extend(DocBin().from_disk(file).get_docs(nlp.vocab))
+        if self.shuffle:
+            random.shuffle(docs)
+        if self.limit:
+            docs = docs[: self.limit]
+        for reference in docs:
+            if self.image_dir is not None:
+                reference._.image = resolve_path(reference._.image, self.image_dir)
+            predicted = nlp.make_doc(reference.text)
+            _copy_images(reference, predicted, None)
+            if self.gold_ents:
+                _gold_ents(reference, predicted, self.image_dir)
+            yield Example(predicted, reference)
+
+
+def create_docbin_reader(
+    path: str,
+    image_dir: Optional[str] = None,
+    gold_ents: bool = True,
+    limit: int = 0,
+    shuffle: bool = False,
+) -> Callable[[Language], Iterable[Example]]:
+    """Registered as ``spacy-m3el.Corpus.v1`` (spacy_readers)."""
+    return MultimodalCorpus(path, image_dir=image_dir, gold_ents=gold_ents, limit=limit, shuffle=shuffle)

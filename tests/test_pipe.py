@@ -1,0 +1,190 @@
+import warnings
+from pathlib import Path
+
+import pytest
+import spacy
+from spacy.tokens import DocBin
+from spacy.training import Example
+
+from spacy_m3el import MultimodalKB
+from spacy_m3el.kb import NIL
+
+N_ENTITIES = 20
+CONTEXTS = [
+    "They showed me the item at the fair.",
+    "Everyone wanted the item after the show.",
+]
+
+
+def build_kb(nlp, picture_dir):
+    kb = MultimodalKB(nlp.vocab)
+    for k in range(N_ENTITIES):
+        kb.add_entity(f"E{k}", name=f"Item number {k}", description="A thing on display.",
+                      images=[str(picture_dir / f"item{k}.png")], freq=1)
+    # One alias for everything: the text alone cannot tell the entities apart.
+    kb.add_alias("item", [f"E{k}" for k in range(N_ENTITIES)], [1.0 / N_ENTITIES] * N_ENTITIES)
+    return kb
+
+
+def make_docs(nlp, picture_dir, *, with_kb_ids=True):
+    docs = []
+    for k in range(N_ENTITIES):
+        for text in CONTEXTS:
+            doc = nlp.make_doc(text)
+            start = text.index("item")
+            doc.ents = [doc.char_span(start, start + 4, label="THING", kb_id=f"E{k}" if with_kb_ids else "")]
+            doc._.image = str(picture_dir / f"item{k}_alt.png")
+            docs.append(doc)
+    return docs
+
+
+def examples_for(nlp, docs):
+    examples = []
+    for ref in docs:
+        pred = nlp.make_doc(ref.text)
+        pred._.image = ref._.image
+        pred.ents = [pred.char_span(e.start_char, e.end_char, label=e.label_) for e in ref.ents]
+        examples.append(Example(pred, ref))
+    return examples
+
+
+def train_pipeline(picture_dir, *, epochs=80, **model_switches):
+    spacy.util.fix_random_seed(0)
+    nlp = spacy.blank("en")
+    config = {"model": {"@architectures": "spacy-m3el.M3EL.v1", **model_switches,
+                        "encoder": {"@misc": "spacy-m3el.MiniLMEfficientNetEncoder.v1", "frozen": True}}}
+    linker = nlp.add_pipe("m3el_linker", config=config)
+    kb = build_kb(nlp, picture_dir)
+    examples = examples_for(nlp, make_docs(nlp, picture_dir))
+    linker.set_kb(lambda vocab: kb)
+    optimizer = nlp.initialize(lambda: examples)
+    optimizer.learn_rate = 1e-3
+    for _ in range(epochs):
+        for start in range(0, len(examples), 20):
+            nlp.update(examples[start : start + 20], sgd=optimizer)
+    return nlp, examples
+
+
+@pytest.fixture(scope="module")
+def trained(picture_dir):
+    return train_pipeline(picture_dir)
+
+
+def hits_at_1(nlp, examples):
+    return nlp.evaluate(examples)["m3el_hits1"]
+
+
+@pytest.mark.slow
+def test_overfits_with_images_but_text_alone_cannot(trained, picture_dir):
+    nlp, examples = trained
+    assert hits_at_1(nlp, examples) == 1.0
+    text_only, text_examples = train_pipeline(picture_dir, use_image=False, use_t2v=False, use_v2t=False)
+    # Every mention has one of two texts: a text-only model links each text to one entity.
+    assert hits_at_1(text_only, text_examples) <= 2 / N_ENTITIES + 1e-9
+
+
+def test_linked_doc_has_kb_id_score_and_candidates(trained, picture_dir):
+    nlp, _ = trained
+    doc = nlp.make_doc("Look at the item over there.")
+    doc._.image = str(picture_dir / "item7_alt.png")
+    doc.ents = [doc.char_span(12, 16, label="THING")]
+    doc = nlp(doc)
+    ent = doc.ents[0]
+    assert ent.kb_id_ == "E7"
+    assert ent._.m3el_score == pytest.approx(ent._.m3el_candidates[0]["score"])
+    first = ent._.m3el_candidates[0]
+    assert set(first["branches"]) == {"text", "image", "t2v", "v2t"}
+    assert first["score"] == pytest.approx(sum(first["branches"].values()) / 4, rel=1e-4)
+    scores = [c["score"] for c in ent._.m3el_candidates]
+    assert scores == sorted(scores, reverse=True) and len(scores) == N_ENTITIES
+
+
+def test_save_and_load_give_identical_predictions(trained, picture_dir, tmp_path):
+    nlp, examples = trained
+    nlp.to_disk(tmp_path / "pipeline")
+    assert (tmp_path / "pipeline" / "m3el_linker" / "kb" / "cache" / "meta.json").exists()
+    loaded = spacy.load(tmp_path / "pipeline")
+    assert isinstance(loaded.get_pipe("m3el_linker").kb, MultimodalKB)
+    docs_a = list(nlp.pipe([eg.predicted.copy() for eg in examples[:10]]))
+    docs_b = list(loaded.pipe([eg.predicted.copy() for eg in examples[:10]]))
+    for a, b in zip(docs_a, docs_b):
+        assert [e.kb_id_ for e in a.ents] == [e.kb_id_ for e in b.ents]
+        for ea, eb in zip(a.ents, b.ents):
+            assert eb._.m3el_score == pytest.approx(ea._.m3el_score, rel=1e-4)
+    from_bytes = spacy.blank("en")
+    from_bytes.add_pipe("m3el_linker").from_bytes(nlp.get_pipe("m3el_linker").to_bytes())
+    doc = from_bytes(examples[3].predicted.copy())
+    assert doc.ents[0].kb_id_ == docs_a[3].ents[0].kb_id_
+
+
+def test_nil_by_threshold_and_by_missing_candidates(trained, picture_dir):
+    nlp, examples = trained
+    linker = nlp.get_pipe("m3el_linker")
+    doc = examples[0].predicted.copy()
+    try:
+        linker.threshold = 1e9
+        assert nlp(doc.copy()).ents[0].kb_id_ == NIL
+        linker.threshold = None
+        linker.n_candidates = 0  # alias table only
+        other = nlp.make_doc("The gadget was here.")
+        other.ents = [other.char_span(4, 10, label="THING")]
+        linked = nlp(other)
+        assert linked.ents[0].kb_id_ == NIL and linked.ents[0]._.m3el_candidates == []
+        assert nlp(doc.copy()).ents[0].kb_id_ != NIL  # "item" is an alias
+    finally:
+        linker.threshold = None
+        linker.n_candidates = 64
+
+
+def test_docs_without_images_or_entities_still_work(trained):
+    nlp, _ = trained
+    text = "No picture, just the item."
+    doc = nlp.make_doc(text)
+    doc.ents = [doc.char_span(text.index("item"), text.index("item") + 4, label="THING")]
+    linked = nlp(doc)
+    assert linked.ents[0].kb_id_.startswith("E")
+    assert linked.ents[0]._.m3el_candidates[0]["branches"]["image"] == 0.0
+    empty = nlp(nlp.make_doc(""))
+    assert len(empty.ents) == 0
+    batch = list(nlp.pipe([nlp.make_doc("nothing here"), nlp.make_doc("")], batch_size=2))
+    assert all(len(d.ents) == 0 for d in batch)
+
+
+def test_wrong_kb_type_is_rejected():
+    from spacy.kb import InMemoryLookupKB
+
+    nlp = spacy.blank("en")
+    linker = nlp.add_pipe("m3el_linker")
+    with pytest.raises(TypeError, match="MultimodalKB"):
+        linker.set_kb(lambda vocab: InMemoryLookupKB(vocab, entity_vector_length=3))
+    with pytest.raises(ValueError, match="empty KB"):
+        linker.initialize(lambda: [Example(nlp.make_doc("a"), nlp.make_doc("a"))])
+
+
+def test_spacy_train_from_a_config(picture_dir, tmp_path):
+    from spacy.cli.train import train
+
+    nlp = spacy.blank("en")
+    kb = build_kb(nlp, picture_dir)
+    kb.to_disk(tmp_path / "kb")
+    docs = make_docs(nlp, picture_dir)
+    DocBin(docs=docs, store_user_data=True).to_disk(tmp_path / "train.spacy")
+    DocBin(docs=docs[::3], store_user_data=True).to_disk(tmp_path / "dev.spacy")
+    config = Path(__file__).parents[1] / "configs" / "tiny_cpu.cfg"
+    train(
+        config,
+        tmp_path / "out",
+        overrides={
+            "paths.train": str(tmp_path / "train.spacy"),
+            "paths.dev": str(tmp_path / "dev.spacy"),
+            "paths.kb": str(tmp_path / "kb"),
+            "training.max_epochs": 3,
+            "training.eval_frequency": 2,
+        },
+    )
+    best = spacy.load(tmp_path / "out" / "model-best")
+    meta = best.meta["performance"]
+    for key in ("nel_micro_f", "m3el_hits1", "m3el_mrr"):
+        assert key in meta
+    assert meta["m3el_mrr"] > 0.2  # well above chance (about 0.18 for 20 entities)
+    assert best.get_pipe("m3el_linker").kb.get_size_entities() == N_ENTITIES
