@@ -67,6 +67,11 @@ def atomic_directory_write(path: Union[str, Path], write: Callable[[Path], None]
         raise
 
 
+def _write_json(path: Path, data: Any) -> None:
+    # The standard json module round-trips floats exactly (ujson does not).
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf8")
+
+
 class MultimodalKB(KnowledgeBase):
     """A knowledge base whose entities carry text and images (DESIGN 3, 4)."""
 
@@ -271,7 +276,10 @@ class MultimodalKB(KnowledgeBase):
             record = self.get_entity(entity_id)
             record["aliases"] = by_entity.get(row, [])
             records.append(record)
-        srsly.write_jsonl(path, records)
+        # The standard json module round-trips floats exactly (ujson does not).
+        with Path(path).open("w", encoding="utf8") as file:
+            for record in records:
+                file.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     @classmethod
     def from_jsonl(
@@ -288,8 +296,15 @@ class MultimodalKB(KnowledgeBase):
         Relative image paths are resolved against ``image_dir``."""
         kb = cls(vocab)
         alias_entries: Dict[str, Dict[str, Any]] = {}
-        for line_no, record in enumerate(srsly.read_jsonl(path), start=1):
+        lines = Path(path).read_text(encoding="utf8").splitlines()
+        for line_no, line in enumerate(lines, start=1):
             where = f"{path}, line {line_no}"
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                raise KBError(f"{where}: not valid JSON ({err})") from None
             if not isinstance(record, dict) or "id" not in record:
                 raise KBError(f"{where}: each line must be an object with an 'id'")
             entity_id = str(record["id"])
@@ -349,7 +364,7 @@ class MultimodalKB(KnowledgeBase):
                     stored[source] = f"images/{name}"
                 rows.append(stored[source])
             images.append(rows)
-        srsly.write_json(
+        _write_json(
             root / "kb.json",
             {
                 "format_version": FORMAT_VERSION,
@@ -365,7 +380,7 @@ class MultimodalKB(KnowledgeBase):
             (root / "cache").mkdir()
             for name, array in self.entity_cache.items():
                 numpy.save(root / "cache" / f"{name}.npy", numpy.asarray(array), allow_pickle=False)
-            srsly.write_json(root / "cache" / "meta.json", self.cache_meta)
+            _write_json(root / "cache" / "meta.json", self.cache_meta)
 
     def from_disk(self, path: Union[str, Path], exclude: Iterable[str] = SimpleFrozenList()) -> "MultimodalKB":
         root = Path(path)
@@ -373,7 +388,7 @@ class MultimodalKB(KnowledgeBase):
         if not meta_path.is_file():
             raise KBError(f"{root} is not a MultimodalKB directory: kb.json is missing")
         try:
-            data = srsly.read_json(meta_path)
+            data = json.loads(meta_path.read_text(encoding="utf8"))
         except ValueError as err:
             raise KBError(f"{meta_path} is not valid JSON (truncated?): {err}") from None
         if data.get("format_version") != FORMAT_VERSION:

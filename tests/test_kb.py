@@ -1,0 +1,125 @@
+import numpy
+import pytest
+import spacy
+import srsly
+
+from spacy_m3el import KBError, MultimodalKB
+
+
+@pytest.fixture
+def nlp():
+    return spacy.blank("en")
+
+
+def small_kb(nlp, picture_dir):
+    kb = MultimodalKB(nlp.vocab)
+    kb.add_entity("Q17717", name="Oscar Robertson", description="American basketball player",
+                  images=[picture_dir / "item1.png", picture_dir / "item2.png"], freq=3)
+    kb.add_entity("Q123", name="Robertson screwdriver", description="A square-socket screwdriver",
+                  images=[picture_dir / "item3.png"], freq=1)
+    kb.add_alias("Robertson", ["Q17717", "Q123"], [0.6, 0.3])
+    return kb
+
+
+def test_candidates_use_normalised_aliases(nlp, picture_dir):
+    kb = small_kb(nlp, picture_dir)
+    doc = nlp("ROBERTSON scored")
+    candidates = kb.get_candidates(doc[0:1])
+    assert [c.entity_ for c in candidates] == ["Q17717", "Q123"]
+    assert [round(c.prior_prob, 3) for c in candidates] == [0.6, 0.3]
+    assert kb.alias_rows("  robertson ") == kb.alias_rows("Robertson")
+    assert kb.get_candidates_batch([doc[1:2]]) == [[]]
+
+
+def test_round_trip_is_self_contained(nlp, picture_dir, tmp_path):
+    kb = small_kb(nlp, picture_dir)
+    kb.set_entity_cache({"vec": numpy.arange(6, dtype=numpy.float16).reshape(2, 3)}, {"fingerprint": "abc"})
+    kb.to_disk(tmp_path / "kb")
+    images = sorted(p.name for p in (tmp_path / "kb" / "images").iterdir())
+    assert len(images) == 3
+    loaded = MultimodalKB(nlp.vocab).from_disk(tmp_path / "kb")
+    assert loaded.get_entity("Q123")["description"] == "A square-socket screwdriver"
+    assert all(str(tmp_path / "kb") in p for p in loaded.get_entity("Q17717")["images"])
+    assert loaded.alias_rows("robertson") == [(0, 0.6), (1, 0.3)]
+    assert isinstance(loaded.entity_cache["vec"], numpy.memmap)
+    assert loaded.entity_cache["vec"].dtype == numpy.float16
+    numpy.testing.assert_array_equal(loaded.entity_cache["vec"], kb.entity_cache["vec"])
+    assert loaded.cache_meta["fingerprint"] == "abc"
+    again = MultimodalKB(nlp.vocab).from_bytes(loaded.to_bytes())
+    assert again.get_entity_strings() == ["Q17717", "Q123"]
+
+
+def test_jsonl_round_trip(nlp, picture_dir, tmp_path):
+    kb = small_kb(nlp, picture_dir)
+    kb.to_jsonl(tmp_path / "entities.jsonl")
+    again = MultimodalKB.from_jsonl(nlp.vocab, tmp_path / "entities.jsonl", name_as_alias=False)
+    assert again.get_entity("Q17717") == kb.get_entity("Q17717")
+    assert again.alias_rows("Robertson") == kb.alias_rows("Robertson")
+
+
+def test_jsonl_with_relative_images_and_frequency_priors(nlp, picture_dir, tmp_path):
+    srsly.write_jsonl(tmp_path / "e.jsonl", [
+        {"id": "A", "name": "Jordan", "description": "river", "images": ["item1.png"], "freq": 1, "aliases": ["Jordan"]},
+        {"id": "B", "name": "Michael Jordan", "description": "player", "images": ["item2.png"], "freq": 3, "aliases": ["Jordan"]},
+    ])
+    kb = MultimodalKB.from_jsonl(nlp.vocab, tmp_path / "e.jsonl", image_dir=picture_dir)
+    assert kb.alias_rows("jordan") == [(0, 0.25), (1, 0.75)]
+    assert kb.images(1) == [str(picture_dir / "item2.png")]
+    assert kb.contains_alias("Michael Jordan")
+
+
+def test_bad_kb_input_names_the_problem(nlp, picture_dir, tmp_path):
+    kb = small_kb(nlp, picture_dir)
+    with pytest.raises(KBError, match="Duplicate entity id 'Q123'"):
+        kb.add_entity("Q123", name="again")
+    with pytest.raises(KBError, match="unknown entity id.*Q999"):
+        kb.add_alias("Oscar", ["Q999"], [0.5])
+    with pytest.raises(KBError, match="sum to at most 1"):
+        kb.add_alias("Oscar", ["Q17717", "Q123"], [0.8, 0.4])
+    with pytest.raises(KBError, match="reserved"):
+        kb.add_entity("NIL", name="nothing")
+    with pytest.warns(UserWarning, match="not found"):
+        kb.add_entity("Q5", name="Five", images=[tmp_path / "missing.png"])
+    assert kb.missing_images == {"Q5": [str(tmp_path / "missing.png")]}
+    srsly.write_jsonl(tmp_path / "dup.jsonl", [{"id": "A", "name": "a"}, {"id": "A", "name": "b"}])
+    with pytest.raises(KBError, match=r"dup.jsonl, line 2: Duplicate entity id 'A'"):
+        MultimodalKB.from_jsonl(nlp.vocab, tmp_path / "dup.jsonl")
+
+
+def test_damaged_kb_directories_are_refused(nlp, picture_dir, tmp_path):
+    kb = small_kb(nlp, picture_dir)
+    kb.set_entity_cache({"vec": numpy.ones((2, 64), dtype=numpy.float16)}, {"fingerprint": "x"})
+    kb.to_disk(tmp_path / "kb")
+    with pytest.raises(KBError, match="not a MultimodalKB directory"):
+        MultimodalKB(nlp.vocab).from_disk(tmp_path)
+    cache_file = tmp_path / "kb" / "cache" / "vec.npy"
+    cache_file.write_bytes(cache_file.read_bytes()[:100])
+    with pytest.raises(KBError, match="truncated or corrupt"):
+        MultimodalKB(nlp.vocab).from_disk(tmp_path / "kb")
+    cache_file.unlink()
+    with pytest.raises(KBError, match="'vec.npy' is missing"):
+        MultimodalKB(nlp.vocab).from_disk(tmp_path / "kb")
+    data = srsly.read_json(tmp_path / "kb" / "kb.json")
+    data["entities"][0]["images"] = ["../../etc/passwd"]
+    srsly.write_json(tmp_path / "kb" / "kb.json", data)
+    with pytest.raises(KBError, match="outside the KB directory"):
+        MultimodalKB(nlp.vocab).from_disk(tmp_path / "kb")
+    (tmp_path / "kb" / "kb.json").write_text('{"format_version": 1, "entities": [')
+    with pytest.raises(KBError, match="not valid JSON"):
+        MultimodalKB(nlp.vocab).from_disk(tmp_path / "kb")
+
+
+def test_interrupted_save_keeps_the_old_directory(nlp, picture_dir, tmp_path, monkeypatch):
+    kb = small_kb(nlp, picture_dir)
+    kb.to_disk(tmp_path / "kb")
+    before = (tmp_path / "kb" / "kb.json").read_text()
+    kb.add_entity("Q9", name="Nine")
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("spacy_m3el.kb._write_json", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        kb.to_disk(tmp_path / "kb")
+    assert (tmp_path / "kb" / "kb.json").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["kb"]
