@@ -1,0 +1,109 @@
+import json
+import shutil
+
+import pytest
+import spacy
+from spacy.tokens import DocBin
+from typer.testing import CliRunner
+
+from spacy_m3el.cli import app
+from spacy_m3el.kb import NIL, MultimodalKB
+from spacy_m3el.mimic import MIMICCorpus, MIMICFormatError, load_mimic_kb, read_mimic_docs
+
+
+def write_fixture(root, picture_dir):
+    """A small dataset written exactly in the MIMIC release format."""
+    (root / "mention_image").mkdir(parents=True)
+    (root / "kb_image").mkdir()
+    for k in (1, 2, 3):
+        shutil.copy(picture_dir / f"item{k}.png", root / "kb_image" / f"Q{k}.png")
+    # MIMIC converted mention images to .jpg while imgPath keeps the old suffix.
+    shutil.copy(picture_dir / "item1_alt.png", root / "mention_image" / "m1.jpg")
+    shutil.copy(picture_dir / "item2_alt.png", root / "mention_image" / "m2.png")
+    kb = [
+        {"id": "Q1", "entity_name": "Oscar%20Robertson", "desc": "American basketball player",
+         "image_list": ["Q1.png"], "type": "entity"},
+        {"id": "Q2", "entity_name": "Robertson screwdriver", "desc": "A square socket screwdriver",
+         "image_list": ["Q2.png", "gone.png"], "type": "entity"},
+        {"id": "Q3", "entity_name": "Jordan", "desc": "A river", "image_list": [], "type": "entity"},
+    ]
+    train = [
+        {"id": "t1", "sentence": "Robertson as a member of the Milwaukee Bucks.", "mentions": "Robertson",
+         "entities": "Oscar Robertson", "answer": "Q1", "imgPath": "m1.png"},
+        {"id": "t2", "sentence": "Use a robertson for these screws.", "mentions": "Robertson",
+         "entities": "Robertson screwdriver", "answer": "Q2", "imgPath": "m2.png"},
+        {"id": "t3", "sentence": "Nobody knows this one.", "mentions": "Smith", "entities": "x",
+         "answer": "Q3", "imgPath": ""},
+        {"id": "t4", "sentence": "The Jordan was high in spring.", "mentions": "Jordan", "entities": "x",
+         "answer": "nil", "imgPath": "missing.jpg"},
+    ]
+    (root / "toy_train.json").write_text(json.dumps(train))
+    (root / "toy_dev.json").write_text(json.dumps(train[:2]))
+    (root / "toy_test.json").write_text(json.dumps(train[1:]))
+    (root / "kb_entity.json").write_text(json.dumps(kb))
+    (root / "qid2id.json").write_text(json.dumps({"Q1": 0, "Q2": 1, "Q3": 2}))
+    return root
+
+
+@pytest.fixture
+def mimic_dir(tmp_path, picture_dir):
+    return write_fixture(tmp_path / "toy", picture_dir)
+
+
+def test_kb_from_mimic(mimic_dir):
+    nlp = spacy.blank("en")
+    with pytest.warns(UserWarning, match="1 entity image"):
+        kb = load_mimic_kb(nlp.vocab, mimic_dir)
+    assert kb.get_entity("Q1")["name"] == "Oscar Robertson"  # URL-unquoted
+    assert len(kb.images(kb.row("Q2"))) == 1 and kb.missing_images["Q2"][0].endswith("gone.png")
+    assert kb.images(kb.row("Q3")) == []
+    assert dict(kb.alias_rows("robertson")) == {0: 0.5, 1: 0.5}  # from the train mentions
+    assert kb.alias_rows("Oscar Robertson") == [(0, 1.0)]
+
+
+def test_docs_keep_nil_and_report_unlocated_mentions(mimic_dir):
+    from spacy_m3el.mimic import ConversionReport
+
+    nlp = spacy.blank("en")
+    report = ConversionReport()
+    docs = list(read_mimic_docs(nlp, mimic_dir, "train", known_entities={"Q1", "Q2", "Q3"}, report=report))
+    assert [d.ents[0].kb_id_ for d in docs] == ["Q1", "Q2", NIL]
+    assert [d.ents[0].text for d in docs] == ["Robertson", "robertson", "Jordan"]
+    assert docs[0]._.image == "mention_image/m1.jpg"  # .png in imgPath, .jpg on disk
+    assert docs[1]._.image == "mention_image/m2.png"
+    assert docs[2]._.image is None
+    assert report.unlocated == ["t3"] and report.missing_mention_images == ["t4"] and report.nil == 1
+    with pytest.warns(UserWarning, match="1 mention\\(s\\) not found in their sentence"):
+        report.warn("toy")
+
+
+def test_reader_gives_examples_with_absolute_images(mimic_dir):
+    nlp = spacy.blank("en")
+    with pytest.warns(UserWarning):
+        examples = list(MIMICCorpus(mimic_dir, "train")(nlp))
+    assert len(examples) == 3
+    assert examples[0].predicted._.image == str(mimic_dir / "mention_image" / "m1.jpg")
+    assert [e.text for e in examples[0].predicted.ents] == ["Robertson"]
+    assert examples[0].predicted.ents[0].kb_id_ == ""  # the gold id stays on the reference
+
+
+def test_malformed_files_are_named(tmp_path):
+    (tmp_path / "kb_entity.json").write_text("[{")
+    (tmp_path / "x_train.json").write_text("[]")
+    with pytest.raises(MIMICFormatError, match="kb_entity.json is not valid JSON"):
+        load_mimic_kb(spacy.blank("en").vocab, tmp_path)
+    with pytest.raises(MIMICFormatError, match=r"Expected one '\*_dev.json'"):
+        MIMICCorpus(tmp_path, "dev")
+
+
+def test_convert_command_writes_docbins_and_kb(mimic_dir, tmp_path):
+    result = CliRunner().invoke(app, ["convert-mimic", str(mimic_dir), str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    nlp = spacy.blank("en")
+    docs = list(DocBin().from_disk(tmp_path / "out" / "train.spacy").get_docs(nlp.vocab))
+    assert len(docs) == 3 and docs[0]._.image == "mention_image/m1.jpg"
+    kb = MultimodalKB(nlp.vocab).from_disk(tmp_path / "out" / "kb")
+    assert kb.get_size_entities() == 3
+    summary = json.loads((tmp_path / "out" / "conversion.json").read_text())
+    assert summary["splits"]["train"] == {"mentions": 3, "nil": 1, "unlocated": 1, "unknown_answers": 0,
+                                          "missing_mention_images": 1}
