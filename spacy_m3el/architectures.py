@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from thinc.api import ArgsKwargs, Model, PyTorchWrapper_v3, get_torch_default_device
+from thinc.api import ArgsKwargs, Model, PyTorchGradScaler, PyTorchWrapper_v3, get_torch_default_device
 from torch import nn
 
 from .encoders import FeatureCache, MultimodalEncoder
@@ -137,8 +137,6 @@ def build_m3el_model(
     )
     network = M3ELNetwork(encoder, M3ELMatcher(config))
     network.to(get_torch_default_device())
-    from thinc.api import PyTorchGradScaler
-
     scaler = PyTorchGradScaler(**(grad_scaler_config or {"enabled": False}))
     model = PyTorchWrapper_v3(
         network,

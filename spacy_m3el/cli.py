@@ -1,6 +1,5 @@
 """Command line: ``python -m spacy_m3el COMMAND`` (or the ``spacy-m3el`` script)."""
 import json
-import warnings
 from pathlib import Path
 from typing import Optional
 

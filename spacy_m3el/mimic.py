@@ -25,7 +25,7 @@ from spacy.training import Example
 from spacy.vocab import Vocab
 
 from .extensions import register_extensions
-from .kb import NIL, KBError, MultimodalKB
+from .kb import NIL, MultimodalKB, normalize_alias
 
 SPLITS = ("train", "dev", "test")
 MENTION_IMAGES = "mention_image"
@@ -95,8 +95,9 @@ def load_mimic_kb(
         raise MIMICFormatError(f"{root / 'kb_entity.json'} must hold a list of entities")
     kb = MultimodalKB(vocab)
     image_root = root / KB_IMAGES
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    # One summary warning below instead of one per entity.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         for position, record in enumerate(records):
             for key in ("id", "entity_name"):
                 if key not in record:
@@ -130,8 +131,6 @@ def load_mimic_kb(
             if mention.strip():
                 forms[mention.casefold()][answer] += 1
                 originals.setdefault(mention.casefold(), mention)
-    from .kb import normalize_alias
-
     merged: Dict[str, Counter] = defaultdict(Counter)
     for form, counts in forms.items():
         key = normalize_alias(form)

@@ -1,7 +1,6 @@
 """The ``m3el_linker`` pipeline component."""
 import random
 import warnings
-from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 

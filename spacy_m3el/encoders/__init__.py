@@ -1,6 +1,5 @@
 """Multimodal backbones: one interface, two registered implementations."""
-from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 from .base import MultimodalEncoder, pad_tokens
 from .cache import FeatureCache

@@ -1,5 +1,5 @@
 """Hyper-parameters and ablation switches of the M3EL matching network."""
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, List, Tuple
 
 CROSS_MODAL_MODES = ("bidirectional", "unidirectional")

@@ -80,7 +80,6 @@ class M3ELMatcher(nn.Module):
     # ------------------------------------------------------------------ features
     def features(self, items: EncodedItems) -> Dict[str, torch.Tensor]:
         """Project and LayerNorm encoder outputs; zero what the masks exclude."""
-        cfg = self.config
         text_mask = items.text_mask.to(torch.bool)
         feats = {
             "text_global_raw": items.text_global,

@@ -6,7 +6,7 @@ pairwise part. Sides are plain ``Dict[str, Tensor]`` so they can be indexed,
 moved and serialised without custom classes.
 """
 import math
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from torch import nn
