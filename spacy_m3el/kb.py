@@ -476,3 +476,9 @@ def create_kb_loader(path: Union[str, Path]) -> Callable[[Vocab], MultimodalKB]:
         return MultimodalKB(vocab).from_disk(path)
 
     return load
+
+
+def save_pipeline(nlp, path: Union[str, Path]) -> None:
+    """``nlp.to_disk`` through a temporary directory and a rename: an
+    interrupted save leaves the previous pipeline directory intact."""
+    atomic_directory_write(path, nlp.to_disk)

@@ -1,4 +1,5 @@
 """The ``m3el_linker`` pipeline component."""
+import os
 import random
 import warnings
 from pathlib import Path
@@ -33,6 +34,17 @@ frozen = true
 
 DEFAULT_MODEL = Config().from_str(DEFAULT_CONFIG)["model"]
 BRANCH_NAMES = ("text", "image", "t2v", "v2t")
+
+
+def _single_thread_after_fork() -> None:
+    # torch's intra-op thread pool does not survive fork(): nlp.pipe(n_process=N)
+    # children would deadlock in their first parallel op. One thread each is
+    # also what N processes on N cores want.
+    torch.set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_single_thread_after_fork)
 
 
 @Language.factory(

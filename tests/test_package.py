@@ -15,6 +15,7 @@ def test_packaged_wheel_installs_loads_and_links(picture_dir, tmp_path):
     nlp, _ = train_pipeline(picture_dir, epochs=5)
     nlp.meta["name"] = NAME
     nlp.to_disk(tmp_path / "pipeline")
+    (tmp_path / "packages").mkdir()
     subprocess.run(
         [sys.executable, "-m", "spacy", "package", str(tmp_path / "pipeline"), str(tmp_path / "packages"),
          "--name", NAME, "--version", "0.0.1", "--build", "wheel", "--force"],
