@@ -21,7 +21,9 @@ class M3ELNetwork(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.matcher = matcher
-        self.feature_cache: Optional[FeatureCache] = FeatureCache(encoder) if encoder.frozen else None
+        self.feature_cache: Optional[FeatureCache] = (
+            FeatureCache(encoder, shared=True) if encoder.frozen else None
+        )
 
     def encode(self, texts: Sequence[str], images: Sequence[Optional[ImageRef]]) -> EncodedItems:
         device = next(self.matcher.parameters()).device

@@ -58,6 +58,11 @@ class MultimodalEncoder(nn.Module, ABC):
         """JSON-serialisable description: which backbone and weights, to check
         that cached features and saved pipelines match."""
 
+    def cache_identity(self) -> Dict[str, Any]:
+        """What makes two frozen instances give identical features (for caches
+        shared in one process); unlike :meth:`describe` it may hold local paths."""
+        return self.describe()
+
     @abstractmethod
     def tokenize(self, texts: Sequence[str]) -> Dict[str, torch.Tensor]:
         """input_ids and attention_mask, truncated to ``max_text_length``."""

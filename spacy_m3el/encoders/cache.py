@@ -1,4 +1,5 @@
 """Memoised features of a frozen encoder, for fast CPU training and linking."""
+import json
 from collections import OrderedDict
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -29,12 +30,20 @@ class _LRU:
             self.items.popitem(last=False)
 
 
+# Stores shared by every cache of the same frozen backbone in this process:
+# features are a pure function of the weights and the input, so pipelines
+# built from one backbone (ablations, reloaded pipelines) encode each item once.
+_SHARED_STORES: Dict[Tuple[str, str, int], Tuple[_LRU, _LRU]] = {}
+
+
 class FeatureCache:
     """Encodes texts and images item by item, remembering what it has seen.
 
     Only valid for a frozen encoder: a trainable one changes its outputs at
     every update. Features are stored on the CPU in ``dtype`` (fp16 halves the
-    memory) and cast back to float32 on the way out.
+    memory) and cast back to float32 on the way out. With ``shared=True`` the
+    store is shared with other caches of an identical backbone (same
+    ``cache_identity()``) in this process.
     """
 
     def __init__(
@@ -44,14 +53,21 @@ class FeatureCache:
         max_items: int = 200_000,
         batch_size: int = 32,
         dtype: torch.dtype = torch.float16,
+        shared: bool = False,
     ) -> None:
         if not encoder.frozen:
             raise ValueError("FeatureCache needs a frozen encoder (freeze() it first)")
         self.encoder = encoder
         self.batch_size = batch_size
         self.dtype = dtype
-        self.texts = _LRU(max_items)
-        self.images = _LRU(max_items)
+        if shared:
+            key = (json.dumps(encoder.cache_identity(), sort_keys=True), str(dtype), max_items)
+            if key not in _SHARED_STORES:
+                _SHARED_STORES[key] = (_LRU(max_items), _LRU(max_items))
+            self.texts, self.images = _SHARED_STORES[key]
+        else:
+            self.texts = _LRU(max_items)
+            self.images = _LRU(max_items)
 
     def __len__(self) -> int:
         return len(self.texts.items) + len(self.images.items)

@@ -95,6 +95,10 @@ class MiniLMEfficientNetEncoder(MultimodalEncoder):
             "max_text_length": self.max_text_length,
         }
 
+    def cache_identity(self) -> Dict[str, Any]:
+        return {**self.describe(), "text_model_path": str(self.text_model_path),
+                "image_weights_path": str(self.image_weights_path)}
+
     def train(self, mode: bool = True) -> "MiniLMEfficientNetEncoder":
         super().train(mode)
         # Batch statistics of tiny linking batches would wreck the pretrained

@@ -118,3 +118,13 @@ def test_clip_loads_from_a_local_directory_and_trains(tiny_clip_dir, picture_dir
 def test_clip_without_network_gives_a_clear_error(tmp_path):
     with pytest.raises(OSError, match="without network access"):
         CLIPEncoder(name_or_path=tmp_path / "nowhere")
+
+
+def test_shared_feature_caches_encode_each_item_once(default_encoder, picture_dir):
+    first = FeatureCache(default_encoder, shared=True)
+    second = FeatureCache(default_encoder, shared=True)
+    private = FeatureCache(default_encoder)
+    refs = [ImageRef.from_source(picture_dir / "item6.png")]
+    first.encode(["shared text"], refs)
+    assert "shared text" in second.texts.items and refs[0].key in second.images.items
+    assert "shared text" not in private.texts.items
