@@ -181,7 +181,6 @@ class M3ELLinker(TrainablePipe):
         self.scorer = scorer
         self.kb: MultimodalKB = generate_empty_kb(vocab, 0)
         self.bad_images = 0
-        self._cache_fingerprint: Optional[str] = None
         self._entity_side: Optional[Dict[str, torch.Tensor]] = None
         self._entity_vectors: Optional[torch.Tensor] = None
         self.cfg: Dict[str, Any] = {"overwrite": overwrite}
@@ -351,7 +350,6 @@ class M3ELLinker(TrainablePipe):
 
     # ------------------------------------------------------------------ entity cache
     def _invalidate_cache(self) -> None:
-        self._cache_fingerprint = None
         self._entity_side = None
         self._entity_vectors = None
 
@@ -389,11 +387,10 @@ class M3ELLinker(TrainablePipe):
                     padded.append(numpy.pad(c, pad))
                 chunks = padded
             arrays[name] = numpy.concatenate(chunks, axis=0)
-        fingerprint = network.fingerprint()
-        self.kb.set_entity_cache(arrays, {"fingerprint": fingerprint})
-        self._load_cache_tensors(fingerprint)
+        self.kb.set_entity_cache(arrays, {"fingerprint": network.fingerprint()})
+        self._load_cache_tensors()
 
-    def _load_cache_tensors(self, fingerprint: str) -> None:
+    def _load_cache_tensors(self) -> None:
         device = next(self.network.matcher.parameters()).device
         side = {}
         for name, array in self.kb.entity_cache.items():
@@ -405,7 +402,6 @@ class M3ELLinker(TrainablePipe):
             side[name] = torch.from_numpy(array).to(device)
         self._entity_vectors = side.pop("retrieval")
         self._entity_side = side
-        self._cache_fingerprint = fingerprint
 
     def _ensure_cache(self) -> None:
         if self._entity_side is not None:
@@ -414,7 +410,7 @@ class M3ELLinker(TrainablePipe):
             return
         fingerprint = self.kb.cache_meta.get("fingerprint") if self.kb.entity_cache else None
         if fingerprint is not None and fingerprint == self.network.fingerprint():
-            self._load_cache_tensors(fingerprint)
+            self._load_cache_tensors()
         else:
             self.build_entity_cache()
 
@@ -549,4 +545,4 @@ class M3ELLinker(TrainablePipe):
                     "The entity cache saved with this pipeline was built by a different model "
                     "(fingerprint mismatch). Delete the 'cache' folder of the KB to rebuild it."
                 )
-            self._load_cache_tensors(expected)
+            self._load_cache_tensors()

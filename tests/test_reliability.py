@@ -2,7 +2,6 @@
 import io
 import math
 import re
-import warnings
 from pathlib import Path
 
 import numpy

@@ -1,0 +1,194 @@
+"""Accuracy of M3EL and its ablations on a MIMIC-format dataset (default:
+Clipart-MEL), plus spaCy's built-in ``entity_linker`` as the text-only
+baseline users would otherwise pick. Several seeds; mean and spread.
+
+    python benchmarks/accuracy.py [--data assets/clipart_mel] [--seeds 0 1 2]
+
+Writes benchmarks/results/accuracy.json. All M3EL variants train with the
+same config (default: configs/demo_cpu.cfg, frozen default backbone) in one
+process, so the backbone's features are computed once and shared.
+"""
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import spacy
+import torch
+from spacy.tokens import DocBin
+from spacy.training import Example
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from spacy_m3el.mimic import ConversionReport, load_mimic_kb, read_mimic_docs  # noqa: E402
+from spacy_m3el.readers import MultimodalCorpus  # noqa: E402
+from spacy_m3el.scoring import HITS_AT  # noqa: E402
+
+MODEL = "components.m3el_linker.model."
+VARIANTS = {
+    "full": {},
+    "no_contrastive": {MODEL + "use_contrastive": False},
+    "no_g2g": {MODEL + "use_g2g": False},
+    "no_g2l": {MODEL + "use_g2l": False},
+    "no_t2v": {MODEL + "use_t2v": False},
+    "no_v2t": {MODEL + "use_v2t": False},
+    "text_only": {MODEL + "use_image": False, MODEL + "use_t2v": False, MODEL + "use_v2t": False},
+    "image_only": {MODEL + "use_text": False, MODEL + "use_t2v": False, MODEL + "use_v2t": False},
+}
+METRICS = [f"m3el_hits{k}" for k in HITS_AT] + ["m3el_mrr", "nel_micro_f"]
+
+
+def convert(data: Path, out: Path) -> None:
+    nlp = spacy.blank("en")
+    kb = load_mimic_kb(nlp.vocab, data)
+    for split in ("train", "dev", "test"):
+        report = ConversionReport()
+        docs = read_mimic_docs(nlp, data, split, known_entities=kb.entity_ids, report=report)
+        DocBin(docs=list(docs), store_user_data=True).to_disk(out / f"{split}.spacy")
+        report.warn(f"{data} ({split})")
+    kb.to_disk(out / "kb")
+
+
+def train_m3el(config: Path, corpus: Path, data: Path, output: Path, seed: int, overrides: dict) -> dict:
+    from spacy.cli.train import train
+
+    train(
+        config,
+        output,
+        overrides={
+            "paths.train": str(corpus / "train.spacy"),
+            "paths.dev": str(corpus / "dev.spacy"),
+            "paths.kb": str(corpus / "kb"),
+            "paths.image_dir": str(data),
+            "system.seed": seed,
+            **overrides,
+        },
+    )
+    nlp = spacy.load(output / "model-best")
+    scores = nlp.evaluate(list(MultimodalCorpus(corpus / "test.spacy", image_dir=data)(nlp)))
+    return {key: scores[key] for key in METRICS}
+
+
+def train_spacy_entity_linker(corpus: Path, data: Path, seed: int, epochs: int) -> dict:
+    """spaCy's EntityLinker: alias-table candidates + a trained context encoder
+    compared with entity vectors (MiniLM embeddings of name + description)."""
+    from spacy.kb import InMemoryLookupKB
+
+    from spacy_m3el import MultimodalKB
+    from spacy_m3el.encoders import MiniLMEfficientNetEncoder
+
+    spacy.util.fix_random_seed(seed)
+    nlp = spacy.blank("en")
+    source = MultimodalKB(nlp.vocab).from_disk(corpus / "kb")
+    encoder = MiniLMEfficientNetEncoder(frozen=True)
+    texts = [encoder.text_for_entity(source.name(r), source.description(r)) for r in range(len(source))]
+    vectors = []
+    with torch.no_grad():
+        for start in range(0, len(texts), 64):
+            tokens = encoder.tokenize(texts[start : start + 64])
+            vectors.extend(encoder.encode_text(tokens["input_ids"], tokens["attention_mask"])[0].tolist())
+    kb = InMemoryLookupKB(nlp.vocab, entity_vector_length=len(vectors[0]))
+    for row, vector in enumerate(vectors):
+        kb.add_entity(source.entity_id(row), freq=1.0, entity_vector=vector)
+    for alias in source.get_alias_strings():
+        rows = source.alias_rows(alias)
+        # spaCy's KB matches aliases exactly; ours case-insensitively: add both forms.
+        for form in dict.fromkeys([alias, alias.lower()]):
+            if not kb.contains_alias(form):
+                kb.add_alias(form, [source.entity_id(r) for r, _ in rows], [p for _, p in rows])
+    nlp.add_pipe("sentencizer")
+    linker = nlp.add_pipe("entity_linker", config={"incl_prior": True, "use_gold_ents": True})
+    linker.set_kb(lambda vocab: kb)
+
+    def examples(split):
+        out = []
+        for eg in MultimodalCorpus(corpus / f"{split}.spacy", image_dir=data)(nlp):
+            predicted = nlp.get_pipe("sentencizer")(eg.predicted)
+            out.append(Example(predicted, eg.reference))
+        return out
+
+    train_examples = examples("train")
+    optimizer = nlp.initialize(lambda: train_examples)
+    for _ in range(epochs):
+        for batch in spacy.util.minibatch(train_examples, size=32):
+            nlp.update(batch, sgd=optimizer)
+    scores = nlp.evaluate(examples("test"))
+    # spaCy's linker returns one id, no ranking: only Hits@1 (= accuracy here) is defined.
+    return {"m3el_hits1": scores["nel_micro_p"], "nel_micro_f": scores["nel_micro_f"]}
+
+
+def summarise(runs: list) -> dict:
+    out = {}
+    for key in METRICS:
+        values = [run[key] for run in runs if key in run]
+        if values:
+            out[key] = {
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "min": min(values),
+                "max": max(values),
+            }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT / "assets" / "clipart_mel")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo_cpu.cfg")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS) + ["spacy_entity_linker"])
+    parser.add_argument("--el-epochs", type=int, default=25)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "accuracy.json")
+    parser.add_argument("--merge", action="store_true", help="update the variants in an existing --out file")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        corpus = tmp / "corpus"
+        corpus.mkdir()
+        convert(args.data, corpus)
+        for variant in args.variants:
+            runs = []
+            for seed in args.seeds:
+                start = time.perf_counter()
+                if variant == "spacy_entity_linker":
+                    run = train_spacy_entity_linker(corpus, args.data, seed, args.el_epochs)
+                else:
+                    output = tmp / f"{variant}-{seed}"
+                    run = train_m3el(args.config, corpus, args.data, output, seed, VARIANTS[variant])
+                run["seed"] = seed
+                run["seconds"] = round(time.perf_counter() - start, 1)
+                runs.append(run)
+                print(f"{variant} seed {seed}: Hits@1 {100 * run['m3el_hits1']:.2f} ({run['seconds']} s)", flush=True)
+            results[variant] = {"runs": runs, "summary": summarise(runs)}
+    payload = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpu_count": __import__("os").cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "device": "cpu"},
+        "versions": {"torch": torch.__version__, "spacy": spacy.__version__},
+        "data": str(args.data.relative_to(ROOT) if args.data.is_relative_to(ROOT) else args.data),
+        "config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
+        "seeds": args.seeds,
+        "split": "test",
+        "results": results,
+    }
+    if args.merge and args.out.exists():
+        previous = json.loads(args.out.read_text())
+        previous["results"].update(results)
+        previous.setdefault("updated", []).append({"date": payload["date"], "variants": list(results)})
+        payload = previous
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"Wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
