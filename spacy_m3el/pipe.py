@@ -296,10 +296,11 @@ class M3ELLinker(TrainablePipe):
             )
         entity_rows = list(dict.fromkeys(gold_rows))
         if self.hard_negatives > 0:
-            entity_rows = self._add_negatives(spans, gold_rows, entity_rows)
+            entity_rows = self._add_negatives(spans, entity_rows)
         if len(spans) == 0 or len(entity_rows) < 2:
             return losses  # nothing to contrast in this batch
-        labels = torch.tensor([entity_rows.index(r) for r in gold_rows])
+        position = {row: i for i, row in enumerate(entity_rows)}
+        labels = torch.tensor([position[r] for r in gold_rows])
         mention_texts, mention_refs = self._mention_inputs(spans)
         entity_texts, entity_refs = self._entity_inputs(entity_rows, training=True)
         inputs = {
@@ -324,7 +325,7 @@ class M3ELLinker(TrainablePipe):
         losses[self.name] += loss
         return losses
 
-    def _add_negatives(self, spans: List[Span], gold_rows: List[int], entity_rows: List[int]) -> List[int]:
+    def _add_negatives(self, spans: List[Span], entity_rows: List[int]) -> List[int]:
         """Extra in-batch candidates: alias-table confusables first, then random entities."""
         rows = list(entity_rows)
         seen = set(rows)

@@ -54,4 +54,6 @@ def intra_modal_contrastive_loss(
         log_probs = logits.log_softmax(dim=1)
         return -log_probs[:, :size].diagonal().mean()
 
-    return (side_loss(entity, mention) + side_loss(mention, entity)) / 2
+    # A temperature of 0.03 needs float32 logits: keep autocast (bf16/fp16) out.
+    with torch.autocast(device_type=entity.device.type, enabled=False):
+        return (side_loss(entity, mention) + side_loss(mention, entity)) / 2

@@ -76,3 +76,13 @@ def test_duplicate_gold_entities_are_not_negatives():
 def test_shape_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match=r"\[B, d\]"):
         intra_modal_contrastive_loss(torch.zeros(2, 3), torch.zeros(3, 3))
+
+
+def test_works_under_bf16_autocast():
+    torch.manual_seed(0)
+    entity, mention = torch.randn(4, 8), torch.randn(4, 8)
+    expected = intra_modal_contrastive_loss(entity, mention)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        got = intra_modal_contrastive_loss(entity.bfloat16(), mention.bfloat16())
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(expected.item(), rel=2e-2)
