@@ -13,6 +13,14 @@ def test_ci_runs_the_readme_test_command():
     assert command in (ROOT / ".ci" / "run").read_text()
 
 
+def test_main_job_installs_what_packaging_needs():
+    # `spacy package --build wheel` fails without the `build` package.
+    command = re.search(r"```bash\n(pip install torch==2\.13\.0 -e \"\.\[project\]\" && python -m spacy project run all)\n```", README)
+    assert command is not None
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'project = \[\s*"build', pyproject)
+
+
 def test_python_example_runs_as_written(picture_dir, tmp_path, monkeypatch):
     code = re.search(r"```python\n(.*?)```", README, re.S).group(1)
     for name, source in (("oscar.jpg", "item1.png"), ("screw.jpg", "item2.png"), ("photo.jpg", "item1_alt.png")):
