@@ -142,7 +142,7 @@ def scaling(sizes, k: int, device, paper_max: int, table_max: int = 100_000) -> 
     return rows
 
 
-def agreement_on_demo(pipeline: Path, data: Path, ks) -> dict:
+def agreement_on_demo(pipeline: Path, test_corpus: Path, data: Path, ks) -> dict:
     """Exhaustive full-score ranking vs dense two-stage on a trained pipeline."""
     from spacy_m3el.readers import MultimodalCorpus
 
@@ -150,7 +150,7 @@ def agreement_on_demo(pipeline: Path, data: Path, ks) -> dict:
     linker = nlp.get_pipe("m3el_linker")
     linker._ensure_cache()
     matcher, network = linker.network.matcher, linker.network
-    examples = list(MultimodalCorpus(ROOT / "corpus" / "clipart_mel" / "test.spacy", image_dir=data)(nlp))
+    examples = list(MultimodalCorpus(test_corpus, image_dir=data)(nlp))
     spans = [eg.predicted.ents[0] for eg in examples]
     gold = [eg.reference.ents[0].kb_id_ for eg in examples]
     with torch.no_grad():
@@ -222,6 +222,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--pipeline", type=Path, default=ROOT / "training" / "clipart_mel" / "model-best")
     parser.add_argument("--data", type=Path, default=ROOT / "assets" / "clipart_mel")
+    parser.add_argument("--test-corpus", type=Path, default=ROOT / "corpus" / "clipart_mel" / "test.spacy")
     parser.add_argument("--pipe-entities", type=int, default=100_000)
     parser.add_argument("--pipe-docs", type=int, default=200)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "speed.json")
@@ -234,11 +235,12 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "spacy": spacy.__version__},
         "scaling": scaling(args.sizes, args.k, args.device, args.paper_max),
     }
-    if args.pipeline.exists():
-        result["agreement_clipart_mel"] = agreement_on_demo(args.pipeline, args.data, ks=(4, 8, 16, 64))
+    if args.pipeline.exists() and args.test_corpus.exists():
+        result["agreement_clipart_mel"] = agreement_on_demo(args.pipeline, args.test_corpus, args.data, ks=(4, 8, 16, 64))
         print(json.dumps(result["agreement_clipart_mel"]), flush=True)
     else:
-        print(f"No trained pipeline at {args.pipeline}: run `spacy project run all` for the agreement check")
+        print(f"No trained pipeline at {args.pipeline} or no {args.test_corpus}: "
+              "run `spacy project run all` first for the agreement check")
     if args.pipe_docs and args.device == "cpu":
         result["pipe_throughput"] = pipe_throughput(args.pipe_entities, args.pipe_docs)
         print(json.dumps(result["pipe_throughput"]), flush=True)

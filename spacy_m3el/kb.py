@@ -393,6 +393,7 @@ class MultimodalKB(KnowledgeBase):
             raise KBError(f"{meta_path} is not valid JSON (truncated?): {err}") from None
         if data.get("format_version") != FORMAT_VERSION:
             raise KBError(f"{meta_path}: unsupported format_version {data.get('format_version')!r}")
+        # Load into a fresh KB: a directory that fails half-way leaves this one untouched.
         fresh = type(self)(self.vocab)
         for record in data["entities"]:
             images = [str(_inside(root, p, f"Image of entity '{record['id']}'")) for p in record["images"]]
@@ -417,7 +418,10 @@ class MultimodalKB(KnowledgeBase):
         meta_path = folder / "meta.json"
         if not meta_path.is_file():
             raise KBError(f"{folder}: the entity cache has no meta.json")
-        meta = srsly.read_json(meta_path)
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf8"))
+        except ValueError as err:
+            raise KBError(f"{meta_path} is not valid JSON (truncated?): {err}") from None
         if meta.get("n_entities") != len(self):
             raise KBError(
                 f"{folder}: the entity cache was built for {meta.get('n_entities')} entities, "

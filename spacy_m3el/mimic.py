@@ -26,6 +26,7 @@ from spacy.vocab import Vocab
 
 from .extensions import register_extensions
 from .kb import NIL, MultimodalKB, normalize_alias
+from .readers import example_with_images
 
 SPLITS = ("train", "dev", "test")
 MENTION_IMAGES = "mention_image"
@@ -116,31 +117,26 @@ def load_mimic_kb(
             f"from {image_root} (see MultimodalKB.missing_images)",
             stacklevel=2,
         )
-    forms: Dict[str, Counter] = defaultdict(Counter)
+    counts_by_alias: Dict[str, Counter] = defaultdict(Counter)
     originals: Dict[str, str] = {}
+
+    def count(form: str, entity_id: str) -> None:
+        key = normalize_alias(form)
+        if key:
+            counts_by_alias[key][entity_id] += 1
+            originals.setdefault(key, form)
+
     for row in range(len(kb)):
-        name = kb.name(row)
-        forms[name.casefold()][kb.entity_id(row)] += 1
-        originals.setdefault(name.casefold(), name)
+        count(kb.name(row), kb.entity_id(row))
     for split in alias_splits:
         for sample in _read_json(split_file(root, split)):
             answer = str(sample.get("answer", "nil"))
-            if answer.lower() == "nil" or answer not in kb:
-                continue
-            mention = unquote(str(sample.get("mentions", "")))
-            if mention.strip():
-                forms[mention.casefold()][answer] += 1
-                originals.setdefault(mention.casefold(), mention)
-    merged: Dict[str, Counter] = defaultdict(Counter)
-    for form, counts in forms.items():
-        key = normalize_alias(form)
-        if key:
-            merged[key].update(counts)
-            originals.setdefault(key, originals[form])
-    for key, counts in merged.items():
+            if answer.lower() != "nil" and answer in kb:
+                count(unquote(str(sample.get("mentions", ""))), answer)
+    for key, counts in counts_by_alias.items():
         total = sum(counts.values())
         ids = list(counts)
-        kb.add_alias(originals.get(key, key), ids, [counts[i] / total for i in ids])
+        kb.add_alias(originals[key], ids, [counts[i] / total for i in ids])
     return kb
 
 
@@ -229,12 +225,7 @@ class MIMICCorpus:
         for count, reference in enumerate(read_mimic_docs(nlp, self.data_dir, self.split, report=report)):
             if self.limit and count >= self.limit:
                 break
-            if reference._.image is not None:
-                reference._.image = str(self.data_dir / reference._.image)
-            predicted = nlp.make_doc(reference.text)
-            predicted._.image = reference._.image
-            predicted.ents = [predicted.char_span(e.start_char, e.end_char, label=e.label_) for e in reference.ents]
-            yield Example(predicted, reference)
+            yield example_with_images(nlp, reference, image_dir=self.data_dir)
         report.warn(f"{self.data_dir} ({self.split})")
 
 

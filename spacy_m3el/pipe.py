@@ -417,19 +417,17 @@ class M3ELLinker(TrainablePipe):
 
     # ------------------------------------------------------------------ prediction
     def predict(self, docs: Iterable[Doc]) -> List[List[Dict[str, Any]]]:
-        docs = list(docs)
-        spans = [span for doc in docs for span in self._linkable(doc)]
-        results: List[Dict[str, Any]] = []
+        per_doc = [self._linkable(doc) for doc in docs]
+        spans = [span for doc_spans in per_doc for span in doc_spans]
         if spans and len(self.kb):
             self._ensure_cache()
             results = self._link(spans)
         else:
             results = [{"id": NIL, "score": None, "candidates": []} for _ in spans]
         out, position = [], 0
-        for doc in docs:
-            count = len(self._linkable(doc))
-            out.append(results[position : position + count])
-            position += count
+        for doc_spans in per_doc:
+            out.append(results[position : position + len(doc_spans)])
+            position += len(doc_spans)
         return out
 
     @torch.no_grad()
@@ -495,7 +493,7 @@ class M3ELLinker(TrainablePipe):
     # ------------------------------------------------------------------ scoring
     def score(self, examples: Iterable[Example], **kwargs: Any) -> Dict[str, Any]:
         validate_examples(examples, "M3ELLinker.score")
-        return score_linking(examples, **kwargs)
+        return super().score(examples, **kwargs)  # the configured scorer
 
     # ------------------------------------------------------------------ serialisation
     def to_bytes(self, *, exclude=tuple()):

@@ -14,23 +14,29 @@ from spacy.training import Example
 from .extensions import register_extensions, resolve_path
 
 
-def _copy_images(source: Doc, target: Doc, image_dir: Optional[Path]) -> None:
-    target._.image = resolve_path(source._.image, image_dir)
-
-
-def _gold_ents(reference: Doc, predicted: Doc, image_dir: Optional[Path]) -> None:
-    spans = []
-    for ent in reference.ents:
-        span = predicted.char_span(ent.start_char, ent.end_char, label=ent.label_)
-        if span is None:
-            raise ValueError(
-                f"Entity '{ent.text}' ({ent.start_char}-{ent.end_char}) in doc '{reference.text[:60]}' "
-                "does not align with the tokenizer's tokens"
-            )
-        if ent._.image is not None:
-            span._.image = resolve_path(ent._.image, image_dir)
-        spans.append(span)
-    predicted.ents = spans
+def example_with_images(
+    nlp: Language, reference: Doc, *, image_dir: Optional[Path] = None, gold_ents: bool = True
+) -> Example:
+    """An Example whose predicted doc keeps the reference's images (relative
+    paths resolved against ``image_dir``) and, with ``gold_ents``, its entity
+    spans without their KB ids."""
+    reference._.image = resolve_path(reference._.image, image_dir)
+    predicted = nlp.make_doc(reference.text)
+    predicted._.image = reference._.image
+    if gold_ents:
+        spans = []
+        for ent in reference.ents:
+            span = predicted.char_span(ent.start_char, ent.end_char, label=ent.label_)
+            if span is None:
+                raise ValueError(
+                    f"Entity '{ent.text}' ({ent.start_char}-{ent.end_char}) in doc '{reference.text[:60]}' "
+                    "does not align with the tokenizer's tokens"
+                )
+            if ent._.image is not None:
+                span._.image = resolve_path(ent._.image, image_dir)
+            spans.append(span)
+        predicted.ents = spans
+    return Example(predicted, reference)
 
 
 class MultimodalCorpus:
@@ -76,13 +82,7 @@ class MultimodalCorpus:
         if self.limit:
             docs = docs[: self.limit]
         for reference in docs:
-            if self.image_dir is not None:
-                reference._.image = resolve_path(reference._.image, self.image_dir)
-            predicted = nlp.make_doc(reference.text)
-            _copy_images(reference, predicted, None)
-            if self.gold_ents:
-                _gold_ents(reference, predicted, self.image_dir)
-            yield Example(predicted, reference)
+            yield example_with_images(nlp, reference, image_dir=self.image_dir, gold_ents=self.gold_ents)
 
 
 def create_docbin_reader(

@@ -99,6 +99,9 @@ def test_damaged_kb_directories_are_refused(nlp, picture_dir, tmp_path):
     cache_file.unlink()
     with pytest.raises(KBError, match="'vec.npy' is missing"):
         MultimodalKB(nlp.vocab).from_disk(tmp_path / "kb")
+    (tmp_path / "kb" / "cache" / "meta.json").write_text('{"n_entities": ')
+    with pytest.raises(KBError, match="meta.json is not valid JSON"):
+        MultimodalKB(nlp.vocab).from_disk(tmp_path / "kb")
     data = srsly.read_json(tmp_path / "kb" / "kb.json")
     data["entities"][0]["images"] = ["../../etc/passwd"]
     srsly.write_json(tmp_path / "kb" / "kb.json", data)

@@ -25,13 +25,13 @@ def build_kb(nlp, picture_dir):
     return kb
 
 
-def make_docs(nlp, picture_dir, *, with_kb_ids=True):
+def make_docs(nlp, picture_dir):
     docs = []
     for k in range(N_ENTITIES):
         for text in CONTEXTS:
             doc = nlp.make_doc(text)
             start = text.index("item")
-            doc.ents = [doc.char_span(start, start + 4, label="THING", kb_id=f"E{k}" if with_kb_ids else "")]
+            doc.ents = [doc.char_span(start, start + 4, label="THING", kb_id=f"E{k}")]
             doc._.image = str(picture_dir / f"item{k}_alt.png")
             docs.append(doc)
     return docs

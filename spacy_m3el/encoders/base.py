@@ -133,7 +133,7 @@ class MultimodalEncoder(nn.Module, ABC):
         present = image_mask.nonzero(as_tuple=True)[0]
         if len(present) == count:
             return self.encode_image(pixels)
-        probe_global, probe_tokens = self._image_output_shapes()
+        probe_global, probe_tokens = self.image_output_shapes()
         image_global = pixels.new_zeros((count, *probe_global))
         image_tokens = pixels.new_zeros((count, *probe_tokens))
         if len(present):
@@ -143,7 +143,7 @@ class MultimodalEncoder(nn.Module, ABC):
         return image_global, image_tokens
 
     @abstractmethod
-    def _image_output_shapes(self) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    def image_output_shapes(self) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
         """Shapes of one item's image global and patches, for absent images."""
 
     def text_for_mention(self, mention: str, sentence: str) -> str:

@@ -134,7 +134,7 @@ class FeatureCache:
         image_features = self._encode_images(images)
         globals_, token_rows = zip(*(text_features[t] for t in texts))
         text_tokens, text_mask = pad_tokens([row.float() for row in token_rows])
-        global_shape, token_shape = self.encoder._image_output_shapes()
+        global_shape, token_shape = self.encoder.image_output_shapes()
         image_global = torch.zeros((len(texts), *global_shape))
         image_tokens = torch.zeros((len(texts), *token_shape))
         image_mask = torch.zeros(len(texts), dtype=torch.bool)

@@ -77,5 +77,5 @@ class CLIPEncoder(MultimodalEncoder):
         output = self.clip.vision_model(pixel_values=pixels)
         return self.clip.visual_projection(output.pooler_output), output.last_hidden_state
 
-    def _image_output_shapes(self) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    def image_output_shapes(self) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
         return (self.image_global_dim,), (self._patches, self.image_token_dim)

@@ -131,6 +131,6 @@ class MiniLMEfficientNetEncoder(MultimodalEncoder):
         tokens = feature_map.flatten(2).transpose(1, 2)  # [N, 49, 1280]
         return tokens.mean(dim=1), tokens
 
-    def _image_output_shapes(self) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    def image_output_shapes(self) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
         patches = (self.image_size // 32) ** 2
         return (self.image_global_dim,), (patches, self.image_token_dim)
