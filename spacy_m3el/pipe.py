@@ -17,6 +17,7 @@ from spacy.vocab import Vocab
 from thinc.api import Config, Model, Optimizer
 
 from .architectures import M3ELNetwork, get_network
+from .entity_cache import EntityCache, build_cache_arrays, cache_settings
 from .extensions import image_ref, register_extensions
 from .images import ImageLoadError, ImageRef, load_image
 from .kb import NIL, KBError, MultimodalKB, create_empty_kb
@@ -63,6 +64,7 @@ if hasattr(os, "register_at_fork"):
         "allow_image_urls": False,
         "context_chars": 300,
         "entity_batch_size": 64,
+        "max_cached_queries": 12,
         "generate_empty_kb": {"@misc": "spacy-m3el.EmptyMultimodalKB.v1"},
         "overwrite": True,
         "scorer": {"@scorers": "spacy-m3el.linking_scorer.v1"},
@@ -95,6 +97,7 @@ def make_m3el_linker(
     allow_image_urls: bool,
     context_chars: int,
     entity_batch_size: int,
+    max_cached_queries: Optional[int],
     generate_empty_kb: Callable[[Vocab, int], MultimodalKB],
     overwrite: bool,
     scorer: Optional[Callable],
@@ -113,6 +116,7 @@ def make_m3el_linker(
         allow_image_urls=allow_image_urls,
         context_chars=context_chars,
         entity_batch_size=entity_batch_size,
+        max_cached_queries=max_cached_queries,
         generate_empty_kb=generate_empty_kb,
         overwrite=overwrite,
         scorer=scorer,
@@ -134,7 +138,13 @@ def mention_context(span: Span, context_chars: int) -> str:
 
 class M3ELLinker(TrainablePipe):
     """Links entity spans to a :class:`MultimodalKB` with M3EL (DESIGN 3):
-    candidates = alias table + dense top-K, then the full M3EL rerank."""
+    candidates = alias table + dense top-K, then the full M3EL rerank.
+
+    ``max_cached_queries`` pools each entity's G2L queries to at most that
+    many weighted centroids per modality in the entity cache (about 6 KB
+    instead of about 19 KB per entity with the default backbone); ``None``
+    caches every query and makes the rerank score exactly the training score.
+    """
 
     def __init__(
         self,
@@ -152,6 +162,7 @@ class M3ELLinker(TrainablePipe):
         allow_image_urls: bool = False,
         context_chars: int = 300,
         entity_batch_size: int = 64,
+        max_cached_queries: Optional[int] = 12,
         generate_empty_kb: Callable[[Vocab, int], MultimodalKB] = create_empty_kb(),
         overwrite: bool = True,
         scorer: Optional[Callable] = score_linking,
@@ -163,6 +174,8 @@ class M3ELLinker(TrainablePipe):
             raise ValueError(f"n_candidates must be >= 0 (0 = alias table only), got {n_candidates}")
         if n_candidates == 0 and not use_alias_candidates:
             raise ValueError("m3el_linker has no candidate source: set n_candidates > 0 or use_alias_candidates")
+        if max_cached_queries is not None and max_cached_queries < 1:
+            raise ValueError(f"max_cached_queries must be >= 1 or null (keep every query), got {max_cached_queries}")
         self.vocab = vocab
         self.model = model
         self.name = name
@@ -176,13 +189,13 @@ class M3ELLinker(TrainablePipe):
         self.allow_image_urls = allow_image_urls
         self.context_chars = context_chars
         self.entity_batch_size = entity_batch_size
+        self.max_cached_queries = max_cached_queries
         self.generate_empty_kb = generate_empty_kb
         self.overwrite = overwrite
         self.scorer = scorer
         self.kb: MultimodalKB = generate_empty_kb(vocab, 0)
         self.bad_images = 0
-        self._entity_side: Optional[Dict[str, torch.Tensor]] = None
-        self._entity_vectors: Optional[torch.Tensor] = None
+        self._cache: Optional[EntityCache] = None
         self.cfg: Dict[str, Any] = {"overwrite": overwrite}
 
     # ------------------------------------------------------------------ setup
@@ -351,8 +364,15 @@ class M3ELLinker(TrainablePipe):
 
     # ------------------------------------------------------------------ entity cache
     def _invalidate_cache(self) -> None:
-        self._entity_side = None
-        self._entity_vectors = None
+        self._cache = None
+
+    @property
+    def entity_cache(self) -> EntityCache:
+        """The KB's entity cache for the current weights (built on first use)."""
+        self._ensure_cache()
+        if self._cache is None:
+            raise ValueError("m3el_linker has an empty KB: there is no entity cache")
+        return self._cache
 
     @torch.no_grad()
     def build_entity_cache(self, *, progress: bool = False) -> None:
@@ -360,58 +380,37 @@ class M3ELLinker(TrainablePipe):
         of M3EL in the KB (saved with the pipeline; fp16, memory-mapped)."""
         network = self.network
         network.eval()
-        matcher = network.matcher
         rows = list(range(len(self.kb)))
         batches = [rows[i : i + self.entity_batch_size] for i in range(0, len(rows), self.entity_batch_size)]
         if progress or len(rows) > 5000:
             from tqdm import tqdm
 
             batches = tqdm(batches, desc="Encoding KB entities", unit="batch")
-        collected: Dict[str, List[numpy.ndarray]] = {}
-        for batch in batches:
-            texts, refs = self._entity_inputs(batch, training=False)
-            side = matcher.entity_side(network.encode(texts, refs))
-            side["retrieval"] = matcher.entity_retrieval_vectors(side)
-            for name, value in side.items():
-                array = value.detach().cpu().numpy()
-                if array.dtype == numpy.float32:
-                    array = array.astype(numpy.float16)
-                collected.setdefault(name, []).append(array)
-        arrays = {}
-        for name, chunks in collected.items():
-            if chunks[0].ndim >= 2 and len({c.shape[1] for c in chunks}) > 1:
-                # Text lengths differ between batches: pad to the longest (masked).
-                width = max(c.shape[1] for c in chunks)
-                padded = []
-                for c in chunks:
-                    pad = [(0, 0), (0, width - c.shape[1])] + [(0, 0)] * (c.ndim - 2)
-                    padded.append(numpy.pad(c, pad))
-                chunks = padded
-            arrays[name] = numpy.concatenate(chunks, axis=0)
-        self.kb.set_entity_cache(arrays, {"fingerprint": network.fingerprint()})
-        self._load_cache_tensors()
 
-    def _load_cache_tensors(self) -> None:
+        def sides():
+            for batch in batches:
+                yield network.matcher.entity_side(network.encode(*self._entity_inputs(batch, training=False)))
+
+        arrays, meta = build_cache_arrays(network.matcher, sides(), max_queries=self.max_cached_queries)
+        self.kb.set_entity_cache(arrays, {**meta, "fingerprint": network.fingerprint()})
+        self._load_cache()
+
+    def _load_cache(self) -> None:
         device = next(self.network.matcher.parameters()).device
-        side = {}
-        for name, array in self.kb.entity_cache.items():
-            array = numpy.asarray(array)
-            if numpy.issubdtype(array.dtype, numpy.floating):
-                array = array.astype(numpy.float32)  # also copies out of the read-only memory map
-            else:
-                array = array.copy()
-            side[name] = torch.from_numpy(array).to(device)
-        self._entity_vectors = side.pop("retrieval")
-        self._entity_side = side
+        self._cache = EntityCache(self.kb.entity_cache, self.kb.cache_meta, device=device)
+
+    def _cache_is_current(self) -> bool:
+        meta = self.kb.cache_meta if self.kb.entity_cache else {}
+        settings = cache_settings(self.max_cached_queries)
+        return meta.get("fingerprint") == self.network.fingerprint() and all(
+            meta.get(key) == value for key, value in settings.items()
+        )
 
     def _ensure_cache(self) -> None:
-        if self._entity_side is not None:
+        if self._cache is not None or len(self.kb) == 0:
             return
-        if len(self.kb) == 0:
-            return
-        fingerprint = self.kb.cache_meta.get("fingerprint") if self.kb.entity_cache else None
-        if fingerprint is not None and fingerprint == self.network.fingerprint():
-            self._load_cache_tensors()
+        if self._cache_is_current():
+            self._load_cache()
         else:
             self.build_entity_cache()
 
@@ -438,9 +437,10 @@ class M3ELLinker(TrainablePipe):
         texts, refs = self._mention_inputs(spans)
         mention_side = matcher.mention_side(network.encode(texts, refs))
         query = matcher.mention_retrieval_vectors(mention_side)
+        cache = self._cache
         k = min(self.n_candidates, len(self.kb))
         if k > 0:
-            dense = (query @ self._entity_vectors.T).topk(k, dim=1).indices.tolist()
+            dense = cache.retrieve(query, k).tolist()
         else:
             dense = [[] for _ in spans]
         priors: List[Dict[int, float]] = []
@@ -453,7 +453,7 @@ class M3ELLinker(TrainablePipe):
         if width == 0:
             return [{"id": NIL, "score": None, "candidates": []} for _ in spans]
         index = torch.tensor([rows + [0] * (width - len(rows)) for rows in candidate_rows])
-        scores = matcher.scores(mention_side, self._entity_side, index.to(query.device))
+        scores = matcher.candidate_scores(mention_side, cache.gather(index.to(query.device)))
         results = []
         for i, rows in enumerate(candidate_rows):
             if not rows:
@@ -544,4 +544,14 @@ class M3ELLinker(TrainablePipe):
                     "The entity cache saved with this pipeline was built by a different model "
                     "(fingerprint mismatch). Delete the 'cache' folder of the KB to rebuild it."
                 )
-            self._load_cache_tensors()
+            if self._cache_is_current():
+                self._load_cache()
+            else:
+                # Same weights, other cache settings (max_cached_queries, or an
+                # older format): rebuilt from the KB at first use.
+                warnings.warn(
+                    f"m3el_linker: the saved entity cache was built with other settings "
+                    f"({ {k: kb.cache_meta.get(k) for k in cache_settings(None)} }, now "
+                    f"{cache_settings(self.max_cached_queries)}); it will be rebuilt",
+                    stacklevel=2,
+                )

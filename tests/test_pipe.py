@@ -116,6 +116,29 @@ def test_save_and_load_give_identical_predictions(trained, picture_dir, tmp_path
     assert doc.ents[0].kb_id_ == docs_a[3].ents[0].kb_id_
 
 
+def test_cache_settings_are_saved_and_a_change_rebuilds_the_cache(trained, tmp_path):
+    import srsly
+
+    nlp, examples = trained
+    nlp.to_disk(tmp_path / "pipeline")
+    meta = srsly.read_json(tmp_path / "pipeline" / "m3el_linker" / "kb" / "cache" / "meta.json")
+    assert meta["max_queries"] == 12
+    with pytest.warns(UserWarning, match="other settings"):
+        exact = spacy.load(tmp_path / "pipeline", config={"components.m3el_linker.max_cached_queries": None})
+    docs = [eg.predicted.copy() for eg in examples[::4]]
+    pooled_docs = list(nlp.pipe([d.copy() for d in docs]))
+    exact_docs = list(exact.pipe([d.copy() for d in docs]))
+    linker = exact.get_pipe("m3el_linker")
+    assert linker.kb.cache_meta["max_queries"] is None
+    assert linker.entity_cache.arrays["image_query"].shape[1] == 49
+    for a, b in zip(pooled_docs, exact_docs):
+        assert a.ents[0].kb_id_ == b.ents[0].kb_id_
+        # Pooled image queries change the G2L part of the score a little.
+        assert a.ents[0]._.m3el_score == pytest.approx(b.ents[0]._.m3el_score, rel=0.1)
+    with pytest.raises(ValueError, match="max_cached_queries"):
+        spacy.blank("en").add_pipe("m3el_linker", config={"max_cached_queries": 0})
+
+
 def test_nil_by_threshold_and_by_missing_candidates(trained, picture_dir):
     nlp, examples = trained
     linker = nlp.get_pipe("m3el_linker")

@@ -1,5 +1,6 @@
 """Torch modules of M3EL, free of spaCy so they can be used and tested alone."""
 from .config import M3ELConfig
+from .compression import pool_queries
 from .contrastive import intra_modal_contrastive_loss
 from .layers import CSRAPooling, GatedFusion, MatchLayer
 from .m3el import EncodedItems, M3ELMatcher
@@ -10,6 +11,7 @@ __all__ = [
     "M3ELMatcher",
     "EncodedItems",
     "intra_modal_contrastive_loss",
+    "pool_queries",
     "IntraModalMatching",
     "CrossModalMatching",
     "MatchLayer",

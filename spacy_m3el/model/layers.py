@@ -20,7 +20,10 @@ def masked_softmax(scores: torch.Tensor, mask: Optional[torch.Tensor], dim: int 
 
 
 def masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor], dim: int) -> torch.Tensor:
-    """Mean of ``values`` over ``dim`` counting only positions where ``mask`` is True."""
+    """Mean of ``values`` over ``dim`` counting only positions where ``mask`` is True.
+
+    A float ``mask`` acts as per-position weights (a weighted mean).
+    """
     if mask is None:
         return values.mean(dim=dim)
     weights = mask.to(values.dtype).unsqueeze(-1)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .compression import pool_queries
 from .config import M3ELConfig
 from .contrastive import intra_modal_contrastive_loss
 from .matching import CrossModalMatching, IntraModalMatching, Side
@@ -173,9 +174,17 @@ class M3ELMatcher(nn.Module):
         ([B, E]); otherwise ``candidates`` [B, K] holds entity row indices per
         mention and the result is [B, K].
         """
+        if candidates is None:
+            return self._scores(mention, entity, pairwise=True)
+        return self._scores(mention, _gather(entity, candidates), pairwise=False)
+
+    def candidate_scores(self, mention: Side, candidates: Side) -> Dict[str, torch.Tensor]:
+        """Scores [B, K] against an entity side already gathered per mention
+        ([B, K, ...], e.g. read from a memory-mapped cache)."""
+        return self._scores(mention, candidates, pairwise=False)
+
+    def _scores(self, mention: Side, ent: Side, *, pairwise: bool) -> Dict[str, torch.Tensor]:
         cfg = self.config
-        pairwise = candidates is None
-        ent = entity if pairwise else _gather(entity, candidates)
 
         def dot(m: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
             return m @ e.T if pairwise else torch.einsum("bd,bkd->bk", m, e)
@@ -205,6 +214,23 @@ class M3ELMatcher(nn.Module):
     def _part_key(name: str) -> str:
         return name.replace("_g2g", "_global")
 
+    def retrieval_parts(self) -> List[str]:
+        """Entity-side keys that :meth:`entity_retrieval_vectors` concatenates, in order."""
+        return [self._part_key(n) for n in self._decomposable_parts()]
+
+    def compress_entity_side(self, entity: Side, max_queries: int) -> Side:
+        """The entity side with each modality's G2L queries pooled to at most
+        ``max_queries`` weighted centroids (see :mod:`.compression`): a much
+        smaller cache for an approximate G2L score; every other part is exact."""
+        out = dict(entity)
+        for modality in ("text", "image"):
+            query = f"{modality}_query"
+            if query in out:
+                out[query], out[f"{modality}_query_weight"] = pool_queries(
+                    out[query], out[f"{modality}_query_weight"], max_queries
+                )
+        return out
+
     def mention_retrieval_vectors(self, mention: Side) -> torch.Tensor:
         """[B, D]: weighted concatenation whose inner product with
         :meth:`entity_retrieval_vectors` is the decomposable part of the score."""
@@ -213,8 +239,7 @@ class M3ELMatcher(nn.Module):
         return torch.cat(parts, dim=-1)
 
     def entity_retrieval_vectors(self, entity: Side) -> torch.Tensor:
-        parts = [entity[self._part_key(n)] for n in self._decomposable_parts()]
-        return torch.cat(parts, dim=-1)
+        return torch.cat([entity[key] for key in self.retrieval_parts()], dim=-1)
 
     def late_interaction_scores(
         self, mention: Side, entity: Side, candidates: Optional[torch.Tensor] = None

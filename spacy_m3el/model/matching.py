@@ -34,7 +34,9 @@ class IntraModalMatching(nn.Module):
         side = {"global": global_}
         if self.use_g2l:
             side["query"] = self.query(tokens)
-            side["query_mask"] = mask
+            # Weights of the queries in G2L's mean: 1 per real token here; a
+            # pooled cache (compression.pool_queries) stores cluster sizes.
+            side["query_weight"] = mask.to(side["query"].dtype)
             side["cls"] = self.cls(global_)
         return side
 
@@ -49,17 +51,17 @@ class IntraModalMatching(nn.Module):
     def g2l(self, mention: Side, entity: Side, pairwise: bool) -> torch.Tensor:
         """G2L scores: [B, E] when ``pairwise`` (entity side is [E, ...]),
         else [B, K] with an entity side already gathered to [B, K, ...]."""
-        query, query_mask, cls = entity["query"], entity["query_mask"], entity["cls"]
+        query, query_weight, cls = entity["query"], entity["query_weight"], entity["cls"]
         key = mention["key"].unsqueeze(1)  # [B, 1, Lm, h]
         value = mention["value"].unsqueeze(1)
         key_mask = mention["key_mask"][:, None, None, :]  # [B, 1, 1, Lm]
         if pairwise:
             query = query.unsqueeze(0)  # [1, E, Le, h]
-            query_mask = query_mask.unsqueeze(0)
+            query_weight = query_weight.unsqueeze(0)
             cls = cls.unsqueeze(0)
         attention = query @ key.transpose(-1, -2) / math.sqrt(self.hidden_dim)
         context = masked_softmax(attention, key_mask) @ value  # [B, E, Le, h]
-        context = masked_mean(context, query_mask, dim=-2)
+        context = masked_mean(context, query_weight, dim=-2)
         context = self.layer_norm(context)
         return (cls * context).sum(dim=-1)
 

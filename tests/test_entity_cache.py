@@ -1,0 +1,104 @@
+import numpy
+import pytest
+import torch
+
+from spacy_m3el.entity_cache import CACHE_FORMAT, EntityCache, build_cache_arrays
+from spacy_m3el.model import EncodedItems, M3ELConfig, M3ELMatcher
+
+
+def items(n, *, text_len, patches, text_dim, image_dim, seed):
+    gen = torch.Generator().manual_seed(seed)
+    text_mask = torch.ones(n, text_len, dtype=torch.bool)
+    text_mask[::2, text_len // 2 :] = False
+    return EncodedItems(
+        text_global=torch.randn(n, text_dim, generator=gen),
+        text_tokens=torch.randn(n, text_len, text_dim, generator=gen),
+        text_mask=text_mask,
+        image_global=torch.randn(n, image_dim, generator=gen),
+        image_tokens=torch.randn(n, patches, image_dim, generator=gen),
+        image_mask=torch.arange(n) % 5 != 0,
+    )
+
+
+@pytest.fixture(scope="module")
+def default_shaped():
+    """The default backbone's shapes: 384-d MiniLM text, 40 tokens, 49 x 1280 patches."""
+    torch.manual_seed(0)
+    matcher = M3ELMatcher(M3ELConfig(text_dim=384, image_global_dim=1280, image_token_dim=1280)).eval()
+    shapes = dict(text_len=40, patches=49, text_dim=384, image_dim=1280)
+    with torch.no_grad():
+        entity_batches = [matcher.entity_side(items(6, seed=s, **shapes)) for s in (1, 2)]
+        mention = matcher.mention_side(items(3, seed=3, **shapes))
+    return matcher, entity_batches, mention
+
+
+def test_exact_cache_reproduces_the_training_score(default_shaped):
+    matcher, batches, mention = default_shaped
+    cache = EntityCache(*build_cache_arrays(matcher, batches, max_queries=None), device="cpu")
+    assert len(cache) == 12
+    full = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    candidates = torch.tensor([[0, 5, 11], [3, 3, 7], [10, 2, 1]])
+    with torch.no_grad():
+        expected = matcher.scores(mention, full, candidates)["score"]
+        got = matcher.candidate_scores(mention, cache.gather(candidates))["score"]
+        exhaustive = matcher.scores(mention, cache.full_side())["score"]
+    # fp16 storage is the only difference.
+    torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-2)
+    torch.testing.assert_close(exhaustive.gather(1, candidates), got, rtol=1e-5, atol=1e-5)
+    vectors = matcher.mention_retrieval_vectors(mention)
+    torch.testing.assert_close(
+        cache.retrieve(vectors, 4), (vectors @ matcher.entity_retrieval_vectors(full).T).topk(4).indices
+    )
+
+
+def test_decomposable_parts_are_stored_once(default_shaped):
+    matcher, batches, _ = default_shaped
+    arrays, meta = build_cache_arrays(matcher, batches, max_queries=None)
+    assert meta["format"] == CACHE_FORMAT and meta["max_queries"] is None
+    for key in ("text_global", "image_global", "t2v", "v2t"):
+        assert key not in arrays
+    assert [part for part, _ in meta["retrieval_parts"]] == matcher.retrieval_parts()
+    assert arrays["retrieval"].shape == (12, 384 + 3 * 96)
+    assert all(a.dtype in (numpy.float16, numpy.bool_) for a in arrays.values())
+
+
+def test_pooled_cache_fits_8_kb_per_entity(default_shaped):
+    matcher, batches, mention = default_shaped
+    exact = EntityCache(*build_cache_arrays(matcher, batches, max_queries=None), device="cpu")
+    pooled = EntityCache(*build_cache_arrays(matcher, batches, max_queries=12), device="cpu")
+    # 672 retrieval + 2 x 96 cls + 2 x 12 x 96 queries (fp16), 2 x 12 weights (fp16), has_image
+    assert pooled.bytes_per_entity == 2 * (672 + 192 + 2304 + 24) + 1 == 6385 <= 8192
+    assert exact.bytes_per_entity == 2 * (672 + 192 + 89 * 96 + 89) + 1 == 18995
+    assert pooled.arrays["text_query"].shape == (12, 12, 96)
+    # Pooling leaves every decomposable part (retrieval) as it is.
+    numpy.testing.assert_array_equal(pooled.arrays["retrieval"], exact.arrays["retrieval"])
+    # Entities with <= 12 real text tokens (every other one here has 20) keep exact text G2L.
+    rows = torch.tensor([[0, 2, 4]])
+    with torch.no_grad():
+        a = matcher.candidate_scores({k: v[:1] for k, v in mention.items()}, pooled.gather(rows))
+        b = matcher.candidate_scores({k: v[:1] for k, v in mention.items()}, exact.gather(rows))
+    assert not torch.allclose(a["text_g2l"], b["text_g2l"])  # 20 tokens pooled to 12
+    torch.testing.assert_close(a["t2v"], b["t2v"])
+
+
+def test_memory_mapped_cache_gathers_the_same_rows(default_shaped, tmp_path):
+    matcher, batches, _ = default_shaped
+    arrays, meta = build_cache_arrays(matcher, batches, max_queries=12)
+    mapped = {}
+    for name, array in arrays.items():
+        numpy.save(tmp_path / f"{name}.npy", array, allow_pickle=False)
+        mapped[name] = numpy.load(tmp_path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+    in_memory = EntityCache(arrays, meta, device="cpu")
+    from_disk = EntityCache(mapped, meta, device="cpu")
+    assert isinstance(from_disk.arrays["image_query"], numpy.memmap)
+    rows = torch.tensor([[1, 11], [4, 4]])
+    for key, value in in_memory.gather(rows).items():
+        torch.testing.assert_close(from_disk.gather(rows)[key], value, rtol=0, atol=0)
+        assert value.shape[:2] == (2, 2)
+
+
+def test_cache_of_another_format_is_refused(default_shaped):
+    matcher, batches, _ = default_shaped
+    arrays, meta = build_cache_arrays(matcher, batches, max_queries=4)
+    with pytest.raises(ValueError, match="format"):
+        EntityCache(arrays, {**meta, "format": 1}, device="cpu")
