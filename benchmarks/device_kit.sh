@@ -3,7 +3,7 @@
 # call on the device machine (nothing can be installed there from the network).
 #
 #   here:   benchmarks/device_kit.sh build
-#           -> .gpu/site.tar.xz (git-ignored; about 20 MB): spacy-m3el and what
+#           -> .gpu/site.tar.xz (git-ignored; 18 MB): spacy-m3el and what
 #              the GPU image lacks (benchmarks/device_requirements.txt), built
 #              for CPython 3.12 x86-64, debug symbols stripped to fit the
 #              64 MiB that travels with the working tree.

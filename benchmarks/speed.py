@@ -55,10 +55,11 @@ def synthetic_items(n: int, generator: torch.Generator, device, config: M3ELConf
     )
 
 
-def synthetic_block(matcher, device) -> dict:
+def synthetic_block(matcher, device, size: int) -> dict:
+    """Entity side of min(BLOCK, size) synthetic entities."""
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        return matcher.entity_side(synthetic_items(BLOCK, generator, device, matcher.config))
+        return matcher.entity_side(synthetic_items(min(BLOCK, size), generator, device, matcher.config))
 
 
 def tile(value, size: int):
@@ -74,7 +75,7 @@ def synthetic_cache_arrays(matcher, block: dict, size: int, max_queries):
     also the seconds spent pooling the block's queries, per entity."""
     start = time.perf_counter()
     arrays, meta = build_cache_arrays(matcher, [block], max_queries=max_queries)
-    build_s = (time.perf_counter() - start) / BLOCK
+    build_s = (time.perf_counter() - start) / len(block["has_image"])
     return {name: tile(array, size) for name, array in arrays.items()}, meta, build_s
 
 
@@ -136,7 +137,7 @@ def scaling(sizes, k: int, device, paper_max: int, max_queries, table_max: int =
     torch.manual_seed(0)
     matcher = M3ELMatcher(M3ELConfig(text_dim=TEXT_DIM, image_global_dim=IMAGE_DIM, image_token_dim=IMAGE_DIM)).to(device).eval()
     generator = torch.Generator().manual_seed(0)
-    block = synthetic_block(matcher, device)
+    block = synthetic_block(matcher, device, max(sizes))
     exact_bytes = EntityCache(*build_cache_arrays(matcher, [block], max_queries=None), device="cpu").bytes_per_entity
     rows = []
     for size in sizes:
@@ -253,7 +254,7 @@ def pipe_throughput(entities: int, docs: int, device, backbone: str) -> dict:
     linker.set_kb(lambda vocab: kb)
     linker.network.to(device)  # the linker follows its weights' device
     matcher = linker.network.matcher
-    arrays, meta, _ = synthetic_cache_arrays(matcher, synthetic_block(matcher, device), entities,
+    arrays, meta, _ = synthetic_cache_arrays(matcher, synthetic_block(matcher, device, entities), entities,
                                              linker.max_cached_queries)
     kb.set_entity_cache(arrays, {**meta, "fingerprint": linker.network.fingerprint()})
     del arrays
