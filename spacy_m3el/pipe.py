@@ -549,9 +549,9 @@ class M3ELLinker(TrainablePipe):
             else:
                 # Same weights, other cache settings (max_cached_queries, or an
                 # older format): rebuilt from the KB at first use.
+                saved = {key: kb.cache_meta.get(key) for key in cache_settings(None)}
                 warnings.warn(
-                    f"m3el_linker: the saved entity cache was built with other settings "
-                    f"({ {k: kb.cache_meta.get(k) for k in cache_settings(None)} }, now "
-                    f"{cache_settings(self.max_cached_queries)}); it will be rebuilt",
+                    f"m3el_linker: the saved entity cache was built with other settings ({saved}, "
+                    f"now {cache_settings(self.max_cached_queries)}); it will be rebuilt at first use",
                     stacklevel=2,
                 )
