@@ -10,13 +10,11 @@ process, so the backbone's features are computed once and shared.
 """
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
 import time
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 
 import spacy
@@ -27,6 +25,7 @@ from spacy.training import Example
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import run_info  # noqa: E402
 from spacy_m3el.mimic import ConversionReport, load_mimic_kb, read_mimic_docs  # noqa: E402
 from spacy_m3el.readers import MultimodalCorpus  # noqa: E402
 from spacy_m3el.scoring import HITS_AT  # noqa: E402
@@ -170,10 +169,7 @@ def main() -> None:
                 print(f"{variant} seed {seed}: Hits@1 {100 * run['m3el_hits1']:.2f} ({run['seconds']} s)", flush=True)
             results[variant] = {"runs": runs, "summary": summarise(runs)}
     payload = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpu_count": __import__("os").cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "device": "cpu"},
-        "versions": {"torch": torch.__version__, "spacy": spacy.__version__},
+        **run_info(),
         "data": str(args.data.relative_to(ROOT) if args.data.is_relative_to(ROOT) else args.data),
         "config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
         "seeds": args.seeds,

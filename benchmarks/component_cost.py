@@ -12,35 +12,22 @@ Images are drawn with Pillow (no data download). Usage:
 """
 import argparse
 import json
-import os
-import platform
 import resource
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy
 import spacy
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from common import random_picture, run_info
 from spacy_m3el import MultimodalKB
 from spacy_m3el.encoders import MiniLMEfficientNetEncoder
 from spacy_m3el.model import M3ELConfig, M3ELMatcher
 
 WORDS = "red blue green river castle engine violin tiger garden harbor lantern comet".split()
-
-
-def draw(path: Path, seed: int) -> str:
-    rng = numpy.random.default_rng(seed)
-    image = Image.new("RGB", (160, 160), tuple(int(x) for x in rng.integers(0, 255, 3)))
-    pen = ImageDraw.Draw(image)
-    for _ in range(6):
-        x0, y0 = (int(v) for v in rng.integers(0, 120, 2))
-        pen.ellipse((x0, y0, x0 + 40, y0 + 40), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
-    image.save(path, quality=90)
-    return str(path)
 
 
 def describe(seed: int) -> str:
@@ -82,7 +69,7 @@ def main() -> None:
         kb = MultimodalKB(nlp.vocab)
         for i in range(args.entities):
             kb.add_entity(f"E{i}", name=f"{WORDS[i % len(WORDS)]} {i}", description=describe(i),
-                          images=[draw(tmp / f"e{i}.jpg", i)])
+                          images=[random_picture(tmp / f"e{i}.jpg", i)])
         kb.add_alias("thing", [f"E{i}" for i in range(min(10, args.entities))], [0.1] * min(10, args.entities))
         linker = nlp.add_pipe("m3el_linker")
         linker.set_kb(lambda vocab: kb)
@@ -94,7 +81,7 @@ def main() -> None:
         for i in range(args.docs):
             doc = nlp.make_doc(f"Yesterday the thing was seen near the {WORDS[i % len(WORDS)]} harbor.")
             doc.ents = [doc.char_span(14, 19, label="THING")]
-            doc._.image = draw(tmp / f"m{i}.jpg", 10_000 + i)
+            doc._.image = random_picture(tmp / f"m{i}.jpg", 10_000 + i)
             docs.append(doc)
         start = time.perf_counter()
         linked = list(nlp.pipe(docs, batch_size=32))
@@ -108,10 +95,7 @@ def main() -> None:
         image_bytes = sum(p.stat().st_size for p in (kb_dir / "images").iterdir())
 
     results = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "versions": {"torch": torch.__version__, "spacy": spacy.__version__},
+        **run_info(),
         "forward_32x32_s": round(forward_s, 4),
         "entities": args.entities,
         "entity_cache_build_s": round(cache_s, 2),

@@ -19,6 +19,12 @@ def pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}"
 
 
+def where(machine: dict) -> str:
+    """The GPU model, else the CPU and its threads (older files lack some keys)."""
+    cores = f", {machine['cpu_count']} cores" if machine.get("cpu_count") else ""
+    return machine.get("gpu") or f"CPU{cores}, {machine['torch_threads']} torch threads"
+
+
 def accuracy_section(data: dict) -> list:
     lines = [
         "## Accuracy on Clipart-MEL (test split)",
@@ -54,11 +60,10 @@ def accuracy_section(data: dict) -> list:
 
 def speed_section(data: dict, plot: str) -> list:
     machine = data["machine"]
-    where = machine["gpu"] or f"CPU, {machine['cpu_count']} cores, {machine['torch_threads']} torch threads"
     lines = [
         f"## Linking cost against KB size ({'GPU' if machine['gpu'] else 'CPU'})",
         "",
-        f"`python benchmarks/speed.py` — {where}, {data['date']}. KB-side cost per mention "
+        f"`python benchmarks/speed.py` — {where(machine)}, {data['date']}. KB-side cost per mention "
         "(mention encoding excluded), synthetic entity features with the default backbone's shapes.",
         "",
         "| entities | paper protocol (s/mention) | two-stage, K=64 (s/mention) | speed-up | top-1 agreement (synthetic) |",
@@ -137,10 +142,8 @@ def component_section(data: dict) -> list:
 
 
 def training_section(data: dict) -> list:
-    machine = data["machine"]
-    where = machine["gpu"] or f"CPU, {machine['torch_threads']} torch threads"
     lines = [
-        f"## Training throughput ({where})",
+        f"## Training throughput ({where(data['machine'])})",
         "",
         f"`python benchmarks/training_throughput.py` — {data['date']}; {data['backbone']}, batch "
         f"{data['batch_size']}, {data['steps']} timed steps; {data['end_to_end']}.",

@@ -15,13 +15,10 @@ exhaustive ranking. Runs on CPU or GPU (``--device cuda``).
 """
 import argparse
 import json
-import os
-import platform
 import resource
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy
@@ -30,8 +27,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).parent))
 
+from common import clip_linker_config, random_picture, run_info, save_vit_b32  # noqa: E402
 from spacy_m3el.entity_cache import EntityCache, build_cache_arrays  # noqa: E402
 from spacy_m3el.model import EncodedItems, M3ELConfig, M3ELMatcher  # noqa: E402
 
@@ -234,8 +231,6 @@ def pipe_throughput(entities: int, docs: int, device, backbone: str) -> dict:
     ``backbone`` is "default" (MiniLM + EfficientNet-Lite0, shipped weights)
     or "clip-random" (CLIP ViT-B/32 shapes, random weights: the paper's
     backbone cost without downloading it)."""
-    from PIL import Image, ImageDraw
-
     from spacy_m3el import MultimodalKB
 
     nlp = spacy.blank("en")
@@ -244,12 +239,7 @@ def pipe_throughput(entities: int, docs: int, device, backbone: str) -> dict:
         kb.add_entity(f"E{i}", name=f"entity {i}", description="synthetic")
     config = {}
     if backbone == "clip-random":
-        from clip_shape import save_vit_b32
-
-        clip_dir = save_vit_b32(Path(tempfile.mkdtemp()) / "clip")
-        config = {"model": {"@architectures": "spacy-m3el.M3EL.v1",
-                            "encoder": {"@misc": "spacy-m3el.CLIPEncoder.v1", "name_or_path": str(clip_dir),
-                                        "frozen": True, "max_text_length": 40}}}
+        config = clip_linker_config(save_vit_b32(Path(tempfile.mkdtemp()) / "clip"), frozen=True)
     linker = nlp.add_pipe("m3el_linker", config=config)
     linker.set_kb(lambda vocab: kb)
     linker.network.to(device)  # the linker follows its weights' device
@@ -258,17 +248,12 @@ def pipe_throughput(entities: int, docs: int, device, backbone: str) -> dict:
                                              linker.max_cached_queries)
     kb.set_entity_cache(arrays, {**meta, "fingerprint": linker.network.fingerprint()})
     del arrays
-    rng = numpy.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         batch = []
         for i in range(docs):
-            image = Image.new("RGB", (200, 160), tuple(int(x) for x in rng.integers(0, 255, 3)))
-            ImageDraw.Draw(image).ellipse((20, 20, 120, 120), fill=tuple(int(x) for x in rng.integers(0, 255, 3)))
-            path = Path(tmp) / f"{i}.jpg"
-            image.save(path)
             doc = nlp.make_doc(f"Yesterday the entity {i} was seen near the harbor.")
             doc.ents = [doc.char_span(14, 20, label="THING")]
-            doc._.image = str(path)
+            doc._.image = random_picture(Path(tmp) / f"{i}.jpg", i, size=(200, 160))
             batch.append(doc)
         list(nlp.pipe([d.copy() for d in batch[:8]]))  # load the cache, warm up
         sync(device)
@@ -299,11 +284,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "speed.json")
     args = parser.parse_args()
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "device": args.device,
-                    "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
-        "versions": {"torch": torch.__version__, "spacy": spacy.__version__},
+        **run_info(args.device),
         "scaling": scaling(args.sizes, args.k, args.device, args.paper_max, args.max_cached_queries or None),
     }
     if args.pipeline.exists() and args.test_corpus.exists():

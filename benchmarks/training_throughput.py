@@ -10,34 +10,26 @@ Writes benchmarks/results/training_throughput_<device>.json.
 """
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy
 import spacy
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from spacy.training import Example
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).parent))
 
-from clip_shape import save_vit_b32  # noqa: E402
+from common import clip_linker_config, random_picture, run_info, save_vit_b32  # noqa: E402
 
 
 def make_examples(nlp, folder: Path, count: int, n_entities: int):
-    rng = numpy.random.default_rng(0)
     examples = []
     for i in range(count):
-        path = folder / f"m{i}.jpg"
-        image = Image.new("RGB", (320, 240), tuple(int(x) for x in rng.integers(0, 255, 3)))
-        ImageDraw.Draw(image).ellipse((40, 40, 200, 200), fill=tuple(int(x) for x in rng.integers(0, 255, 3)))
-        image.save(path)
+        path = random_picture(folder / f"m{i}.jpg", i, size=(320, 240))
         text = f"Yesterday the entity number {i} was seen near the old harbour with friends."
         doc = nlp.make_doc(text)
         doc.ents = [doc.char_span(14, 20, label="THING", kb_id=f"E{i % n_entities}")]
@@ -75,10 +67,7 @@ def main() -> None:
                     Image.new("RGB", (224, 224), (i * 3 % 255, 90, 160)).save(image)
                 kb.add_entity(f"E{i}", name=f"entity {i}", description="a synthetic entity for timing",
                               images=[str(image)])
-            config = {"model": {"@architectures": "spacy-m3el.M3EL.v1",
-                                "encoder": {"@misc": "spacy-m3el.CLIPEncoder.v1", "name_or_path": str(clip_dir),
-                                            "frozen": False, "max_text_length": 40}}}
-            linker = nlp.add_pipe("m3el_linker", config=config)
+            linker = nlp.add_pipe("m3el_linker", config=clip_linker_config(clip_dir, frozen=False))
             linker.set_kb(lambda vocab: kb)
             examples = make_examples(nlp, tmp, args.batch_size * (args.steps + args.warmup), n_entities)
             optimizer = nlp.initialize(lambda: examples[:4])
@@ -103,11 +92,7 @@ def main() -> None:
             rows[precision] = {"mentions_per_s": args.batch_size * args.steps / seconds, "seconds": seconds}
             print(precision, json.dumps(rows[precision]), flush=True)
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "device": args.device,
-                    "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
-                    "torch_threads": torch.get_num_threads()},
-        "versions": {"torch": torch.__version__, "spacy": spacy.__version__},
+        **run_info(args.device),
         "backbone": "CLIP ViT-B/32 shape, random weights, fine-tuned end to end",
         "batch_size": args.batch_size,
         "steps": args.steps,

@@ -58,12 +58,13 @@ def evaluate(
 ) -> None:
     """Hits@1/3/5/10/20, MRR and nel_micro_p/r/f of a pipeline on a corpus."""
     from .readers import MultimodalCorpus
+    from .scoring import HITS_AT
 
     nlp = spacy.load(pipeline)
     examples = list(MultimodalCorpus(data, image_dir=image_dir)(nlp))
     scores = nlp.evaluate(examples)
-    keys = ["m3el_hits1", "m3el_hits3", "m3el_hits5", "m3el_hits10", "m3el_hits20", "m3el_mrr",
-            "nel_micro_p", "nel_micro_r", "nel_micro_f", "m3el_n_mentions"]
+    keys = [f"m3el_hits{k}" for k in HITS_AT] + [
+        "m3el_mrr", "nel_micro_p", "nel_micro_r", "nel_micro_f", "m3el_n_mentions"]
     result = {key: scores.get(key) for key in keys}
     msg.table([(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in result.items()], header=("metric", "value"))
     if output is not None:

@@ -99,7 +99,7 @@ class EntityCache:
     @property
     def bytes_per_entity(self) -> int:
         """Size of one entity's cache rows as stored (fp16 / bool)."""
-        return int(sum(array[0].nbytes if array.ndim > 1 else array.itemsize for array in self.arrays.values()))
+        return sum(array.itemsize * int(numpy.prod(array.shape[1:])) for array in self.arrays.values())
 
     def retrieve(self, query: torch.Tensor, k: int) -> torch.Tensor:
         """Row indices [B, k] of the best entities by the decomposable score."""

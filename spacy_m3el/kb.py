@@ -67,6 +67,13 @@ def atomic_directory_write(path: Union[str, Path], write: Callable[[Path], None]
         raise
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf8"))
+    except ValueError as err:
+        raise KBError(f"{path} is not valid JSON (truncated?): {err}") from None
+
+
 def _write_json(path: Path, data: Any) -> None:
     # The standard json module round-trips floats exactly (ujson does not).
     path.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf8")
@@ -132,8 +139,7 @@ class MultimodalKB(KnowledgeBase):
         self._images.append(kept)
         self._freqs.append(float(freq))
         self.vocab.strings.add(entity_id)
-        self.entity_cache = {}  # a new entity makes the cache incomplete
-        self.cache_meta = {}
+        self.clear_entity_cache()  # a new entity makes the cache incomplete
         return row
 
     def add_alias(self, alias: str, entities: Sequence[str], probabilities: Sequence[float]) -> None:
@@ -257,6 +263,11 @@ class MultimodalKB(KnowledgeBase):
                 )
         self.entity_cache = dict(arrays)
         self.cache_meta = {**meta, "n_entities": len(self), "arrays": sorted(arrays)}
+
+    def clear_entity_cache(self) -> None:
+        """Drop the cache (it no longer matches the entities or the model)."""
+        self.entity_cache = {}
+        self.cache_meta = {}
 
     # ---------------------------------------------------------------- JSON(L)
     def _alias_records(self) -> List[Dict[str, Any]]:
@@ -387,10 +398,7 @@ class MultimodalKB(KnowledgeBase):
         meta_path = root / "kb.json"
         if not meta_path.is_file():
             raise KBError(f"{root} is not a MultimodalKB directory: kb.json is missing")
-        try:
-            data = json.loads(meta_path.read_text(encoding="utf8"))
-        except ValueError as err:
-            raise KBError(f"{meta_path} is not valid JSON (truncated?): {err}") from None
+        data = _read_json(meta_path)
         if data.get("format_version") != FORMAT_VERSION:
             raise KBError(f"{meta_path}: unsupported format_version {data.get('format_version')!r}")
         # Load into a fresh KB: a directory that fails half-way leaves this one untouched.
@@ -418,10 +426,7 @@ class MultimodalKB(KnowledgeBase):
         meta_path = folder / "meta.json"
         if not meta_path.is_file():
             raise KBError(f"{folder}: the entity cache has no meta.json")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf8"))
-        except ValueError as err:
-            raise KBError(f"{meta_path} is not valid JSON (truncated?): {err}") from None
+        meta = _read_json(meta_path)
         if meta.get("n_entities") != len(self):
             raise KBError(
                 f"{folder}: the entity cache was built for {meta.get('n_entities')} entities, "

@@ -37,6 +37,10 @@ DEFAULT_MODEL = Config().from_str(DEFAULT_CONFIG)["model"]
 BRANCH_NAMES = ("text", "image", "t2v", "v2t")
 
 
+def _nil_result() -> Dict[str, Any]:
+    return {"id": NIL, "score": None, "candidates": []}
+
+
 def _single_thread_after_fork() -> None:
     # torch's intra-op thread pool does not survive fork(): nlp.pipe(n_process=N)
     # children would deadlock in their first parallel op. One thread each is
@@ -335,6 +339,7 @@ class M3ELLinker(TrainablePipe):
         if sgd is not None:
             self.finish_update(sgd)
         self._invalidate_cache()
+        self.kb.clear_entity_cache()  # built by the old weights
         losses[self.name] += loss
         return losses
 
@@ -399,11 +404,16 @@ class M3ELLinker(TrainablePipe):
         device = next(self.network.matcher.parameters()).device
         self._cache = EntityCache(self.kb.entity_cache, self.kb.cache_meta, device=device)
 
+    def _cache_settings_match(self) -> bool:
+        meta = self.kb.cache_meta
+        return all(meta.get(key) == value for key, value in cache_settings(self.max_cached_queries).items())
+
     def _cache_is_current(self) -> bool:
-        meta = self.kb.cache_meta if self.kb.entity_cache else {}
-        settings = cache_settings(self.max_cached_queries)
-        return meta.get("fingerprint") == self.network.fingerprint() and all(
-            meta.get(key) == value for key, value in settings.items()
+        # Settings first: the fingerprint hashes every trainable weight.
+        return (
+            bool(self.kb.entity_cache)
+            and self._cache_settings_match()
+            and self.kb.cache_meta.get("fingerprint") == self.network.fingerprint()
         )
 
     def _ensure_cache(self) -> None:
@@ -422,7 +432,7 @@ class M3ELLinker(TrainablePipe):
             self._ensure_cache()
             results = self._link(spans)
         else:
-            results = [{"id": NIL, "score": None, "candidates": []} for _ in spans]
+            results = [_nil_result() for _ in spans]
         out, position = [], 0
         for doc_spans in per_doc:
             out.append(results[position : position + len(doc_spans)])
@@ -451,13 +461,13 @@ class M3ELLinker(TrainablePipe):
             candidate_rows.append(list(dict.fromkeys(list(alias) + top)))
         width = max(len(rows) for rows in candidate_rows)
         if width == 0:
-            return [{"id": NIL, "score": None, "candidates": []} for _ in spans]
+            return [_nil_result() for _ in spans]
         index = torch.tensor([rows + [0] * (width - len(rows)) for rows in candidate_rows])
         scores = matcher.candidate_scores(mention_side, cache.gather(index.to(query.device)))
         results = []
         for i, rows in enumerate(candidate_rows):
             if not rows:
-                results.append({"id": NIL, "score": None, "candidates": []})
+                results.append(_nil_result())
                 continue
             final = scores["score"][i, : len(rows)]
             order = torch.argsort(final, descending=True).tolist()
@@ -538,13 +548,12 @@ class M3ELLinker(TrainablePipe):
         self.kb = kb
         self._invalidate_cache()
         if kb.entity_cache:
-            expected = self.network.fingerprint()
-            if kb.cache_meta.get("fingerprint") != expected:
+            if kb.cache_meta.get("fingerprint") != self.network.fingerprint():
                 raise KBError(
                     "The entity cache saved with this pipeline was built by a different model "
                     "(fingerprint mismatch). Delete the 'cache' folder of the KB to rebuild it."
                 )
-            if self._cache_is_current():
+            if self._cache_settings_match():
                 self._load_cache()
             else:
                 # Same weights, other cache settings (max_cached_queries, or an

@@ -4,6 +4,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 from spacy.scorer import Scorer
 from spacy.training import Example
 
+from .kb import NIL
+
 HITS_AT = (1, 3, 5, 10, 20)
 
 
@@ -18,7 +20,7 @@ def ranking_scores(ranks: Sequence[Optional[int]], prefix: str = "m3el_") -> Dic
     return scores
 
 
-def gold_ranks(examples: Iterable[Example], *, nil: str = "NIL") -> List[Optional[int]]:
+def gold_ranks(examples: Iterable[Example], *, nil: str = NIL) -> List[Optional[int]]:
     """Rank of each gold entity among the predicted candidates of its mention.
 
     Mentions with a NIL gold are not ranked (as in the MEL literature); a gold
@@ -43,8 +45,9 @@ def gold_ranks(examples: Iterable[Example], *, nil: str = "NIL") -> List[Optiona
 
 def score_linking(examples: Iterable[Example], **kwargs: Any) -> Dict[str, Any]:
     examples = list(examples)
-    scores = dict(Scorer.score_links(examples, negative_labels=[kwargs.get("nil", "NIL")]))
-    scores.update(ranking_scores(gold_ranks(examples)))
+    nil = kwargs.get("nil", NIL)
+    scores = dict(Scorer.score_links(examples, negative_labels=[nil]))
+    scores.update(ranking_scores(gold_ranks(examples, nil=nil)))
     return scores
 
 

@@ -139,6 +139,17 @@ def test_cache_settings_are_saved_and_a_change_rebuilds_the_cache(trained, tmp_p
         spacy.blank("en").add_pipe("m3el_linker", config={"max_cached_queries": 0})
 
 
+def test_an_update_drops_the_stale_entity_cache(picture_dir):
+    nlp, examples = train_pipeline(picture_dir, epochs=1)
+    linker = nlp.get_pipe("m3el_linker")
+    before = linker.entity_cache.meta["fingerprint"]
+    assert linker.kb.entity_cache
+    nlp.update(examples[:20], sgd=nlp.create_optimizer())
+    assert linker.kb.entity_cache == {} and linker.kb.cache_meta == {}
+    nlp(examples[0].predicted.copy())  # rebuilt for the new weights
+    assert linker.kb.cache_meta["fingerprint"] == linker.network.fingerprint() != before
+
+
 def test_nil_by_threshold_and_by_missing_candidates(trained, picture_dir):
     nlp, examples = trained
     linker = nlp.get_pipe("m3el_linker")
