@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common import clip_linker_config, random_picture, run_info, save_vit_b32  # noqa: E402
+from spacy_m3el import linking  # noqa: E402
 from spacy_m3el.entity_cache import EntityCache, build_cache_arrays  # noqa: E402
 from spacy_m3el.model import EncodedItems, M3ELConfig, M3ELMatcher  # noqa: E402
 
@@ -110,13 +111,11 @@ def two_stage(matcher, mention, cache: EntityCache, k: int, retrieval=None) -> t
     the rerank features of 100k entities and maps candidate rows onto them):
     the rerank gathers K rows either way.
     """
-    query = matcher.mention_retrieval_vectors(mention)
     if retrieval is None:
-        candidates = cache.retrieve(query, k)
-    else:
-        candidates = (query @ retrieval.T).topk(min(k, retrieval.shape[0]), dim=1).indices
-    scores = matcher.candidate_scores(mention, cache.gather(candidates % len(cache)))["score"]
-    return candidates.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1)
+        return linking.two_stage(matcher, mention, cache, k=k).best_rows()
+    query = matcher.mention_retrieval_vectors(mention)
+    candidates = (query @ retrieval.T).topk(min(k, retrieval.shape[0]), dim=1).indices
+    return linking.rerank(matcher, mention, cache, (candidates % len(cache)).tolist()).best_rows()
 
 
 def time_call(fn, device, repeats: int = 3) -> float:
@@ -135,15 +134,15 @@ def scaling(sizes, k: int, device, paper_max: int, max_queries, table_max: int =
     matcher = M3ELMatcher(M3ELConfig(text_dim=TEXT_DIM, image_global_dim=IMAGE_DIM, image_token_dim=IMAGE_DIM)).to(device).eval()
     generator = torch.Generator().manual_seed(0)
     block = synthetic_block(matcher, device, max(sizes))
-    exact_bytes = EntityCache(*build_cache_arrays(matcher, [block], max_queries=None), device="cpu").bytes_per_entity
+    exact_bytes = EntityCache(*build_cache_arrays(matcher, [block], max_queries=None)).bytes_per_entity
     rows = []
     for size in sizes:
         table = min(size, table_max)
         arrays, meta, pool_s = synthetic_cache_arrays(matcher, block, table, max_queries)
         with tempfile.TemporaryDirectory() as tmp:
-            cache = EntityCache(memory_mapped(arrays, Path(tmp)) if device == "cpu" else arrays, meta, device=device)
+            cache = EntityCache(memory_mapped(arrays, Path(tmp)) if device == "cpu" else arrays, meta)
             del arrays
-            retrieval = tile(cache.retrieval, size) if size > table else None
+            retrieval = tile(cache.retrieval_matrix(torch.device(device)), size) if size > table else None
             batch = 8
             with torch.no_grad():
                 mention = matcher.mention_side(synthetic_items(batch, generator, device, matcher.config))
@@ -189,7 +188,7 @@ def agreement_on_demo(pipeline: Path, test_corpus: Path, data: Path, ks, setting
 
     nlp = spacy.load(pipeline)
     linker = nlp.get_pipe("m3el_linker")
-    matcher, network = linker.network.matcher, linker.network
+    matcher = linker.network.matcher
     examples = list(MultimodalCorpus(test_corpus, image_dir=data)(nlp))
     spans = [eg.predicted.ents[0] for eg in examples]
     gold = [eg.reference.ents[0].kb_id_ for eg in examples]
@@ -197,17 +196,16 @@ def agreement_on_demo(pipeline: Path, test_corpus: Path, data: Path, ks, setting
     def hits1(rows) -> float:
         return float(numpy.mean([linker.kb.entity_id(int(i)) == g for i, g in zip(rows, gold)]))
 
-    texts, refs = linker._mention_inputs(spans)
-    mention = matcher.mention_side(network.encode(texts, refs))
-    linker.max_cached_queries = None
+    mention = linker.encode_mentions(spans)
+    linker.settings.max_cached_queries = None
     linker.build_entity_cache()
     start = time.perf_counter()
-    full = matcher.scores(mention, linker.entity_cache.full_side())["score"].argmax(dim=1)
+    full = linking.exhaustive_scores(matcher, mention, linker.entity_cache).argmax(dim=1)
     out = {"mentions": len(spans), "entities": len(linker.kb),
            "exhaustive_s_per_mention": (time.perf_counter() - start) / len(spans),
            "exhaustive_hits1": hits1(full), "caches": []}
     for max_queries in settings:
-        linker.max_cached_queries = max_queries
+        linker.settings.max_cached_queries = max_queries
         linker.build_entity_cache()
         cache = linker.entity_cache
         result = {"max_cached_queries": max_queries, "bytes_per_entity": cache.bytes_per_entity}
@@ -245,7 +243,7 @@ def pipe_throughput(entities: int, docs: int, device, backbone: str) -> dict:
     linker.network.to(device)  # the linker follows its weights' device
     matcher = linker.network.matcher
     arrays, meta, _ = synthetic_cache_arrays(matcher, synthetic_block(matcher, device, entities), entities,
-                                             linker.max_cached_queries)
+                                             linker.settings.max_cached_queries)
     kb.set_entity_cache(arrays, {**meta, "fingerprint": linker.network.fingerprint()})
     del arrays
     with tempfile.TemporaryDirectory() as tmp:

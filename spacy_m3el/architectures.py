@@ -96,46 +96,41 @@ def _convert_outputs(model: Model, inputs_outputs, is_train: bool):
     return losses, backprop
 
 
+_DEFAULT = M3ELConfig.defaults()
+
+
 def build_m3el_model(
     encoder: MultimodalEncoder,
-    hidden_dim: int = 96,
-    image_dim: int = 96,
-    temperature: float = 0.03,
-    inter_weight: float = 1.0,
-    intra_weight: float = 0.8,
-    csra_temperatures: List[Union[float, str]] = [2.0, 2.5, 3.5, 4.5, "inf"],
-    csra_lambda: float = 1.0,
-    use_contrastive: bool = True,
-    use_g2g: bool = True,
-    use_g2l: bool = True,
-    use_text: bool = True,
-    use_image: bool = True,
-    use_t2v: bool = True,
-    use_v2t: bool = True,
-    cross_modal: str = "bidirectional",
+    hidden_dim: int = _DEFAULT["hidden_dim"],
+    image_dim: int = _DEFAULT["image_dim"],
+    temperature: float = _DEFAULT["temperature"],
+    inter_weight: float = _DEFAULT["inter_weight"],
+    intra_weight: float = _DEFAULT["intra_weight"],
+    csra_temperatures: List[Union[float, str]] = _DEFAULT["csra_temperatures"],
+    csra_lambda: float = _DEFAULT["csra_lambda"],
+    use_contrastive: bool = _DEFAULT["use_contrastive"],
+    use_g2g: bool = _DEFAULT["use_g2g"],
+    use_g2l: bool = _DEFAULT["use_g2l"],
+    use_text: bool = _DEFAULT["use_text"],
+    use_image: bool = _DEFAULT["use_image"],
+    use_t2v: bool = _DEFAULT["use_t2v"],
+    use_v2t: bool = _DEFAULT["use_v2t"],
+    cross_modal: str = _DEFAULT["cross_modal"],
     mixed_precision: bool = False,
     grad_scaler_config: Optional[Dict[str, Any]] = None,
 ) -> Model:
-    """Registered as ``spacy-m3el.M3EL.v1`` (spacy_architectures)."""
+    """Registered as ``spacy-m3el.M3EL.v1`` (spacy_architectures): the
+    backbone and the matcher in a PyTorch shim. Every matcher option is a
+    field of :class:`M3ELConfig`, whose defaults these are."""
+    options = dict(locals())
+    for name in ("encoder", "mixed_precision", "grad_scaler_config"):
+        del options[name]
+    options["csra_temperatures"] = tuple(float(t) for t in csra_temperatures)
     config = M3ELConfig(
         text_dim=encoder.text_dim,
         image_global_dim=encoder.image_global_dim,
         image_token_dim=encoder.image_token_dim,
-        image_dim=image_dim,
-        hidden_dim=hidden_dim,
-        temperature=temperature,
-        inter_weight=inter_weight,
-        intra_weight=intra_weight,
-        csra_temperatures=tuple(float(t) for t in csra_temperatures),
-        csra_lambda=csra_lambda,
-        use_contrastive=use_contrastive,
-        use_g2g=use_g2g,
-        use_g2l=use_g2l,
-        use_text=use_text,
-        use_image=use_image,
-        use_t2v=use_t2v,
-        use_v2t=use_v2t,
-        cross_modal=cross_modal,
+        **options,
     )
     network = M3ELNetwork(encoder, M3ELMatcher(config))
     network.to(get_torch_default_device())
@@ -154,4 +149,5 @@ def build_m3el_model(
 
 
 def get_network(model: Model) -> M3ELNetwork:
+    """The torch module inside a ``spacy-m3el.M3EL.v1`` model."""
     return model.shims[0]._model

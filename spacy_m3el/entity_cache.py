@@ -1,4 +1,4 @@
-"""The entity cache of the two-stage linker (DESIGN 3.5).
+"""The entity cache of the two-stage linker: its one owner.
 
 For every KB entity the cache holds the mention-independent part of M3EL:
 
@@ -14,13 +14,20 @@ For every KB entity the cache holds the mention-independent part of M3EL:
 Arrays are fp16 (``has_image`` bool) and are memory-mapped when loaded from
 disk. On CPU only the retrieval matrix is copied into RAM (float32, for a
 fast exact scan); the reranker reads the K candidates' rows from the memory
-map. On a GPU everything is moved to the device once.
+map. On a GPU everything is moved to the device once, at first use.
+
+:class:`EntityCache` owns the arrays, their meta (format, settings, the
+fingerprint of the weights that built them), saving and loading them as
+``.npy`` files, and deciding whether they are still valid.
 """
+from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy
 import torch
 
+from .errors import KBError
+from .fileio import inside, read_json, write_json
 from .model import M3ELMatcher
 from .model.matching import Side
 
@@ -72,47 +79,111 @@ def _concatenate_padded(chunks: List[numpy.ndarray]) -> numpy.ndarray:
 
 
 class EntityCache:
-    """Cache arrays ready for retrieval and rerank on one device."""
+    """Cache arrays (one row per KB entity) and the meta that says what built them."""
 
-    def __init__(self, arrays: Dict[str, numpy.ndarray], meta: Dict[str, Any], *, device) -> None:
-        if meta.get("format") != CACHE_FORMAT or RETRIEVAL not in arrays:
-            raise ValueError(
-                f"Entity cache format {meta.get('format')!r} is not {CACHE_FORMAT}: rebuild the cache"
-            )
-        self.device = torch.device(device)
-        self.meta = meta
-        self.parts: List[Tuple[str, int]] = [(key, int(width)) for key, width in meta["retrieval_parts"]]
-        self.arrays = arrays
-        # numpy.array copies out of the read-only memory map (torch needs a writable buffer).
-        self.retrieval = torch.from_numpy(numpy.array(arrays[RETRIEVAL], dtype=numpy.float32)).to(self.device)
-        self._on_device: Optional[Dict[str, torch.Tensor]] = None
-        if self.device.type != "cpu":
-            self._on_device = {
-                name: torch.from_numpy(numpy.array(array)).to(self.device)
-                for name, array in arrays.items()
-                if name != RETRIEVAL
-            }
+    def __init__(self, arrays: Dict[str, numpy.ndarray], meta: Dict[str, Any]) -> None:
+        rows = {name: int(array.shape[0]) for name, array in arrays.items()}
+        if len(set(rows.values())) > 1:
+            raise KBError(f"Entity cache arrays disagree on the number of entities: {rows}")
+        self.arrays = dict(arrays)
+        self.meta = {**meta, "n_entities": next(iter(rows.values()), 0), "arrays": sorted(arrays)}
+        self._retrieval: Dict[str, torch.Tensor] = {}
+        self._on_device: Dict[str, Dict[str, torch.Tensor]] = {}
+
+    @classmethod
+    def build(
+        cls, matcher: M3ELMatcher, entity_sides: Iterable[Side], *, max_queries: Optional[int], fingerprint: str
+    ) -> "EntityCache":
+        """Encode-side batches (in KB row order) -> a cache stamped with ``fingerprint``."""
+        arrays, meta = build_cache_arrays(matcher, entity_sides, max_queries=max_queries)
+        return cls(arrays, {**meta, "fingerprint": fingerprint})
 
     def __len__(self) -> int:
-        return self.retrieval.shape[0]
+        return int(self.meta["n_entities"])
+
+    # ------------------------------------------------------------ validity
+    def settings_match(self, max_queries: Optional[int]) -> bool:
+        """Built with these settings (and this format)?"""
+        return all(self.meta.get(key) == value for key, value in cache_settings(max_queries).items())
+
+    def is_valid_for(self, *, n_entities: int, max_queries: Optional[int], fingerprint: str) -> bool:
+        """Does this cache describe ``n_entities`` entities encoded by the
+        weights with ``fingerprint`` under these settings?"""
+        return (
+            len(self) == n_entities
+            and self.settings_match(max_queries)
+            and self.meta.get("fingerprint") == fingerprint
+        )
+
+    # ------------------------------------------------------------ storage
+    def save(self, folder: Path) -> None:
+        """Write ``<name>.npy`` per array and ``meta.json`` into ``folder``."""
+        folder.mkdir()
+        for name, array in self.arrays.items():
+            numpy.save(folder / f"{name}.npy", numpy.asarray(array), allow_pickle=False)
+        write_json(folder / "meta.json", self.meta)
+
+    @classmethod
+    def load(cls, folder: Path, *, n_entities: int) -> "EntityCache":
+        """Memory-map a saved cache, refusing one that is damaged or built
+        for another number of entities."""
+        meta_path = folder / "meta.json"
+        if not meta_path.is_file():
+            raise KBError(f"{folder}: the entity cache has no meta.json")
+        meta = read_json(meta_path)
+        if meta.get("n_entities") != n_entities:
+            raise KBError(
+                f"{folder}: the entity cache was built for {meta.get('n_entities')} entities, "
+                f"the KB has {n_entities}"
+            )
+        arrays = {}
+        for name in meta.get("arrays", []):
+            file = inside(folder.parent, f"{folder.name}/{name}.npy", "Cache file")
+            if not file.is_file():
+                raise KBError(f"{folder}: cache file '{name}.npy' is missing")
+            try:
+                arrays[name] = numpy.load(file, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError) as err:
+                raise KBError(f"{file}: cache file is truncated or corrupt ({err})") from None
+            if arrays[name].shape[0] != n_entities:
+                raise KBError(f"{file}: {arrays[name].shape[0]} rows, expected {n_entities}")
+        return cls(arrays, meta)
 
     @property
     def bytes_per_entity(self) -> int:
         """Size of one entity's cache rows as stored (fp16 / bool)."""
         return sum(array.itemsize * int(numpy.prod(array.shape[1:])) for array in self.arrays.values())
 
+    # ------------------------------------------------------------ search
+    def _check_format(self) -> None:
+        if self.meta.get("format") != CACHE_FORMAT or RETRIEVAL not in self.arrays:
+            raise KBError(
+                f"Entity cache format {self.meta.get('format')!r} is not {CACHE_FORMAT}: rebuild the cache"
+            )
+
+    def retrieval_matrix(self, device: torch.device) -> torch.Tensor:
+        """[E, D] float32 retrieval vectors on ``device`` (copied once)."""
+        key = str(device)
+        if key not in self._retrieval:
+            self._check_format()
+            # numpy.array copies out of the read-only memory map (torch needs a writable buffer).
+            matrix = numpy.array(self.arrays[RETRIEVAL], dtype=numpy.float32)
+            self._retrieval[key] = torch.from_numpy(matrix).to(device)
+        return self._retrieval[key]
+
     def retrieve(self, query: torch.Tensor, k: int) -> torch.Tensor:
         """Row indices [B, k] of the best entities by the decomposable score."""
-        return (query @ self.retrieval.T).topk(min(k, len(self)), dim=1).indices
+        matrix = self.retrieval_matrix(query.device)
+        return (query @ matrix.T).topk(min(k, len(self)), dim=1).indices
 
     def gather(self, rows: torch.Tensor) -> Side:
         """The entity side of the rows [B, K] (any index shape) as float32 tensors."""
-        side = self._split_retrieval(self.retrieval[rows])
-        if self._on_device is not None:
-            for name, value in self._on_device.items():
+        side = self._split_retrieval(self.retrieval_matrix(rows.device)[rows])
+        if rows.device.type != "cpu":
+            for name, value in self._device_arrays(rows.device).items():
                 side[name] = value[rows].float() if value.is_floating_point() else value[rows]
             return side
-        flat = rows.reshape(-1).cpu().numpy()
+        flat = rows.reshape(-1).numpy()
         for name, array in self.arrays.items():
             if name == RETRIEVAL:
                 continue
@@ -122,13 +193,23 @@ class EntityCache:
             side[name] = value.float() if value.is_floating_point() else value
         return side
 
-    def full_side(self) -> Side:
+    def full_side(self, device: Optional[torch.device] = None) -> Side:
         """The whole entity side [E, ...] (float32): for exhaustive scoring."""
-        return self.gather(torch.arange(len(self), device=self.device))
+        return self.gather(torch.arange(len(self), device=device))
+
+    def _device_arrays(self, device: torch.device) -> Dict[str, torch.Tensor]:
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = {
+                name: torch.from_numpy(numpy.array(array)).to(device)
+                for name, array in self.arrays.items()
+                if name != RETRIEVAL
+            }
+        return self._on_device[key]
 
     def _split_retrieval(self, vectors: torch.Tensor) -> Side:
         side, start = {}, 0
-        for key, width in self.parts:
-            side[key] = vectors[..., start : start + width]
-            start += width
+        for key, width in self.meta["retrieval_parts"]:
+            side[key] = vectors[..., start : start + int(width)]
+            start += int(width)
         return side

@@ -1,16 +1,10 @@
 """Doc/Span extension attributes for images and linking results."""
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from spacy.tokens import Doc, Span
 
-from .images import ImageRef, image_key, load_image
-
-# Recently decoded images by source key: a doc's image is decoded once even
-# when several of its mentions, or several passes, need it.
-_DECODED: "OrderedDict[str, Any]" = OrderedDict()
-_DECODED_MAX = 256
+from .images import ImageLoader, ImagePolicy, ImageRef
 
 
 def register_extensions() -> None:
@@ -39,30 +33,33 @@ def resolve_path(source: Any, image_dir: Optional[Union[str, Path]]) -> Any:
     return source
 
 
-def image_ref(item: Union[Doc, Span], *, allow_urls: bool = False, on_error=None) -> Optional[ImageRef]:
-    """A lazily decoded image for ``item`` (decoded once, then remembered).
+def resolve_images(doc: Doc, image_dir: Optional[Union[str, Path]]) -> None:
+    """Resolve the relative image paths of ``doc`` and its entities against
+    ``image_dir``, in place."""
+    doc._.image = resolve_path(doc._.image, image_dir)
+    for ent in doc.ents:
+        if ent._.image is not None:
+            ent._.image = resolve_path(ent._.image, image_dir)
 
-    ``on_error(exception)`` decides what a bad image does: re-raise, or return
-    None to treat the image as absent.
+
+def copy_images(reference: Doc, predicted: Doc) -> None:
+    """Give ``predicted`` the images of ``reference`` it lacks: the doc's, and
+    those of entity spans at the same character offsets.
+
+    ``spacy.Corpus`` and hand-made Examples build the predicted doc from the
+    text alone, which drops every ``._.image``.
     """
-    source = image_source(item)
-    if source is None:
-        return None
-    key = image_key(source) or f"id:{id(source)}"
+    if predicted._.image is None and reference._.image is not None:
+        predicted._.image = reference._.image
+    for ent in reference.ents:
+        if ent._.image is None:
+            continue
+        span = predicted.char_span(ent.start_char, ent.end_char)
+        if span is not None and span._.image is None:
+            span._.image = ent._.image
 
-    def load():
-        if key in _DECODED:
-            _DECODED.move_to_end(key)
-            return _DECODED[key]
-        try:
-            image = load_image(source, allow_urls=allow_urls)
-        except Exception as err:  # noqa: BLE001 - the caller's policy decides
-            if on_error is None:
-                raise
-            return on_error(err)
-        _DECODED[key] = image
-        while len(_DECODED) > _DECODED_MAX:
-            _DECODED.popitem(last=False)
-        return image
 
-    return ImageRef(key, load)
+def image_ref(item: Union[Doc, Span], *, allow_urls: bool = False) -> Optional[ImageRef]:
+    """A lazily decoded image for ``item`` that raises on a bad image (the
+    linker uses its own :class:`~spacy_m3el.images.ImageLoader` and policy)."""
+    return ImageLoader(ImagePolicy(allow_image_urls=allow_urls)).ref(image_source(item))

@@ -4,39 +4,27 @@ Kept free of spaCy so the encoders can use it alone.
 """
 import hashlib
 import io
+import urllib.request
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import ImageLoadError, warn
+from .lru import LRUCache
+
 ImageSource = Union[str, Path, bytes, bytearray, memoryview, Image.Image, numpy.ndarray]
 
 #: Refuse images with more pixels than this (decompression bombs).
 MAX_IMAGE_PIXELS = 64_000_000
 _URL_PREFIXES = ("http://", "https://", "ftp://", "s3://", "gs://")
-
-
-class ImageLoadError(ValueError):
-    """An image source could not be turned into an RGB picture."""
-
-    def __init__(self, source: Any, reason: str) -> None:
-        self.source_description = describe_source(source)
-        self.reason = reason
-        super().__init__(f"Cannot load image from {self.source_description}: {reason}")
-
-
-def describe_source(source: Any) -> str:
-    if isinstance(source, (str, Path)):
-        return f"path '{source}'"
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return f"{len(source)} bytes"
-    if isinstance(source, Image.Image):
-        return f"PIL image ({source.mode}, {source.size[0]}x{source.size[1]})"
-    if isinstance(source, numpy.ndarray):
-        return f"array of shape {source.shape} and dtype {source.dtype}"
-    return f"object of type {type(source).__name__}"
+_FETCHABLE = ("http://", "https://")
+#: Largest download accepted when image URLs are allowed.
+MAX_DOWNLOAD_BYTES = 50_000_000
+URL_TIMEOUT_S = 10.0
 
 
 def is_url(source: Any) -> bool:
@@ -87,8 +75,13 @@ def load_image(source: ImageSource, *, allow_urls: bool = False) -> Image.Image:
     refused: this package never fetches from the network at run time.
     """
     if is_url(source):
-        hint = "" if allow_urls else " (URLs are refused: download the image and pass its path)"
-        raise ImageLoadError(source, "fetching images over the network is not supported" + hint)
+        if not allow_urls:
+            raise ImageLoadError(
+                source,
+                "fetching images over the network is off (download the image and pass its "
+                "path, or set allow_image_urls = true)",
+            )
+        source = fetch_url(source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -132,6 +125,20 @@ def load_image(source: ImageSource, *, allow_urls: bool = False) -> Image.Image:
         raise ImageLoadError(source, "the data is not an image format Pillow can read") from err
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageLoadError(source, f"the image data is truncated or corrupt ({err})") from err
+
+
+def fetch_url(url: str) -> bytes:
+    """Download an http(s) image (opt-in only), bounded in time and size."""
+    if not url.strip().lower().startswith(_FETCHABLE):
+        raise ImageLoadError(url, "only http:// and https:// image URLs can be fetched")
+    try:
+        with urllib.request.urlopen(url.strip(), timeout=URL_TIMEOUT_S) as response:  # noqa: S310 - opt-in
+            data = response.read(MAX_DOWNLOAD_BYTES + 1)
+    except (OSError, ValueError) as err:
+        raise ImageLoadError(url, f"download failed ({err})") from None
+    if len(data) > MAX_DOWNLOAD_BYTES:
+        raise ImageLoadError(url, f"the download is larger than {MAX_DOWNLOAD_BYTES} bytes")
+    return data
 
 
 def image_key(source: Optional[ImageSource]) -> Optional[str]:
@@ -178,5 +185,68 @@ class ImageRef:
 
     @classmethod
     def from_source(cls, source: ImageSource, *, allow_urls: bool = False) -> "ImageRef":
+        """A ref that decodes ``source`` when asked, raising on bad images."""
         key = image_key(source) or f"id:{id(source)}"
         return cls(key, lambda: load_image(source, allow_urls=allow_urls))
+
+
+def _decoded_size(image: Optional[Image.Image]) -> int:
+    return 0 if image is None else image.width * image.height * 3
+
+
+# Recently decoded images by source key, shared by every loader: a doc's image
+# is decoded once even when several of its mentions, or several passes, need it.
+DECODED_IMAGES: LRUCache = LRUCache(256, max_bytes=512 * 2**20, sizeof=_decoded_size)
+
+
+@dataclass
+class ImagePolicy:
+    """What a bad image does: "raise" an ImageLoadError, or "warn" and link
+    the item without it; and whether http(s) URLs may be fetched."""
+
+    on_bad_image: str = "raise"
+    allow_image_urls: bool = False
+
+
+class ImageLoader:
+    """The one route from an image source (a mention's or a KB entity's) to
+    a lazily decoded :class:`ImageRef`, with one error policy.
+
+    ``policy`` is any object with ``on_bad_image`` ("raise" or "warn") and
+    ``allow_image_urls`` attributes, read at each use so a change applies at
+    once. Under "warn" a bad image becomes an absent one: a warning, a count
+    in ``bad_images``, and a text-only link.
+    """
+
+    def __init__(self, policy: Optional[Any] = None, *, decoded: LRUCache = DECODED_IMAGES) -> None:
+        self.policy = policy if policy is not None else ImagePolicy()
+        self.decoded = decoded
+        self.bad_images = 0
+
+    def ref(self, source: Optional[ImageSource], *, context: str = "") -> Optional[ImageRef]:
+        """An ImageRef for ``source`` (None stays None). ``context`` is added
+        to error messages (for example "KB entity 'Q42'")."""
+        if source is None:
+            return None
+        key = image_key(source) or f"id:{id(source)}"
+        return ImageRef(key, lambda: self._load(key, source, context))
+
+    def _load(self, key: str, source: ImageSource, context: str) -> Optional[Image.Image]:
+        image = self.decoded.get(key)
+        if image is not None:
+            return image
+        try:
+            image = load_image(source, allow_urls=bool(self.policy.allow_image_urls))
+        except ImageLoadError as err:
+            return self._bad_image(source, err, context)
+        self.decoded.put(key, image)
+        return image
+
+    def _bad_image(self, source: ImageSource, err: ImageLoadError, context: str) -> None:
+        if context:
+            err = ImageLoadError(source, f"{err.reason} ({context})")
+        if self.policy.on_bad_image != "warn":
+            raise err
+        self.bad_images += 1
+        warn(f"{err} - linking this item with text only", stacklevel=4)
+        return None

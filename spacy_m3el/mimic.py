@@ -1,4 +1,4 @@
-"""The MIMIC data format of WikiMEL, RichpediaMEL and WikiDiverse (DESIGN 6).
+"""The MIMIC data format of WikiMEL, RichpediaMEL and WikiDiverse.
 
 A dataset directory holds::
 
@@ -11,12 +11,11 @@ A dataset directory holds::
 ``answer == "nil"`` means no gold entity: kept, linked to NIL. Mention and
 entity names may be URL-quoted, as in the original releases.
 """
-import json
 import warnings
-from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple, Union
 from urllib.parse import unquote
 
 from spacy.language import Language
@@ -24,17 +23,16 @@ from spacy.tokens import Doc
 from spacy.training import Example
 from spacy.vocab import Vocab
 
+from .aliases import AliasPriors
+from .errors import MIMICFormatError, warn
 from .extensions import register_extensions
-from .kb import NIL, MultimodalKB, normalize_alias
+from .fileio import read_json
+from .kb import NIL, MultimodalKB
 from .readers import example_with_images
 
 SPLITS = ("train", "dev", "test")
 MENTION_IMAGES = "mention_image"
 KB_IMAGES = "kb_image"
-
-
-class MIMICFormatError(ValueError):
-    """A MIMIC-format file is missing or malformed."""
 
 
 @dataclass
@@ -54,16 +52,10 @@ class ConversionReport:
             ("missing_mention_images", self.missing_mention_images, "mention image(s) missing (linked text-only)"),
         ):
             if items:
-                warnings.warn(f"{where}: {len(items)} {what}, e.g. ids {items[:5]}", stacklevel=3)
+                warn(f"{where}: {len(items)} {what}, e.g. ids {items[:5]}", stacklevel=3)
 
 
-def _read_json(path: Path):
-    if not path.is_file():
-        raise MIMICFormatError(f"Missing MIMIC file: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf8"))
-    except ValueError as err:
-        raise MIMICFormatError(f"{path} is not valid JSON: {err}") from None
+_read_json = partial(read_json, error=MIMICFormatError)
 
 
 def split_file(data_dir: Union[str, Path], split: str) -> Path:
@@ -112,31 +104,21 @@ def load_mimic_kb(
             )
     if kb.missing_images:
         count = sum(len(v) for v in kb.missing_images.values())
-        warnings.warn(
+        warn(
             f"{root}: {count} entity image(s) of {len(kb.missing_images)} entities are missing "
-            f"from {image_root} (see MultimodalKB.missing_images)",
-            stacklevel=2,
+            f"from {image_root} (see MultimodalKB.missing_images)"
         )
-    counts_by_alias: Dict[str, Counter] = defaultdict(Counter)
-    originals: Dict[str, str] = {}
-
-    def count(form: str, entity_id: str) -> None:
-        key = normalize_alias(form)
-        if key:
-            counts_by_alias[key][entity_id] += 1
-            originals.setdefault(key, form)
-
+    aliases = AliasPriors()
     for row in range(len(kb)):
-        count(kb.name(row), kb.entity_id(row))
+        if kb.name(row).strip():
+            aliases.add(kb.name(row), kb.entity_id(row))
     for split in alias_splits:
         for sample in _read_json(split_file(root, split)):
             answer = str(sample.get("answer", "nil"))
-            if answer.lower() != "nil" and answer in kb:
-                count(unquote(str(sample.get("mentions", ""))), answer)
-    for key, counts in counts_by_alias.items():
-        total = sum(counts.values())
-        ids = list(counts)
-        kb.add_alias(originals[key], ids, [counts[i] / total for i in ids])
+            mention = unquote(str(sample.get("mentions", "")))
+            if answer.lower() != "nil" and answer in kb and mention.strip():
+                aliases.add(mention, answer)
+    aliases.add_to(kb)
     return kb
 
 

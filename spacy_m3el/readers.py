@@ -1,7 +1,7 @@
 """Training corpora that keep images on the predicted docs.
 
 ``spacy.Corpus.v1`` rebuilds ``eg.predicted`` with ``nlp.make_doc(text)``, which
-drops ``doc._.image`` (DESIGN section 4, known traps); this reader copies it.
+drops ``doc._.image``; this reader copies it.
 """
 import random
 from pathlib import Path
@@ -11,7 +11,7 @@ from spacy.language import Language
 from spacy.tokens import Doc, DocBin
 from spacy.training import Example
 
-from .extensions import register_extensions, resolve_path
+from .extensions import copy_images, register_extensions, resolve_images
 
 
 def example_with_images(
@@ -20,9 +20,8 @@ def example_with_images(
     """An Example whose predicted doc keeps the reference's images (relative
     paths resolved against ``image_dir``) and, with ``gold_ents``, its entity
     spans without their KB ids."""
-    reference._.image = resolve_path(reference._.image, image_dir)
+    resolve_images(reference, image_dir)
     predicted = nlp.make_doc(reference.text)
-    predicted._.image = reference._.image
     if gold_ents:
         spans = []
         for ent in reference.ents:
@@ -32,10 +31,9 @@ def example_with_images(
                     f"Entity '{ent.text}' ({ent.start_char}-{ent.end_char}) in doc '{reference.text[:60]}' "
                     "does not align with the tokenizer's tokens"
                 )
-            if ent._.image is not None:
-                span._.image = resolve_path(ent._.image, image_dir)
             spans.append(span)
         predicted.ents = spans
+    copy_images(reference, predicted)
     return Example(predicted, reference)
 
 

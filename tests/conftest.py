@@ -1,10 +1,11 @@
 """Fixtures shared across the suite: real image files and a tiny CLIP."""
-import json
 from pathlib import Path
 
 import numpy
 import pytest
 from PIL import Image, ImageDraw
+
+from spacy_m3el.encoders.random_clip import save_random_clip
 
 
 def draw_picture(path: Path, kind: int, *, size: int = 96, variant: int = 0) -> Path:
@@ -42,45 +43,17 @@ def picture_dir(tmp_path_factory):
     return folder
 
 
-def _bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def save_tiny_clip(directory: Path) -> Path:
-    """A random-weight CLIP with a character-level BPE tokenizer, saved the
-    way a user's local CLIP directory is (save_pretrained)."""
-    import torch
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    chars = _bytes_to_unicode()
-    vocab = {}
-    for token in chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]:
-        vocab.setdefault(token, len(vocab))
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"))
-    tokenizer.save_pretrained(str(directory))
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=64,
-                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-                         pad_token_id=vocab["<|endoftext|>"]),
+    """A tiny random-weight CLIP, saved the way a user's local CLIP directory is."""
+    return save_random_clip(
+        directory,
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         max_position_embeddings=64),
         vision_config=dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=64, patch_size=16),
         projection_dim=24,
+        seed=0,
     )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(str(directory))
-    return directory
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@ import numpy
 import pytest
 import torch
 
+from spacy_m3el.errors import KBError
 from spacy_m3el.entity_cache import CACHE_FORMAT, EntityCache, build_cache_arrays
 from spacy_m3el.model import EncodedItems, M3ELConfig, M3ELMatcher
 
@@ -34,7 +35,7 @@ def default_shaped():
 
 def test_exact_cache_reproduces_the_training_score(default_shaped):
     matcher, batches, mention = default_shaped
-    cache = EntityCache(*build_cache_arrays(matcher, batches, max_queries=None), device="cpu")
+    cache = EntityCache(*build_cache_arrays(matcher, batches, max_queries=None))
     assert len(cache) == 12
     full = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
     candidates = torch.tensor([[0, 5, 11], [3, 3, 7], [10, 2, 1]])
@@ -64,8 +65,8 @@ def test_decomposable_parts_are_stored_once(default_shaped):
 
 def test_pooled_cache_fits_8_kb_per_entity(default_shaped):
     matcher, batches, mention = default_shaped
-    exact = EntityCache(*build_cache_arrays(matcher, batches, max_queries=None), device="cpu")
-    pooled = EntityCache(*build_cache_arrays(matcher, batches, max_queries=12), device="cpu")
+    exact = EntityCache(*build_cache_arrays(matcher, batches, max_queries=None))
+    pooled = EntityCache(*build_cache_arrays(matcher, batches, max_queries=12))
     # 672 retrieval + 2 x 96 cls + 2 x 12 x 96 queries (fp16), 2 x 12 weights (fp16), has_image
     assert pooled.bytes_per_entity == 2 * (672 + 192 + 2304 + 24) + 1 == 6385 <= 8192
     assert exact.bytes_per_entity == 2 * (672 + 192 + 89 * 96 + 89) + 1 == 18995
@@ -88,8 +89,8 @@ def test_memory_mapped_cache_gathers_the_same_rows(default_shaped, tmp_path):
     for name, array in arrays.items():
         numpy.save(tmp_path / f"{name}.npy", array, allow_pickle=False)
         mapped[name] = numpy.load(tmp_path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-    in_memory = EntityCache(arrays, meta, device="cpu")
-    from_disk = EntityCache(mapped, meta, device="cpu")
+    in_memory = EntityCache(arrays, meta)
+    from_disk = EntityCache(mapped, meta)
     assert isinstance(from_disk.arrays["image_query"], numpy.memmap)
     rows = torch.tensor([[1, 11], [4, 4]])
     for key, value in in_memory.gather(rows).items():
@@ -97,8 +98,26 @@ def test_memory_mapped_cache_gathers_the_same_rows(default_shaped, tmp_path):
         assert value.shape[:2] == (2, 2)
 
 
-def test_cache_of_another_format_is_refused(default_shaped):
+def test_cache_of_another_format_is_refused_for_search(default_shaped):
     matcher, batches, _ = default_shaped
     arrays, meta = build_cache_arrays(matcher, batches, max_queries=4)
-    with pytest.raises(ValueError, match="format"):
-        EntityCache(arrays, {**meta, "format": 1}, device="cpu")
+    old = EntityCache(arrays, {**meta, "format": 1})
+    assert not old.settings_match(4) and EntityCache(arrays, meta).settings_match(4)
+    with pytest.raises(KBError, match="format 1 is not"):
+        old.retrieve(torch.zeros(1, arrays["retrieval"].shape[1]), 2)
+
+
+def test_validity_save_and_load(default_shaped, tmp_path):
+    matcher, batches, _ = default_shaped
+    cache = EntityCache.build(matcher, batches, max_queries=12, fingerprint="abc")
+    assert cache.is_valid_for(n_entities=12, max_queries=12, fingerprint="abc")
+    assert not cache.is_valid_for(n_entities=13, max_queries=12, fingerprint="abc")
+    assert not cache.is_valid_for(n_entities=12, max_queries=None, fingerprint="abc")
+    assert not cache.is_valid_for(n_entities=12, max_queries=12, fingerprint="other")
+    cache.save(tmp_path / "cache")
+    loaded = EntityCache.load(tmp_path / "cache", n_entities=12)
+    assert loaded.meta == cache.meta and isinstance(loaded.arrays["text_query"], numpy.memmap)
+    with pytest.raises(KBError, match="built for 12 entities, the KB has 11"):
+        EntityCache.load(tmp_path / "cache", n_entities=11)
+    with pytest.raises(KBError, match="disagree on the number of entities"):
+        EntityCache({"a": numpy.zeros((2, 3)), "b": numpy.zeros((3, 3))}, {})

@@ -41,10 +41,10 @@ def test_round_trip_is_self_contained(nlp, picture_dir, tmp_path):
     assert loaded.get_entity("Q123")["description"] == "A square-socket screwdriver"
     assert all(str(tmp_path / "kb") in p for p in loaded.get_entity("Q17717")["images"])
     assert loaded.alias_rows("robertson") == [(0, 0.6), (1, 0.3)]
-    assert isinstance(loaded.entity_cache["vec"], numpy.memmap)
-    assert loaded.entity_cache["vec"].dtype == numpy.float16
-    numpy.testing.assert_array_equal(loaded.entity_cache["vec"], kb.entity_cache["vec"])
-    assert loaded.cache_meta["fingerprint"] == "abc"
+    assert isinstance(loaded.entity_cache.arrays["vec"], numpy.memmap)
+    assert loaded.entity_cache.arrays["vec"].dtype == numpy.float16
+    numpy.testing.assert_array_equal(loaded.entity_cache.arrays["vec"], kb.entity_cache.arrays["vec"])
+    assert loaded.entity_cache.meta["fingerprint"] == "abc"
     again = MultimodalKB(nlp.vocab).from_bytes(loaded.to_bytes())
     assert again.get_entity_strings() == ["Q17717", "Q123"]
 
@@ -121,8 +121,35 @@ def test_interrupted_save_keeps_the_old_directory(nlp, picture_dir, tmp_path, mo
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("spacy_m3el.kb._write_json", crash)
+    monkeypatch.setattr("spacy_m3el.kb_directory.write_json", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         kb.to_disk(tmp_path / "kb")
     assert (tmp_path / "kb" / "kb.json").read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["kb"]
+
+
+def test_from_bytes_directory_lives_as_long_as_the_kb(nlp, picture_dir):
+    import gc
+    import tempfile
+    from pathlib import Path
+
+    data = small_kb(nlp, picture_dir).to_bytes()
+    before = set(Path(tempfile.gettempdir()).glob("spacy_m3el_kb_*"))
+    kb = MultimodalKB(nlp.vocab).from_bytes(data)
+    created = set(Path(tempfile.gettempdir()).glob("spacy_m3el_kb_*")) - before
+    assert len(created) == 1 and all(Path(p).is_file() for p in kb.images(0))
+    del kb
+    gc.collect()
+    assert not any(p.exists() for p in created)
+    with pytest.raises(KBError):
+        MultimodalKB(nlp.vocab).from_bytes(srsly.msgpack_dumps({"kb.json": b"{"}))
+    assert set(Path(tempfile.gettempdir()).glob("spacy_m3el_kb_*")) == before
+
+
+def test_numbers_are_validated(nlp):
+    kb = MultimodalKB(nlp.vocab)
+    with pytest.raises(KBError, match="finite"):
+        kb.add_entity("A", name="a", freq=float("nan"))
+    kb.add_entity("A", name="a")
+    with pytest.raises(KBError, match="prior probabilities"):
+        kb.add_alias("a", ["A"], [float("nan")])

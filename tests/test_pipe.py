@@ -129,7 +129,7 @@ def test_cache_settings_are_saved_and_a_change_rebuilds_the_cache(trained, tmp_p
     pooled_docs = list(nlp.pipe([d.copy() for d in docs]))
     exact_docs = list(exact.pipe([d.copy() for d in docs]))
     linker = exact.get_pipe("m3el_linker")
-    assert linker.kb.cache_meta["max_queries"] is None
+    assert linker.kb.entity_cache.meta["max_queries"] is None
     assert linker.entity_cache.arrays["image_query"].shape[1] == 49
     for a, b in zip(pooled_docs, exact_docs):
         assert a.ents[0].kb_id_ == b.ents[0].kb_id_
@@ -143,11 +143,11 @@ def test_an_update_drops_the_stale_entity_cache(picture_dir):
     nlp, examples = train_pipeline(picture_dir, epochs=1)
     linker = nlp.get_pipe("m3el_linker")
     before = linker.entity_cache.meta["fingerprint"]
-    assert linker.kb.entity_cache
+    assert linker.kb.entity_cache is not None
     nlp.update(examples[:20], sgd=nlp.create_optimizer())
-    assert linker.kb.entity_cache == {} and linker.kb.cache_meta == {}
+    assert linker.kb.entity_cache is None
     nlp(examples[0].predicted.copy())  # rebuilt for the new weights
-    assert linker.kb.cache_meta["fingerprint"] == linker.network.fingerprint() != before
+    assert linker.kb.entity_cache.meta["fingerprint"] == linker.network.fingerprint() != before
 
 
 def test_nil_by_threshold_and_by_missing_candidates(trained, picture_dir):
@@ -155,18 +155,18 @@ def test_nil_by_threshold_and_by_missing_candidates(trained, picture_dir):
     linker = nlp.get_pipe("m3el_linker")
     doc = examples[0].predicted.copy()
     try:
-        linker.threshold = 1e9
+        linker.settings.threshold = 1e9
         assert nlp(doc.copy()).ents[0].kb_id_ == NIL
-        linker.threshold = None
-        linker.n_candidates = 0  # alias table only
+        linker.settings.threshold = None
+        linker.settings.n_candidates = 0  # alias table only
         other = nlp.make_doc("The gadget was here.")
         other.ents = [other.char_span(4, 10, label="THING")]
         linked = nlp(other)
         assert linked.ents[0].kb_id_ == NIL and linked.ents[0]._.m3el_candidates == []
         assert nlp(doc.copy()).ents[0].kb_id_ != NIL  # "item" is an alias
     finally:
-        linker.threshold = None
-        linker.n_candidates = 64
+        linker.settings.threshold = None
+        linker.settings.n_candidates = 64
 
 
 def test_docs_without_images_or_entities_still_work(trained):
@@ -221,3 +221,43 @@ def test_spacy_train_from_a_config(picture_dir, tmp_path):
         assert key in meta
     assert meta["m3el_mrr"] > 0.2  # well above chance (about 0.18 for 20 entities)
     assert best.get_pipe("m3el_linker").kb.get_size_entities() == N_ENTITIES
+
+
+def test_an_entity_added_after_linking_is_found(picture_dir):
+    """Regression: the linker kept the cache it had built before the KB grew,
+    so the new entity was never a candidate and its alias row indexed past
+    the end of the cache."""
+    nlp, examples = train_pipeline(picture_dir, epochs=1)
+    linker = nlp.get_pipe("m3el_linker")
+    nlp(examples[0].predicted.copy())  # builds and uses the cache
+    linker.kb.add_entity("E_new", name="Brand new gadget", description="Added later.",
+                         images=[str(picture_dir / "item21.png")])
+    linker.kb.add_alias("gadget", ["E_new"], [1.0])
+    doc = nlp.make_doc("The gadget was here.")
+    doc.ents = [doc.char_span(4, 10, label="THING")]
+    doc._.image = str(picture_dir / "item21_alt.png")
+    ent = nlp(doc).ents[0]
+    assert ent.kb_id_ == "E_new"
+    assert ent._.m3el_candidates[0]["prior"] == 1.0
+    assert len(linker.entity_cache) == N_ENTITIES + 1
+    assert "E_new" in {c["id"] for c in nlp(examples[0].predicted.copy()).ents[0]._.m3el_candidates}
+
+
+def test_serialisation_honours_exclude(trained, tmp_path):
+    from spacy_m3el import KBError
+
+    nlp, _ = trained
+    linker = nlp.get_pipe("m3el_linker")
+    linker.to_disk(tmp_path / "weights_only", exclude=["kb"])
+    assert sorted(p.name for p in (tmp_path / "weights_only").iterdir()) == ["model"]
+    fresh = spacy.blank("en").add_pipe("m3el_linker")
+    empty_kb = fresh.kb
+    fresh.from_disk(tmp_path / "weights_only", exclude=["kb"])
+    assert fresh.kb is empty_kb and fresh.network.fingerprint() == linker.network.fingerprint()
+    assert len(linker.to_bytes()) - len(linker.to_bytes(exclude=["kb"])) >= len(linker.kb.to_bytes())
+    other = spacy.blank("en").add_pipe("m3el_linker")
+    weights = other.network.fingerprint()
+    # The KB's cache was built by the trained weights, not by the kept ones.
+    with pytest.raises(KBError, match="different model"):
+        other.from_bytes(linker.to_bytes(), exclude=["model"])
+    assert other.network.fingerprint() == weights

@@ -115,16 +115,16 @@ def test_bad_mention_image_raises_or_warns_and_links_text_only(trained, tmp_path
     (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
     with pytest.raises(ImageLoadError, match="broken.png"):
         nlp(item_doc(nlp, image=str(tmp_path / "broken.png")))
-    linker.on_bad_image = "warn"
-    before = linker.bad_images
+    linker.settings.on_bad_image = "warn"
+    before = linker.images.bad_images
     try:
         with pytest.warns(UserWarning, match="broken.png.*text only"):
             doc = nlp(item_doc(nlp, image=str(tmp_path / "broken.png")))
         assert doc.ents[0].kb_id_.startswith("E")
         assert doc.ents[0]._.m3el_candidates[0]["branches"]["image"] == 0.0
-        assert linker.bad_images == before + 1
+        assert linker.images.bad_images == before + 1
     finally:
-        linker.on_bad_image = "raise"
+        linker.settings.on_bad_image = "raise"
 
 
 def test_image_urls_are_refused(trained):

@@ -11,7 +11,7 @@ from ..model import EncodedItems
 
 
 class MultimodalEncoder(nn.Module, ABC):
-    """Turns texts and images into the global and local features of DESIGN 3.1.
+    """Turns texts and images into M3EL's global and local features.
 
     Subclasses set the dims and the image normalisation, and implement
     :meth:`tokenize`, :meth:`encode_text` and :meth:`encode_image`. The text

@@ -1,39 +1,26 @@
 """Memoised features of a frozen encoder, for fast CPU training and linking."""
 import json
-from collections import OrderedDict
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
 from ..images import ImageRef
+from ..lru import LRUCache
 from ..model import EncodedItems
 from .base import MultimodalEncoder, pad_tokens
 
 Features = Tuple[torch.Tensor, torch.Tensor]
 
 
-class _LRU:
-    def __init__(self, max_items: int) -> None:
-        self.max_items = max_items
-        self.items: "OrderedDict[str, Features]" = OrderedDict()
-
-    def get(self, key: str) -> Optional[Features]:
-        value = self.items.get(key)
-        if value is not None:
-            self.items.move_to_end(key)
-        return value
-
-    def put(self, key: str, value: Features) -> None:
-        self.items[key] = value
-        self.items.move_to_end(key)
-        while len(self.items) > self.max_items:
-            self.items.popitem(last=False)
+def feature_bytes(features: Features) -> int:
+    """Memory held by one item's stored features."""
+    return sum(t.numel() * t.element_size() for t in features)
 
 
 # Stores shared by every cache of the same frozen backbone in this process:
 # features are a pure function of the weights and the input, so pipelines
 # built from one backbone (ablations, reloaded pipelines) encode each item once.
-_SHARED_STORES: Dict[Tuple[str, str, int], Tuple[_LRU, _LRU]] = {}
+_SHARED_STORES: Dict[Tuple[str, str, int, int], Tuple[LRUCache, LRUCache]] = {}
 
 
 class FeatureCache:
@@ -41,7 +28,9 @@ class FeatureCache:
 
     Only valid for a frozen encoder: a trainable one changes its outputs at
     every update. Features are stored on the CPU in ``dtype`` (fp16 halves the
-    memory) and cast back to float32 on the way out. With ``shared=True`` the
+    memory) and cast back to float32 on the way out; each store (texts,
+    images) keeps at most ``max_items`` items and ``max_bytes`` bytes, least
+    recently used first out. With ``shared=True`` the
     store is shared with other caches of an identical backbone (same
     ``cache_identity()``) in this process.
     """
@@ -51,6 +40,7 @@ class FeatureCache:
         encoder: MultimodalEncoder,
         *,
         max_items: int = 200_000,
+        max_bytes: int = 2 * 2**30,
         batch_size: int = 32,
         dtype: torch.dtype = torch.float16,
         shared: bool = False,
@@ -60,21 +50,24 @@ class FeatureCache:
         self.encoder = encoder
         self.batch_size = batch_size
         self.dtype = dtype
+        def store() -> LRUCache:
+            return LRUCache(max_items, max_bytes=max_bytes, sizeof=feature_bytes)
+
         if shared:
-            key = (json.dumps(encoder.cache_identity(), sort_keys=True), str(dtype), max_items)
+            key = (json.dumps(encoder.cache_identity(), sort_keys=True), str(dtype), max_items, max_bytes)
             if key not in _SHARED_STORES:
-                _SHARED_STORES[key] = (_LRU(max_items), _LRU(max_items))
+                _SHARED_STORES[key] = (store(), store())
             self.texts, self.images = _SHARED_STORES[key]
         else:
-            self.texts = _LRU(max_items)
-            self.images = _LRU(max_items)
+            self.texts, self.images = store(), store()
 
     def __len__(self) -> int:
-        return len(self.texts.items) + len(self.images.items)
+        return len(self.texts) + len(self.images)
 
     def clear(self) -> None:
-        self.texts.items.clear()
-        self.images.items.clear()
+        """Forget every stored feature (of a shared store too)."""
+        self.texts.clear()
+        self.images.clear()
 
     def _store(self, features: Features) -> Features:
         return tuple(t.detach().to("cpu", self.dtype).contiguous() for t in features)  # type: ignore

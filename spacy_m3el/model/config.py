@@ -1,5 +1,5 @@
 """Hyper-parameters and ablation switches of the M3EL matching network."""
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, Dict, List, Tuple
 
 CROSS_MODAL_MODES = ("bidirectional", "unidirectional")
@@ -7,7 +7,7 @@ CROSS_MODAL_MODES = ("bidirectional", "unidirectional")
 
 @dataclass
 class M3ELConfig:
-    """Shapes and switches of :class:`M3ELMatcher` (DESIGN section 3).
+    """Shapes and switches of :class:`M3ELMatcher`.
 
     ``text_dim`` is the width of the encoder's text global and text tokens;
     ``image_global_dim`` / ``image_token_dim`` are the raw widths of the image
@@ -84,6 +84,16 @@ class M3ELConfig:
             "inf" if t == float("inf") else t for t in self.csra_temperatures
         ]
         return data
+
+    @classmethod
+    def defaults(cls) -> Dict[str, Any]:
+        """Default of every field that has one, JSON-safe (infinity as "inf")."""
+        return {
+            f.name: ["inf" if t == float("inf") else t for t in f.default] if f.name == "csra_temperatures"
+            else f.default
+            for f in fields(cls)
+            if f.default is not MISSING
+        }
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "M3ELConfig":

@@ -1,4 +1,4 @@
-"""Intra-modal contrastive loss with same-modality negatives (DESIGN 3.1)."""
+"""Intra-modal contrastive loss with same-modality negatives."""
 from typing import Optional
 
 import torch

@@ -1,10 +1,10 @@
-"""The M3EL matcher: features -> per-branch scores -> loss (DESIGN section 3).
+"""The M3EL matcher: features -> per-branch scores -> loss.
 
 The matcher works on encoder outputs (:class:`EncodedItems`), so it can be
 trained on cached features of a frozen encoder or end to end. Entities are
 turned into an *entity side* once (:meth:`M3ELMatcher.entity_side`); the same
 side serves in-batch training, candidate reranking and the retrieval vectors
-of the two-stage search (DESIGN 3.5).
+of the two-stage search (see ``spacy_m3el.linking``).
 """
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -265,7 +265,7 @@ class M3ELMatcher(nn.Module):
         entity_items: EncodedItems,
         labels: torch.Tensor,
     ) -> Dict[str, torch.Tensor]:
-        """Training loss with in-batch negatives (DESIGN 3.4).
+        """Training loss with in-batch negatives.
 
         ``labels`` [B] gives each mention's gold row in ``entity_items``. The
         rows of ``entity_items`` are the candidates of every mention (the

@@ -17,7 +17,7 @@ Side = Dict[str, torch.Tensor]
 
 
 class IntraModalMatching(nn.Module):
-    """G2G and G2L matching inside one modality (DESIGN 3.2)."""
+    """G2G and G2L matching inside one modality."""
 
     def __init__(self, input_dim: int, hidden_dim: int, *, use_g2l: bool = True) -> None:
         super().__init__()
@@ -68,7 +68,7 @@ class IntraModalMatching(nn.Module):
 
 class CrossModalMatching(nn.Module):
     """Bidirectional (T2V and V2T) or unidirectional (T2V + gated fusion)
-    cross-modal matching (DESIGN 3.3). Produces one context vector per item
+    cross-modal matching. Produces one context vector per item
     and direction; the score is their inner product."""
 
     def __init__(

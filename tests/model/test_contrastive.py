@@ -7,7 +7,7 @@ from spacy_m3el.model import intra_modal_contrastive_loss
 
 
 def _by_hand(entity, mention, tau, w_inter, w_intra):
-    """The loss of DESIGN 3.1 written out with scalars, row by row."""
+    """The intra-modal contrastive loss written out with scalars, row by row."""
 
     def unit(v):
         n = math.sqrt(sum(x * x for x in v))

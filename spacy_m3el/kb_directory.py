@@ -1,0 +1,142 @@
+"""The on-disk format of a MultimodalKB: a self-contained directory.
+
+::
+
+    kb_dir/
+      kb.json              entities, aliases, format version (no pickle)
+      images/<sha1>.<ext>  copies of the entity images
+      cache/meta.json      which model built the entity feature cache
+      cache/<name>.npy     fp16 arrays, memory-mapped on load
+"""
+import hashlib
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Union
+
+import srsly
+
+from .entity_cache import EntityCache
+from .errors import KBError
+from .fileio import atomic_directory_write, inside, read_json, write_json
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .kb import MultimodalKB
+
+FORMAT_VERSION = 1
+CACHE_DIR = "cache"
+
+
+def write_kb_directory(kb: "MultimodalKB", path: Union[str, Path], *, exclude: Iterable[str] = ()) -> None:
+    """Write ``kb`` (and, unless ``"cache"`` is excluded, its entity cache)
+    through a temporary directory and a rename."""
+    atomic_directory_write(path, lambda root: _write(kb, root, set(exclude)))
+
+
+def _copy_images(kb: "MultimodalKB", root: Path) -> List[List[str]]:
+    """Copy every entity image into ``root/images`` (content-addressed, once)."""
+    (root / "images").mkdir()
+    stored: Dict[str, str] = {}
+    out = []
+    for row in range(len(kb)):
+        rows = []
+        for source in kb.images(row):
+            if source not in stored:
+                data = Path(source).read_bytes()
+                name = hashlib.sha1(data).hexdigest()[:20] + Path(source).suffix.lower()
+                target = root / "images" / name
+                if not target.exists():
+                    target.write_bytes(data)
+                stored[source] = f"images/{name}"
+            rows.append(stored[source])
+        out.append(rows)
+    return out
+
+
+def _write(kb: "MultimodalKB", root: Path, exclude: set) -> None:
+    images = _copy_images(kb, root)
+    entities = []
+    for row, entity_id in enumerate(kb.entity_ids):
+        record = kb.get_entity(entity_id)
+        record["images"] = images[row]
+        entities.append(record)
+    aliases = [{"alias": a, "entities": ids, "priors": priors} for a, ids, priors in kb.alias_table()]
+    write_json(root / "kb.json", {
+        "format_version": FORMAT_VERSION,
+        "entities": entities,
+        "aliases": aliases,
+        "missing_images": kb.missing_images,
+    })
+    if kb.entity_cache is not None and CACHE_DIR not in exclude:
+        kb.entity_cache.save(root / CACHE_DIR)
+
+
+def read_kb_directory(
+    kb: "MultimodalKB", path: Union[str, Path], *, exclude: Iterable[str] = ()
+) -> "MultimodalKB":
+    """Fill the empty ``kb`` from a directory written by :func:`write_kb_directory`."""
+    root = Path(path)
+    meta_path = root / "kb.json"
+    if not meta_path.is_file():
+        raise KBError(f"{root} is not a MultimodalKB directory: kb.json is missing")
+    data = read_json(meta_path)
+    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+        version = data.get("format_version") if isinstance(data, dict) else None
+        raise KBError(f"{meta_path}: unsupported format_version {version!r}")
+    for record in _field(data, "entities", meta_path):
+        _add_entity(kb, root, record)
+    for alias in _field(data, "aliases", meta_path):
+        kb.add_alias(alias["alias"], alias["entities"], alias["priors"])
+    kb.missing_images = data.get("missing_images", {})
+    if CACHE_DIR not in set(exclude) and (root / CACHE_DIR).exists():
+        kb.set_entity_cache(EntityCache.load(root / CACHE_DIR, n_entities=len(kb)))
+    return kb
+
+
+def _field(data: Dict[str, Any], name: str, path: Path) -> list:
+    value = data.get(name)
+    if not isinstance(value, list):
+        raise KBError(f"{path}: '{name}' must be a list")
+    return value
+
+
+def _add_entity(kb: "MultimodalKB", root: Path, record: Any) -> None:
+    if not isinstance(record, dict) or "id" not in record:
+        raise KBError(f"{root / 'kb.json'}: every entity needs an 'id', got {str(record)[:80]}")
+    entity_id = record["id"]
+    images = [str(inside(root, p, f"Image of entity '{entity_id}'")) for p in record.get("images", [])]
+    for image in images:
+        if not Path(image).is_file():
+            raise KBError(f"{root}: image '{image}' of entity '{entity_id}' is missing")
+    kb.add_entity(
+        entity_id, name=record.get("name", ""), description=record.get("description", ""),
+        images=images, freq=record.get("freq", 0.0), check_images=False,
+    )
+
+
+def kb_to_bytes(kb: "MultimodalKB", *, exclude: Iterable[str] = ()) -> bytes:
+    """The KB directory's files as one msgpack map (relative path -> bytes)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "kb"
+        write_kb_directory(kb, root, exclude=exclude)
+        files = {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    return srsly.msgpack_dumps(files)
+
+
+def kb_from_bytes(kb: "MultimodalKB", data: bytes, *, exclude: Iterable[str] = ()) -> "MultimodalKB":
+    """Load :func:`kb_to_bytes` output into ``kb`` (``from_disk`` on a private
+    directory that is removed when ``kb`` is garbage collected)."""
+    files = srsly.msgpack_loads(data)
+    root = Path(tempfile.mkdtemp(prefix="spacy_m3el_kb_"))
+    try:
+        for relative, content in files.items():
+            target = inside(root, relative, "KB file")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
+        kb.from_disk(root, exclude=exclude)
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    weakref.finalize(kb, shutil.rmtree, str(root), True)
+    return kb

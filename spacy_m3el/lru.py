@@ -1,0 +1,63 @@
+"""A least-recently-used map bounded by item count and, optionally, bytes."""
+from collections import OrderedDict
+from typing import Callable, Generic, Hashable, Optional, TypeVar
+
+V = TypeVar("V")
+
+
+class LRUCache(Generic[V]):
+    """Keeps the most recently used values; evicts the oldest past a bound.
+
+    ``sizeof(value)`` gives a value's size in bytes when ``max_bytes`` is set.
+    """
+
+    def __init__(
+        self,
+        max_items: int,
+        *,
+        max_bytes: Optional[int] = None,
+        sizeof: Optional[Callable[[V], int]] = None,
+    ) -> None:
+        if max_items < 1:
+            raise ValueError(f"max_items must be >= 1, got {max_items}")
+        if max_bytes is not None and sizeof is None:
+            raise ValueError("max_bytes needs a sizeof function")
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.sizeof = sizeof
+        self.items: "OrderedDict[Hashable, V]" = OrderedDict()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self.items
+
+    def get(self, key: Hashable) -> Optional[V]:
+        """The value of ``key`` (now the most recent), or None."""
+        value = self.items.get(key)
+        if value is not None:
+            self.items.move_to_end(key)
+        return value
+
+    def put(self, key: Hashable, value: V) -> None:
+        """Store ``value``, evicting the least recently used past the bounds."""
+        if key in self.items:
+            self._discard(key)
+        self.items[key] = value
+        if self.sizeof is not None:
+            self.bytes += self.sizeof(value)
+        while len(self.items) > self.max_items or (
+            self.max_bytes is not None and self.bytes > self.max_bytes and len(self.items) > 1
+        ):
+            self._discard(next(iter(self.items)))
+
+    def _discard(self, key: Hashable) -> None:
+        value = self.items.pop(key)
+        if self.sizeof is not None:
+            self.bytes -= self.sizeof(value)
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.bytes = 0

@@ -1,0 +1,74 @@
+"""The m3el_linker's settings: one place for their defaults, checks and meaning.
+
+The factory's ``default_config`` is generated from :class:`LinkerSettings`,
+and the README's option table is checked against ``describe()``.
+"""
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, List, Optional
+
+ON_BAD_IMAGE = ("raise", "warn")
+
+
+def _option(default: Any, meaning: str, **kwargs: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"meaning": meaning}, **kwargs)
+    return field(default=default, metadata={"meaning": meaning}, **kwargs)
+
+
+@dataclass
+class LinkerSettings:
+    """Every ``m3el_linker`` option except the model, the KB factory and the scorer."""
+
+    n_candidates: int = _option(64, "Dense candidates per mention: top-K entities by the decomposable "
+                                    "M3EL score (0 = alias table only).")
+    use_alias_candidates: bool = _option(True, "Add the KB alias table's entities for the mention text "
+                                               "to the candidates.")
+    threshold: Optional[float] = _option(None, "Link to NIL when the best candidate's final score is below "
+                                               "this (null: always link the best candidate).")
+    labels_discard: List[str] = _option([], "Entity labels the linker leaves alone.")
+    use_gold_ents: bool = _option(True, "Train on the gold entity spans even where the predicted doc "
+                                        "has no such entity.")
+    hard_negatives: int = _option(0, "Extra in-batch candidates per training batch: alias-table "
+                                     "confusables first, then random entities.")
+    on_bad_image: str = _option("raise", "What an unreadable mention or KB image does: \"raise\" an "
+                                         "ImageLoadError, or \"warn\" and link without that image.")
+    allow_image_urls: bool = _option(False, "Fetch http(s) image URLs (off: nothing is downloaded and a URL "
+                                            "is a bad image).")
+    context_chars: int = _option(300, "Characters of context around the mention when the doc has no "
+                                      "sentence boundaries.")
+    entity_batch_size: int = _option(64, "Entities encoded per batch when the entity cache is built.")
+    max_cached_queries: Optional[int] = _option(12, "G2L queries kept per entity and modality in the entity "
+                                                    "cache, pooled by k-means (null: keep every query, exact "
+                                                    "score).")
+    overwrite: bool = _option(True, "Replace KB ids that the spans already have.")
+
+    def __post_init__(self) -> None:
+        if self.on_bad_image not in ON_BAD_IMAGE:
+            raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {self.on_bad_image!r}")
+        if self.n_candidates < 0:
+            raise ValueError(f"n_candidates must be >= 0 (0 = alias table only), got {self.n_candidates}")
+        if self.n_candidates == 0 and not self.use_alias_candidates:
+            raise ValueError("m3el_linker has no candidate source: set n_candidates > 0 or use_alias_candidates")
+        if self.max_cached_queries is not None and self.max_cached_queries < 1:
+            raise ValueError(
+                f"max_cached_queries must be >= 1 or null (keep every query), got {self.max_cached_queries}"
+            )
+        for name in ("hard_negatives", "context_chars"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.entity_batch_size < 1:
+            raise ValueError(f"entity_batch_size must be >= 1, got {self.entity_batch_size}")
+        self.labels_discard = list(self.labels_discard)
+
+    @classmethod
+    def names(cls) -> List[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def describe(cls) -> List[Dict[str, Any]]:
+        """name, default and meaning of every option (for docs)."""
+        defaults = asdict(cls())
+        return [{"name": f.name, "default": defaults[f.name], "meaning": f.metadata["meaning"]} for f in fields(cls)]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
