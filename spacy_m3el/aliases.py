@@ -1,4 +1,5 @@
 """Alias tables with prior probabilities, built from surface forms."""
+import unicodedata
 from collections import defaultdict
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -6,8 +7,13 @@ from .errors import KBError
 
 
 def normalize_alias(alias: str) -> str:
-    """Case- and whitespace-insensitive form used for alias lookup."""
-    return " ".join(alias.split()).casefold()
+    """The form used for alias lookup: Unicode NFKC, case-folded, white space
+    collapsed, so "İstanbul", "ISTANBUL" and a decomposed "é" find the same
+    aliases as "istanbul" and "é"."""
+    folded = unicodedata.normalize("NFKC", alias).casefold()
+    # Turkish dotted capital I folds to "i" + a combining dot above.
+    folded = unicodedata.normalize("NFC", folded.replace("i\u0307", "i"))
+    return " ".join(folded.split())
 
 
 class AliasPriors:

@@ -17,12 +17,14 @@ from .model import EncodedItems, M3ELConfig, M3ELMatcher
 class M3ELNetwork(nn.Module):
     """A backbone and the M3EL matcher, with a feature cache when frozen."""
 
-    def __init__(self, encoder: MultimodalEncoder, matcher: M3ELMatcher) -> None:
+    def __init__(
+        self, encoder: MultimodalEncoder, matcher: M3ELMatcher, *, feature_cache_bytes: int = 2**30
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.matcher = matcher
         self.feature_cache: Optional[FeatureCache] = (
-            FeatureCache(encoder, shared=True) if encoder.frozen else None
+            FeatureCache(encoder, shared=True, max_bytes=feature_cache_bytes) if encoder.frozen else None
         )
 
     def encode(self, texts: Sequence[str], images: Sequence[Optional[ImageRef]]) -> EncodedItems:
@@ -118,12 +120,15 @@ def build_m3el_model(
     cross_modal: str = _DEFAULT["cross_modal"],
     mixed_precision: bool = False,
     grad_scaler_config: Optional[Dict[str, Any]] = None,
+    feature_cache_mb: int = 1024,
 ) -> Model:
     """Registered as ``spacy-m3el.M3EL.v1`` (spacy_architectures): the
     backbone and the matcher in a PyTorch shim. Every matcher option is a
-    field of :class:`M3ELConfig`, whose defaults these are."""
+    field of :class:`M3ELConfig`, whose defaults these are.
+    ``feature_cache_mb`` bounds each store (texts, images) of a frozen
+    backbone's feature cache."""
     options = dict(locals())
-    for name in ("encoder", "mixed_precision", "grad_scaler_config"):
+    for name in ("encoder", "mixed_precision", "grad_scaler_config", "feature_cache_mb"):
         del options[name]
     options["csra_temperatures"] = tuple(float(t) for t in csra_temperatures)
     config = M3ELConfig(
@@ -132,7 +137,7 @@ def build_m3el_model(
         image_token_dim=encoder.image_token_dim,
         **options,
     )
-    network = M3ELNetwork(encoder, M3ELMatcher(config))
+    network = M3ELNetwork(encoder, M3ELMatcher(config), feature_cache_bytes=feature_cache_mb * 2**20)
     network.to(get_torch_default_device())
     scaler = PyTorchGradScaler(**(grad_scaler_config or {"enabled": False}))
     model = PyTorchWrapper_v3(

@@ -20,8 +20,9 @@ map. On a GPU everything is moved to the device once, at first use.
 fingerprint of the weights that built them), saving and loading them as
 ``.npy`` files, and deciding whether they are still valid.
 """
+import zlib
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy
 import torch
@@ -117,37 +118,49 @@ class EntityCache:
 
     # ------------------------------------------------------------ storage
     def save(self, folder: Path) -> None:
-        """Write ``<name>.npy`` per array and ``meta.json`` into ``folder``."""
+        """Write ``<name>.npy`` per array and ``meta.json`` (with a CRC-32 of
+        every array, checked at load) into ``folder``."""
         folder.mkdir()
+        self.meta["checksums"] = {name: _checksum(array) for name, array in self.arrays.items()}
         for name, array in self.arrays.items():
             numpy.save(folder / f"{name}.npy", numpy.asarray(array), allow_pickle=False)
         write_json(folder / "meta.json", self.meta)
 
     @classmethod
     def load(cls, folder: Path, *, n_entities: int) -> "EntityCache":
-        """Memory-map a saved cache, refusing one that is damaged or built
-        for another number of entities."""
+        """Memory-map a saved cache, refusing (with a :class:`KBError` naming
+        the file) one that is damaged or built for another number of entities."""
         meta_path = folder / "meta.json"
         if not meta_path.is_file():
             raise KBError(f"{folder}: the entity cache has no meta.json")
-        meta = read_json(meta_path)
-        if meta.get("n_entities") != n_entities:
+        meta = _checked_meta(read_json(meta_path), meta_path)
+        if meta["n_entities"] != n_entities:
             raise KBError(
-                f"{folder}: the entity cache was built for {meta.get('n_entities')} entities, "
-                f"the KB has {n_entities}"
+                f"{folder}: the entity cache was built for {meta['n_entities']} entities, the KB has {n_entities}"
             )
-        arrays = {}
-        for name in meta.get("arrays", []):
-            file = inside(folder.parent, f"{folder.name}/{name}.npy", "Cache file")
-            if not file.is_file():
-                raise KBError(f"{folder}: cache file '{name}.npy' is missing")
-            try:
-                arrays[name] = numpy.load(file, mmap_mode="r", allow_pickle=False)
-            except (ValueError, OSError) as err:
-                raise KBError(f"{file}: cache file is truncated or corrupt ({err})") from None
-            if arrays[name].shape[0] != n_entities:
-                raise KBError(f"{file}: {arrays[name].shape[0]} rows, expected {n_entities}")
-        return cls(arrays, meta)
+        arrays = {name: _load_array(folder, name, n_entities) for name in meta["arrays"]}
+        for name, expected in meta.get("checksums", {}).items():
+            if name in arrays and _checksum(arrays[name]) != expected:
+                raise KBError(f"{folder / (name + '.npy')}: its content does not match the checksum in "
+                              "meta.json (corrupt or edited): delete the cache folder to rebuild it")
+        cache = cls(arrays, meta)
+        cache.check_shapes(str(folder))
+        return cache
+
+    def require(self, names: Sequence[str], where: str) -> None:
+        """Raise a :class:`KBError` naming the arrays this cache lacks."""
+        missing = sorted(set(names) - set(self.arrays))
+        if missing:
+            raise KBError(f"{where}: the entity cache lacks the array(s) {missing}: delete the cache "
+                          "folder to rebuild it")
+
+    def check_shapes(self, where: str) -> None:
+        """Raise a :class:`KBError` naming an array of the wrong shape or dtype."""
+        parts = self.meta.get("retrieval_parts", [])
+        for name, array in self.arrays.items():
+            problem = _shape_problem(name, array, self.arrays, sum(int(w) for _, w in parts))
+            if problem:
+                raise KBError(f"{where}: cache array '{name}' {problem} (shape {array.shape}, {array.dtype})")
 
     @property
     def bytes_per_entity(self) -> int:
@@ -168,6 +181,8 @@ class EntityCache:
             self._check_format()
             # numpy.array copies out of the read-only memory map (torch needs a writable buffer).
             matrix = numpy.array(self.arrays[RETRIEVAL], dtype=numpy.float32)
+            if not numpy.isfinite(matrix).all():
+                raise KBError("The entity cache's retrieval matrix holds NaN or infinite values: rebuild it")
             self._retrieval[key] = torch.from_numpy(matrix).to(device)
         return self._retrieval[key]
 
@@ -213,3 +228,63 @@ class EntityCache:
             side[key] = vectors[..., start : start + int(width)]
             start += int(width)
         return side
+
+
+def _checksum(array: numpy.ndarray) -> int:
+    return zlib.crc32(numpy.ascontiguousarray(array).view(numpy.uint8).reshape(-1))
+
+
+def _checked_meta(meta: Any, path: Path) -> Dict[str, Any]:
+    """meta.json, with every field the loader relies on of the right type."""
+    if not isinstance(meta, dict):
+        raise KBError(f"{path}: expected an object, got {type(meta).__name__}")
+    checks = {
+        "n_entities": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "arrays": lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+        "retrieval_parts": lambda v: isinstance(v, list) and all(
+            isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], int) for p in v),
+        "checksums": lambda v: isinstance(v, dict) and all(isinstance(c, int) for c in v.values()),
+    }
+    for field, valid in checks.items():
+        if field in meta and not valid(meta[field]):
+            raise KBError(f"{path}: field '{field}' is malformed: {str(meta[field])[:80]}")
+    for field in ("n_entities", "arrays"):
+        if field not in meta:
+            raise KBError(f"{path}: field '{field}' is missing")
+    return meta
+
+
+def _load_array(folder: Path, name: str, n_entities: int) -> numpy.ndarray:
+    file = inside(folder.parent, f"{folder.name}/{name}.npy", "Cache file")
+    if not file.is_file():
+        raise KBError(f"{folder}: cache file '{name}.npy' is missing")
+    try:
+        array = numpy.load(file, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise KBError(f"{file}: cache file is truncated or corrupt ({err})") from None
+    if array.ndim == 0 or array.shape[0] != n_entities:
+        raise KBError(f"{file}: shape {array.shape}, expected {n_entities} rows")
+    return array
+
+
+def _shape_problem(name: str, array: numpy.ndarray, arrays: Dict[str, numpy.ndarray], width: int) -> str:
+    """What is wrong with one cache array's shape or dtype ("" if nothing)."""
+    if name == "has_image":
+        return "" if array.ndim == 1 and array.dtype == numpy.bool_ else "must be a 1-D bool array"
+    if array.dtype != numpy.float16:
+        return "must be float16"
+    expected_ndim = {RETRIEVAL: 2, "cls": 2, "query": 3, "query_weight": 2}.get(
+        RETRIEVAL if name == RETRIEVAL else name.split("_", 1)[-1])
+    if expected_ndim is not None and array.ndim != expected_ndim:
+        return f"must have {expected_ndim} dimensions"
+    if name == RETRIEVAL and array.shape[1] != width:
+        return f"must be {width} wide (the retrieval parts in meta.json)"
+    if name.endswith("_query_weight"):
+        query = arrays.get(name[: -len("_weight")])
+        if query is not None and query.shape[:2] != array.shape:
+            return f"must match the queries' first two dimensions {query.shape[:2]}"
+    if name.endswith("_query"):
+        cls = arrays.get(name[: -len("_query")] + "_cls")
+        if cls is not None and cls.shape[-1] != array.shape[-1]:
+            return f"must be as wide as its '_cls' array ({cls.shape[-1]})"
+    return ""

@@ -1,7 +1,10 @@
 """Filesystem helpers: JSON with errors that name the file, paths confined
 to a directory, and directory writes that an interruption cannot half-do."""
+import ctypes
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +22,8 @@ def read_json(path: Union[str, Path], *, error: Type[Exception] = KBError) -> An
         return json.loads(path.read_text(encoding="utf8"))
     except ValueError as err:
         raise error(f"{path} is not valid JSON (truncated?): {err}") from None
+    except RecursionError:
+        raise error(f"{path} is nested too deeply to be a valid file") from None
 
 
 def write_json(path: Union[str, Path], data: Any) -> None:
@@ -35,21 +40,68 @@ def inside(root: Path, relative: str, what: str) -> Path:
     return candidate
 
 
-def atomic_directory_write(path: Union[str, Path], write: Callable[[Path], None]) -> None:
-    """Write a directory via a temporary sibling and a rename, so an
-    interrupted save leaves the previous directory intact."""
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False
+    where the system cannot."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    done = renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0
+    if not done and ctypes.get_errno() not in (errno.EINVAL, errno.ENOSYS, errno.EXDEV):
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), str(second))
+    return done
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_directory(path: Union[str, Path]) -> None:
+    """Undo what a killed :func:`atomic_directory_write` left behind: restore
+    its backup when the target is gone, and remove its leftovers. Leftovers of
+    savers that are still running are left alone."""
     path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(tmp|old)-(\d+)(-.*)?$")
+    if not path.parent.is_dir():
+        return
+    for entry in sorted(path.parent.iterdir()):
+        match = pattern.match(entry.name)
+        if match is None or _alive(int(match.group(2))):
+            continue
+        if match.group(1) == "old" and not path.exists():
+            os.replace(entry, path)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def atomic_directory_write(path: Union[str, Path], write: Callable[[Path], None]) -> None:
+    """Write a directory via a temporary sibling swapped in at once, so a
+    failure or a kill at any point leaves the previous directory (or the new
+    one) loadable; leftovers of killed saves are cleaned up on the next one."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory: refusing to replace it with one")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    recover_directory(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
         write(tmp)
-        backup = None
+        if path.exists() and _exchange(tmp, path):
+            shutil.rmtree(tmp, ignore_errors=True)  # now the old directory
+            return
+        backup = path.with_name(f".{path.name}.old-{os.getpid()}")
         if path.exists():
-            backup = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, backup)
+            os.replace(path, backup)  # a kill here is undone by recover_directory
         os.replace(tmp, path)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+        shutil.rmtree(backup, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

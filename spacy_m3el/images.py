@@ -61,6 +61,13 @@ def _from_array(array: numpy.ndarray, source: Any) -> Image.Image:
         raise ImageLoadError(source, "expected an array of shape HxW, HxWx3 or HxWx4")
     if array.size == 0:
         raise ImageLoadError(source, "the array is empty")
+    if array.shape[0] * array.shape[1] > MAX_IMAGE_PIXELS:
+        raise ImageLoadError(source, f"the image is too large (over {MAX_IMAGE_PIXELS:,} pixels)")
+    if array.dtype.kind not in "uif":
+        raise ImageLoadError(source, "expected unsigned/signed integer or float pixel values "
+                                     f"(uint8 0-255, or float 0-1), not dtype {array.dtype}")
+    if array.dtype.kind == "f" and not numpy.isfinite(array).all():
+        raise ImageLoadError(source, "the array holds NaN or infinite values")
     if array.dtype != numpy.uint8:
         if numpy.issubdtype(array.dtype, numpy.floating) and array.max(initial=0.0) <= 1.0:
             array = array * 255.0
@@ -99,6 +106,8 @@ def load_image(source: ImageSource, *, allow_urls: bool = False) -> Image.Image:
                     image.load()
                 elif isinstance(source, (str, Path)):
                     path = Path(source)
+                    if "\x00" in str(source):
+                        raise ImageLoadError(source, "the path contains a NUL character")
                     if not path.exists():
                         raise ImageLoadError(source, "no such file")
                     if path.is_dir():
@@ -127,6 +136,21 @@ def load_image(source: ImageSource, *, allow_urls: bool = False) -> Image.Image:
         raise ImageLoadError(source, f"the image data is truncated or corrupt ({err})") from err
 
 
+def fit_square(image: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to ``size`` and centre-crop a square. A very
+    elongated image is cropped to its central square first, so a 1 x 100000
+    strip never becomes a 224 x 22,400,000 intermediate."""
+    scale = size / min(image.size)
+    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    if width * height > 16 * size * size:
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        return image.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
+    image = image.resize((width, height), Image.BICUBIC)
+    left, top = (width - size) // 2, (height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
 def fetch_url(url: str) -> bytes:
     """Download an http(s) image (opt-in only), bounded in time and size."""
     if not url.strip().lower().startswith(_FETCHABLE):
@@ -144,25 +168,29 @@ def fetch_url(url: str) -> bytes:
 def image_key(source: Optional[ImageSource]) -> Optional[str]:
     """A stable key identifying an image source, for feature caches.
 
-    Paths are keyed by their resolved name, size and modification time, so an
-    edited file is re-encoded; in-memory images by a hash of their pixels.
+    Files are keyed by a hash of their content (an edited or replaced file is
+    re-encoded, whatever its size and time stamps), in-memory images by a hash
+    of their pixels. An unreadable path is keyed by its name: it fails to load.
     """
     if source is None:
         return None
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        try:
-            stat = path.stat()
-            return f"path:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-        except OSError:
-            return f"path:{path}"
     digest = hashlib.sha1()
+    if isinstance(source, (str, Path)):
+        try:
+            with open(source, "rb") as file:
+                for block in iter(lambda: file.read(1 << 20), b""):
+                    digest.update(block)
+        except (OSError, ValueError):  # ValueError: a NUL in the path
+            return f"path:{source}"
+        return "file-sha1:" + digest.hexdigest()
     if isinstance(source, (bytes, bytearray, memoryview)):
         digest.update(bytes(source))
     elif isinstance(source, Image.Image):
         digest.update(f"{source.mode}{source.size}".encode())
         digest.update(source.tobytes())
     elif isinstance(source, numpy.ndarray):
+        if source.dtype.kind not in "biuf" or source.size > 4 * MAX_IMAGE_PIXELS:
+            return None  # refused when loaded; do not copy it to hash it
         digest.update(f"{source.dtype}{source.shape}".encode())
         digest.update(numpy.ascontiguousarray(source).tobytes())
     else:
@@ -214,14 +242,13 @@ class ImageLoader:
 
     ``policy`` is any object with ``on_bad_image`` ("raise" or "warn") and
     ``allow_image_urls`` attributes, read at each use so a change applies at
-    once. Under "warn" a bad image becomes an absent one: a warning, a count
-    in ``bad_images``, and a text-only link.
+    once. Under "warn" a bad image becomes an absent one: a warning naming
+    it, and a link without it.
     """
 
     def __init__(self, policy: Optional[Any] = None, *, decoded: LRUCache = DECODED_IMAGES) -> None:
         self.policy = policy if policy is not None else ImagePolicy()
         self.decoded = decoded
-        self.bad_images = 0
 
     def ref(self, source: Optional[ImageSource], *, context: str = "") -> Optional[ImageRef]:
         """An ImageRef for ``source`` (None stays None). ``context`` is added
@@ -247,6 +274,5 @@ class ImageLoader:
             err = ImageLoadError(source, f"{err.reason} ({context})")
         if self.policy.on_bad_image != "warn":
             raise err
-        self.bad_images += 1
         warn(f"{err} - linking this item with text only", stacklevel=4)
         return None

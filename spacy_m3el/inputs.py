@@ -44,11 +44,13 @@ class InputBuilder:
         self.images = images
         self.settings = settings
 
-    def mentions(self, spans: Sequence[Span]) -> Inputs:
-        """``mention [SEP] context`` and the span's (else the doc's) image."""
+    def mentions(self, spans: Sequence[Span], *, where: Optional[Sequence[str]] = None) -> Inputs:
+        """``mention [SEP] context`` and the span's (else the doc's) image;
+        ``where[i]`` names span i's doc in image errors."""
         chars = self.settings.context_chars
         texts = [self.encoder.text_for_mention(s.text, mention_context(s, chars)) for s in spans]
-        refs = [self.images.ref(image_source(s)) for s in spans]
+        where = where if where is not None else [f"mention '{s.text}'" for s in spans]
+        refs = [self.images.ref(image_source(s), context=w) for s, w in zip(spans, where)]
         return texts, refs
 
     def entities(self, kb: MultimodalKB, rows: Sequence[int], *, training: bool) -> Inputs:

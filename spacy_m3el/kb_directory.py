@@ -19,7 +19,7 @@ import srsly
 
 from .entity_cache import EntityCache
 from .errors import KBError
-from .fileio import atomic_directory_write, inside, read_json, write_json
+from .fileio import atomic_directory_write, inside, read_json, recover_directory, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from .kb import MultimodalKB
@@ -77,9 +77,11 @@ def read_kb_directory(
 ) -> "MultimodalKB":
     """Fill the empty ``kb`` from a directory written by :func:`write_kb_directory`."""
     root = Path(path)
+    recover_directory(root)
     meta_path = root / "kb.json"
     if not meta_path.is_file():
         raise KBError(f"{root} is not a MultimodalKB directory: kb.json is missing")
+    inside(root, "kb.json", "kb.json")
     data = read_json(meta_path)
     if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
         version = data.get("format_version") if isinstance(data, dict) else None
@@ -87,7 +89,7 @@ def read_kb_directory(
     for record in _field(data, "entities", meta_path):
         _add_entity(kb, root, record)
     for alias in _field(data, "aliases", meta_path):
-        kb.add_alias(alias["alias"], alias["entities"], alias["priors"])
+        _add_alias(kb, root, alias)
     kb.missing_images = data.get("missing_images", {})
     if CACHE_DIR not in set(exclude) and (root / CACHE_DIR).exists():
         kb.set_entity_cache(EntityCache.load(root / CACHE_DIR, n_entities=len(kb)))
@@ -101,18 +103,41 @@ def _field(data: Dict[str, Any], name: str, path: Path) -> list:
     return value
 
 
+_ENTITY_FIELDS = {
+    "name": (str,), "description": (str,), "freq": (int, float), "images": (list,),
+}
+
+
 def _add_entity(kb: "MultimodalKB", root: Path, record: Any) -> None:
-    if not isinstance(record, dict) or "id" not in record:
-        raise KBError(f"{root / 'kb.json'}: every entity needs an 'id', got {str(record)[:80]}")
+    where = root / "kb.json"
+    if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+        raise KBError(f"{where}: every entity needs a string 'id', got {str(record)[:80]}")
     entity_id = record["id"]
-    images = [str(inside(root, p, f"Image of entity '{entity_id}'")) for p in record.get("images", [])]
+    for field, types in _ENTITY_FIELDS.items():
+        value = record.get(field)
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise KBError(f"{where}: entity '{entity_id}': field '{field}' must be "
+                          f"{' or '.join(t.__name__ for t in types)}, got {str(value)[:40]!r}")
+    if not all(isinstance(p, str) for p in record["images"]):
+        raise KBError(f"{where}: entity '{entity_id}': every image must be a path string")
+    images = [str(inside(root, p, f"Image of entity '{entity_id}'")) for p in record["images"]]
     for image in images:
         if not Path(image).is_file():
             raise KBError(f"{root}: image '{image}' of entity '{entity_id}' is missing")
-    kb.add_entity(
-        entity_id, name=record.get("name", ""), description=record.get("description", ""),
-        images=images, freq=record.get("freq", 0.0), check_images=False,
+    kb.add_entity(entity_id, name=record["name"], description=record["description"], images=images,
+                  freq=record["freq"], check_images=False)
+
+
+def _add_alias(kb: "MultimodalKB", root: Path, record: Any) -> None:
+    valid = (
+        isinstance(record, dict) and isinstance(record.get("alias"), str)
+        and isinstance(record.get("entities"), list) and isinstance(record.get("priors"), list)
+        and all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in record["priors"])
     )
+    if not valid:
+        raise KBError(f"{root / 'kb.json'}: an alias must be {{'alias': str, 'entities': [...], "
+                      f"'priors': [numbers]}}, got {str(record)[:80]}")
+    kb.add_alias(record["alias"], record["entities"], record["priors"])
 
 
 def kb_to_bytes(kb: "MultimodalKB", *, exclude: Iterable[str] = ()) -> bytes:

@@ -16,7 +16,7 @@ from thinc.api import Config, Model, Optimizer
 
 from . import linking
 from .architectures import M3ELNetwork, get_network
-from .entity_cache import EntityCache
+from .entity_cache import RETRIEVAL, EntityCache
 from .errors import KBError, warn
 from .extensions import register_extensions
 from .images import ImageLoader
@@ -122,6 +122,8 @@ class M3ELLinker(TrainablePipe):
         self.scorer = scorer
         self.kb: MultimodalKB = generate_empty_kb(vocab, 0)
         self.images = ImageLoader(self.settings)
+        #: Mentions linked without their image because it could not be loaded.
+        self.bad_images = 0
         self.inputs = InputBuilder(self.network.encoder, self.images, self.settings)
         # The cache object last checked against the current weights: checking
         # hashes every weight, so it is done once per cache object.
@@ -255,18 +257,25 @@ class M3ELLinker(TrainablePipe):
         return self.build_entity_cache()
 
     # ------------------------------------------------------------------ prediction
-    def encode_mentions(self, spans: Sequence[Span]) -> Side:
-        """The mention side of M3EL for these spans (texts and images encoded)."""
+    def encode_mentions(self, spans: Sequence[Span], *, where: Optional[Sequence[str]] = None) -> Side:
+        """The mention side of M3EL for these spans (texts and images
+        encoded). Mentions whose image could not be loaded (``on_bad_image =
+        "warn"``) are counted in ``bad_images``."""
         network = self.network
         network.eval()
+        texts, refs = self.inputs.mentions(spans, where=where)
         with torch.no_grad():
-            return network.matcher.mention_side(network.encode(*self.inputs.mentions(spans)))
+            items = network.encode(texts, refs)
+        self.bad_images += sum(ref is not None and not has for ref, has in zip(refs, items.image_mask.tolist()))
+        return network.matcher.mention_side(items)
 
     def predict(self, docs: Iterable[Doc]) -> List[List[Dict[str, Any]]]:
         """Per doc, per linkable entity: ``{"id", "score", "candidates"}``."""
+        docs = list(docs)
         per_doc = [self._linkable(doc) for doc in docs]
         spans = [span for doc_spans in per_doc for span in doc_spans]
-        results = self._link(spans) if spans and len(self.kb) else [link_result([], None) for _ in spans]
+        where = [f"doc {i} of the batch, {doc.text[:40]!r}" for i, doc in enumerate(docs) for _ in per_doc[i]]
+        results = self._link(spans, where) if spans and len(self.kb) else [link_result([], None) for _ in spans]
         out, position = [], 0
         for doc_spans in per_doc:
             out.append(results[position : position + len(doc_spans)])
@@ -276,10 +285,10 @@ class M3ELLinker(TrainablePipe):
     def _linkable(self, doc: Doc) -> List[Span]:
         return [ent for ent in doc.ents if ent.label_ not in self.settings.labels_discard]
 
-    def _link(self, spans: List[Span]) -> List[Dict[str, Any]]:
+    def _link(self, spans: List[Span], where: List[str]) -> List[Dict[str, Any]]:
         cache = self._current_cache()
         alias = [dict(self.kb.alias_rows(s.text)) if self.settings.use_alias_candidates else {} for s in spans]
-        ranking = linking.two_stage(self.network.matcher, self.encode_mentions(spans), cache,
+        ranking = linking.two_stage(self.network.matcher, self.encode_mentions(spans, where=where), cache,
                                     k=self.settings.n_candidates, alias_rows=[list(a) for a in alias])
         return ranking_results(ranking, self.kb, alias, self.settings.threshold)
 
@@ -349,6 +358,7 @@ class M3ELLinker(TrainablePipe):
                 "(fingerprint mismatch). Delete the 'cache' folder of the KB to rebuild it."
             )
         if cache.settings_match(self.settings.max_cached_queries):
+            cache.require([RETRIEVAL, *self.network.matcher.cached_entity_keys()], "the KB's cache/meta.json")
             self._verified = cache
             return
         saved = {key: cache.meta.get(key) for key in ("format", "max_queries")}

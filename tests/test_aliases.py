@@ -19,3 +19,21 @@ def test_priors_from_counts_explicit_priors_or_weights():
     assert normalize_alias("  Big \t O ") == "big o"
     with pytest.raises(KBError, match="Empty alias for entity 'A'"):
         table.add("  ", "A")
+
+
+def test_unicode_forms_of_one_alias_are_one_alias():
+    import spacy
+
+    from spacy_m3el import MultimodalKB
+
+    assert normalize_alias("İstanbul") == normalize_alias("ISTANBUL") == "istanbul"
+    assert normalize_alias("Jos\u00e9") == normalize_alias("Jose\u0301") == "jos\u00e9"
+    assert normalize_alias("ﬁsh") == "fish"  # compatibility ligature
+    kb = MultimodalKB(spacy.blank("en").vocab)
+    kb.add_entity("Q1", name="José")
+    kb.add_alias("Jos\u00e9", ["Q1"], [1.0])
+    assert kb.alias_rows("JOSE\u0301") == [(0, 1.0)]
+    kb.add_entity("Q2", name="Istanbul")
+    kb.add_alias("İstanbul", ["Q2"], [1.0])
+    with pytest.raises(KBError, match="already in the KB"):
+        kb.add_alias("Istanbul", ["Q1"], [1.0])

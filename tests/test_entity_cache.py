@@ -1,3 +1,5 @@
+import json
+
 import numpy
 import pytest
 import torch
@@ -121,3 +123,64 @@ def test_validity_save_and_load(default_shaped, tmp_path):
         EntityCache.load(tmp_path / "cache", n_entities=11)
     with pytest.raises(KBError, match="disagree on the number of entities"):
         EntityCache({"a": numpy.zeros((2, 3)), "b": numpy.zeros((3, 3))}, {})
+
+
+def test_cached_keys_are_what_the_cache_stores(default_shaped):
+    matcher, batches, _ = default_shaped
+    arrays, _ = build_cache_arrays(matcher, batches, max_queries=None)
+    assert set(arrays) == {"retrieval", *matcher.cached_entity_keys()}
+    no_g2l = M3ELMatcher(M3ELConfig(text_dim=384, image_global_dim=1280, image_token_dim=1280, use_g2l=False))
+    assert no_g2l.cached_entity_keys() == ["has_image"]
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda a: a.update(retrieval=a["retrieval"][:, :-1]), "'retrieval' must be 672 wide"),
+        (lambda a: a.update(text_cls=a["text_cls"][:, 0]), "'text_cls' must have 2 dimensions"),
+        (lambda a: a.update(image_query=a["image_query"][:, :, :5]), "'image_query' must be as wide"),
+        (lambda a: a.update(text_query_weight=a["text_query_weight"][:, :3]), "'text_query_weight' must match"),
+        (lambda a: a.update(has_image=a["has_image"].astype("float16")), "'has_image' must be a 1-D bool"),
+        (lambda a: a.update(text_cls=a["text_cls"].astype("float32")), "'text_cls' must be float16"),
+    ],
+)
+def test_damaged_cache_arrays_are_named_at_load(default_shaped, tmp_path, damage, message):
+    matcher, batches, _ = default_shaped
+    cache = EntityCache.build(matcher, batches, max_queries=None, fingerprint="x")
+    cache.save(tmp_path / "cache")
+    arrays = {name: numpy.load(tmp_path / "cache" / f"{name}.npy") for name in cache.arrays}
+    damage(arrays)
+    for name, array in arrays.items():
+        numpy.save(tmp_path / "cache" / f"{name}.npy", array)
+    meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
+    del meta["checksums"]  # a hand-edited cache: the shape checks still apply
+    (tmp_path / "cache" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(KBError, match=message):
+        EntityCache.load(tmp_path / "cache", n_entities=12)
+
+
+def test_changed_values_fail_the_checksum(default_shaped, tmp_path):
+    matcher, batches, mention = default_shaped
+    cache = EntityCache.build(matcher, batches, max_queries=None, fingerprint="x")
+    cache.save(tmp_path / "cache")
+    retrieval = numpy.load(tmp_path / "cache" / "retrieval.npy")
+    retrieval[3, 5] = numpy.nan
+    numpy.save(tmp_path / "cache" / "retrieval.npy", retrieval)
+    with pytest.raises(KBError, match="retrieval.npy: its content does not match the checksum"):
+        EntityCache.load(tmp_path / "cache", n_entities=12)
+    unchecked = EntityCache({**cache.arrays, "retrieval": retrieval}, cache.meta)
+    with pytest.raises(KBError, match="NaN"):
+        unchecked.retrieve(matcher.mention_retrieval_vectors(mention), 2)
+
+
+@pytest.mark.parametrize(
+    "meta, message",
+    [([], "expected an object"), ({"arrays": []}, "'n_entities' is missing"),
+     ({"n_entities": "12", "arrays": []}, "'n_entities' is malformed"),
+     ({"n_entities": 12, "arrays": [3]}, "'arrays' is malformed")],
+)
+def test_malformed_meta_json_names_the_field(tmp_path, meta, message):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(KBError, match=message):
+        EntityCache.load(tmp_path / "cache", n_entities=12)

@@ -153,3 +153,34 @@ def test_numbers_are_validated(nlp):
     kb.add_entity("A", name="a")
     with pytest.raises(KBError, match="prior probabilities"):
         kb.add_alias("a", ["A"], [float("nan")])
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.pop("entities"), "'entities' must be a list"),
+        (lambda d: d["entities"][0].pop("name"), "entity 'Q17717': field 'name' must be str"),
+        (lambda d: d["entities"][1].update(freq="3"), "entity 'Q123': field 'freq' must be int or float"),
+        (lambda d: d["entities"][1].update(images=[7]), "entity 'Q123': every image must be a path string"),
+        (lambda d: d["aliases"].append(["Robertson"]), "an alias must be"),
+        (lambda d: d["aliases"][0].update(priors=["0.5", 0.2]), "an alias must be"),
+        (lambda d: d.update(entities=[{"name": "no id"}]), "every entity needs a string 'id'"),
+    ],
+)
+def test_malformed_kb_json_names_the_field(nlp, picture_dir, tmp_path, edit, message):
+    small_kb(nlp, picture_dir).to_disk(tmp_path / "kb")
+    data = srsly.read_json(tmp_path / "kb" / "kb.json")
+    edit(data)
+    srsly.write_json(tmp_path / "kb" / "kb.json", data)
+    with pytest.raises(KBError, match=message):
+        MultimodalKB(nlp.vocab).from_disk(tmp_path / "kb")
+
+
+def test_kb_json_that_is_a_list_or_nested_too_deeply_is_refused(nlp, tmp_path):
+    (tmp_path / "kb").mkdir()
+    (tmp_path / "kb" / "kb.json").write_text("[]")
+    with pytest.raises(KBError, match="unsupported format_version"):
+        MultimodalKB(nlp.vocab).from_disk(tmp_path / "kb")
+    (tmp_path / "kb" / "kb.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(KBError, match="nested too deeply"):
+        MultimodalKB(nlp.vocab).from_disk(tmp_path / "kb")

@@ -116,13 +116,13 @@ def test_bad_mention_image_raises_or_warns_and_links_text_only(trained, tmp_path
     with pytest.raises(ImageLoadError, match="broken.png"):
         nlp(item_doc(nlp, image=str(tmp_path / "broken.png")))
     linker.settings.on_bad_image = "warn"
-    before = linker.images.bad_images
+    before = linker.bad_images
     try:
         with pytest.warns(UserWarning, match="broken.png.*text only"):
             doc = nlp(item_doc(nlp, image=str(tmp_path / "broken.png")))
         assert doc.ents[0].kb_id_.startswith("E")
         assert doc.ents[0]._.m3el_candidates[0]["branches"]["image"] == 0.0
-        assert linker.images.bad_images == before + 1
+        assert linker.bad_images == before + 1
     finally:
         linker.settings.on_bad_image = "raise"
 
@@ -276,3 +276,102 @@ def test_no_pickle_or_unrestricted_torch_load_in_the_package():
         for call in re.findall(r"torch\.load\([^)]*\)", source):
             assert "weights_only=True" in call, f"{path}: {call}"
         assert "allow_pickle=True" not in source, path
+
+
+# ---------------------------------------------------------------- second pass: found from outside
+def test_an_elongated_image_is_cropped_before_it_is_resized(monkeypatch):
+    from types import SimpleNamespace
+
+    from spacy_m3el.encoders.base import MultimodalEncoder
+
+    sizes = []
+    original = Image.Image.resize
+
+    def recording_resize(self, size, *args, **kwargs):
+        sizes.append(size)
+        assert size[0] * size[1] <= 16 * 224 * 224, f"intermediate image of {size}"
+        return original(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording_resize)
+    encoder = SimpleNamespace(image_size=224, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+    strips = [Image.new("RGB", (1, 100_000), (9, 9, 9)), Image.new("RGB", (100_000, 1), (9, 9, 9)),
+              Image.new("RGB", (640, 480), (9, 9, 9))]
+    pixels, mask = MultimodalEncoder.preprocess_images(encoder, strips)
+    assert pixels.shape == (3, 3, 224, 224) and mask.all() and sizes
+
+
+def test_a_nul_in_an_image_path_is_a_bad_image(trained):
+    nlp, _ = trained
+    linker = nlp.get_pipe("m3el_linker")
+    with pytest.raises(ImageLoadError, match="NUL"):
+        nlp(item_doc(nlp, image="photo\x00.png"))
+    linker.settings.on_bad_image = "warn"
+    try:
+        with pytest.warns(UserWarning, match="NUL"):
+            doc = nlp(item_doc(nlp, image="photo\x00.png"))
+        assert doc.ents[0].kb_id_.startswith("E")
+    finally:
+        linker.settings.on_bad_image = "raise"
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [(numpy.full((4, 4, 3), numpy.nan, dtype="float32"), "NaN or infinite"),
+     (numpy.full((4, 4), numpy.inf), "NaN or infinite"),
+     (numpy.ones((4, 4), dtype=bool), "dtype bool"),
+     (numpy.empty((4, 4), dtype=object), "dtype object"),
+     (numpy.broadcast_to(numpy.uint8(0), (10_001, 10_001)), "too large")],
+)
+def test_arrays_that_are_not_pictures_are_refused(array, message):
+    with pytest.raises(ImageLoadError, match=message):
+        load_image(array)
+
+
+def test_a_replaced_image_file_gets_a_new_cache_key(tmp_path):
+    import os
+
+    from spacy_m3el.images import image_key
+
+    path = tmp_path / "photo.bmp"  # BMP: same size for the same dimensions
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(path)
+    first = image_key(path)
+    stat = path.stat()
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert image_key(path) != first
+
+
+def test_bad_images_are_counted_per_mention_and_named_by_doc(trained, tmp_path):
+    nlp, _ = trained
+    linker = nlp.get_pipe("m3el_linker")
+    docs = [item_doc(nlp, image=str(ROOT / "assets" / "clipart_mel" / "mention_image" / "CA00013-m2.jpg"))
+            for _ in range(10)]
+    docs[7]._.image = b"not a picture at all"
+    with pytest.raises(ImageLoadError, match=r"20 bytes.*\(doc 7 of the batch, 'They showed"):
+        list(nlp.pipe([d.copy() for d in docs], batch_size=10))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
+    for doc in docs[:3]:
+        doc._.image = str(tmp_path / "broken.png")
+    linker.settings.on_bad_image = "warn"
+    before = linker.bad_images
+    try:
+        with pytest.warns(UserWarning):
+            linked = list(nlp.pipe(docs, batch_size=10))
+    finally:
+        linker.settings.on_bad_image = "raise"
+    assert linker.bad_images == before + 4  # three docs share one broken file, one has bad bytes
+    assert all(d.ents[0].kb_id_.startswith("E") for d in linked)
+
+
+def test_a_cache_missing_an_array_in_meta_json_is_named_at_load(trained, tmp_path):
+    import json
+
+    nlp, _ = trained
+    nlp.to_disk(tmp_path / "p")
+    meta_path = tmp_path / "p" / "m3el_linker" / "kb" / "cache" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["arrays"].remove("text_query")
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(KBError, match=r"lacks the array\(s\) \['text_query'\]"):
+        spacy.load(tmp_path / "p")

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..images import fit_square
 from ..model import EncodedItems
 
 
@@ -92,13 +93,7 @@ class MultimodalEncoder(nn.Module, ABC):
         for i, image in enumerate(images):
             if image is None:
                 continue
-            image = image.convert("RGB") if image.mode != "RGB" else image
-            scale = size / min(image.size)
-            width = max(size, round(image.width * scale))
-            height = max(size, round(image.height * scale))
-            image = image.resize((width, height), Image.BICUBIC)
-            left, top = (width - size) // 2, (height - size) // 2
-            image = image.crop((left, top, left + size, top + size))
+            image = fit_square(image.convert("RGB") if image.mode != "RGB" else image, size)
             array = numpy.asarray(image, dtype=numpy.float32) / 255.0
             tensor = torch.from_numpy(array).permute(2, 0, 1)
             pixels[i] = (tensor - mean) / std

@@ -40,7 +40,7 @@ class FeatureCache:
         encoder: MultimodalEncoder,
         *,
         max_items: int = 200_000,
-        max_bytes: int = 2 * 2**30,
+        max_bytes: int = 2**30,
         batch_size: int = 32,
         dtype: torch.dtype = torch.float16,
         shared: bool = False,

@@ -218,6 +218,17 @@ class M3ELMatcher(nn.Module):
         """Entity-side keys that :meth:`entity_retrieval_vectors` concatenates, in order."""
         return [self._part_key(n) for n in self._decomposable_parts()]
 
+    def cached_entity_keys(self) -> List[str]:
+        """Entity-side keys stored in the entity cache besides the retrieval
+        parts: the G2L queries, their weights and the class vectors, and
+        ``has_image``."""
+        keys = []
+        if self.config.use_g2l:
+            for modality in ("text", "image"):
+                if modality in self.config.branches:
+                    keys += [f"{modality}_query", f"{modality}_query_weight", f"{modality}_cls"]
+        return keys + (["has_image"] if self.uses_image else [])
+
     def compress_entity_side(self, entity: Side, max_queries: int) -> Side:
         """The entity side with each modality's G2L queries pooled to at most
         ``max_queries`` weighted centroids (see :mod:`.compression`): a much

@@ -128,3 +128,19 @@ def test_shared_feature_caches_encode_each_item_once(default_encoder, picture_di
     first.encode(["shared text"], refs)
     assert "shared text" in second.texts.items and refs[0].key in second.images.items
     assert "shared text" not in private.texts.items
+
+
+def test_feature_cache_is_bounded_by_bytes(tiny_clip_dir, picture_dir):
+    from spacy_m3el.encoders import CLIPEncoder, FeatureCache
+    from spacy_m3el.encoders.cache import feature_bytes
+    from spacy_m3el.images import ImageRef
+
+    encoder = CLIPEncoder(name_or_path=tiny_clip_dir, frozen=True)
+    probe = FeatureCache(encoder)
+    probe.encode(["x"], [ImageRef.from_source(picture_dir / "item0.png")])
+    per_image = feature_bytes(probe.images.get(next(iter(probe.images.items))))
+    cache = FeatureCache(encoder, max_bytes=3 * per_image)
+    refs = [ImageRef.from_source(picture_dir / f"item{k}.png") for k in range(8)]
+    cache.encode(["x"] * 8, refs)
+    assert len(cache.images) == 3 and cache.images.bytes <= 3 * per_image
+    assert refs[-1].key in cache.images and refs[0].key not in cache.images
