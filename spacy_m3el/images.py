@@ -8,7 +8,7 @@ import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import numpy
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -229,11 +229,27 @@ DECODED_IMAGES: LRUCache = LRUCache(256, max_bytes=512 * 2**20, sizeof=_decoded_
 
 @dataclass
 class ImagePolicy:
-    """What a bad image does: "raise" an ImageLoadError, or "warn" and link
-    the item without it; and whether http(s) URLs may be fetched."""
+    """What a bad image does: "raise" an ImageLoadError, "warn" and link the
+    item without it, or "record" it in the loader's ``failures`` silently and
+    go on without it; and whether http(s) URLs may be fetched."""
 
     on_bad_image: str = "raise"
     allow_image_urls: bool = False
+
+
+class RecordBadImages:
+    """A policy that never stops on a bad image (KB entity images: one
+    broken file must not abort hours of training), with another policy's
+    URL setting."""
+
+    on_bad_image = "record"
+
+    def __init__(self, policy: Any) -> None:
+        self._policy = policy
+
+    @property
+    def allow_image_urls(self) -> bool:
+        return bool(self._policy.allow_image_urls)
 
 
 class ImageLoader:
@@ -249,6 +265,8 @@ class ImageLoader:
     def __init__(self, policy: Optional[Any] = None, *, decoded: LRUCache = DECODED_IMAGES) -> None:
         self.policy = policy if policy is not None else ImagePolicy()
         self.decoded = decoded
+        #: Source key -> error, of the images that failed under "record".
+        self.failures: Dict[str, str] = {}
 
     def ref(self, source: Optional[ImageSource], *, context: str = "") -> Optional[ImageRef]:
         """An ImageRef for ``source`` (None stays None). ``context`` is added
@@ -265,13 +283,16 @@ class ImageLoader:
         try:
             image = load_image(source, allow_urls=bool(self.policy.allow_image_urls))
         except ImageLoadError as err:
-            return self._bad_image(source, err, context)
+            return self._bad_image(key, source, err, context)
         self.decoded.put(key, image)
         return image
 
-    def _bad_image(self, source: ImageSource, err: ImageLoadError, context: str) -> None:
+    def _bad_image(self, key: str, source: ImageSource, err: ImageLoadError, context: str) -> None:
         if context:
             err = ImageLoadError(source, f"{err.reason} ({context})")
+        if self.policy.on_bad_image == "record":
+            self.failures[key] = str(err)
+            return None
         if self.policy.on_bad_image != "warn":
             raise err
         warn(f"{err} - linking this item with text only", stacklevel=4)

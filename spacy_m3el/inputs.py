@@ -12,7 +12,7 @@ from spacy.training import Example
 from .encoders import MultimodalEncoder
 from .errors import warn
 from .extensions import copy_images, image_source
-from .images import ImageLoader, ImageRef
+from .images import ImageLoader, ImageRef, RecordBadImages
 from .kb import NIL, MultimodalKB
 
 Inputs = Tuple[List[str], List[Optional[ImageRef]]]
@@ -33,15 +33,18 @@ def mention_context(span: Span, context_chars: int) -> str:
 
 class InputBuilder:
     """Texts and lazily decoded images of mentions and KB entities, in the
-    encoder's text format, through one :class:`ImageLoader`.
+    encoder's text format. Mention images follow ``settings.on_bad_image``;
+    a bad KB image never stops the work: the entity goes without it and the
+    failure is recorded in ``kb_images.failures``.
 
-    ``settings`` is read at each call (``context_chars``), so a change to the
-    linker's settings applies at once.
+    ``settings`` is read at each call, so a change to the linker's settings
+    applies at once.
     """
 
     def __init__(self, encoder: MultimodalEncoder, images: ImageLoader, settings: Any) -> None:
         self.encoder = encoder
         self.images = images
+        self.kb_images = ImageLoader(RecordBadImages(settings), decoded=images.decoded)
         self.settings = settings
 
     def mentions(self, spans: Sequence[Span], *, where: Optional[Sequence[str]] = None) -> Inputs:
@@ -61,7 +64,7 @@ class InputBuilder:
         for row in rows:
             images = kb.images(row)
             path = (random.choice(images) if training else images[0]) if images else None
-            refs.append(self.images.ref(path, context=f"image of KB entity '{kb.entity_id(row)}'"))
+            refs.append(self.kb_images.ref(path, context=f"image of KB entity '{kb.entity_id(row)}'"))
         return texts, refs
 
 

@@ -11,6 +11,8 @@ A dataset directory holds::
 ``answer == "nil"`` means no gold entity: kept, linked to NIL. Mention and
 entity names may be URL-quoted, as in the original releases.
 """
+import re
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
@@ -45,14 +47,34 @@ class ConversionReport:
     missing_mention_images: List[str] = field(default_factory=list)
     unknown_answers: List[str] = field(default_factory=list)
 
-    def warn(self, where: str) -> None:
-        for name, items, what in (
-            ("unlocated", self.unlocated, "mention(s) not found in their sentence (skipped)"),
-            ("unknown_answers", self.unknown_answers, "answer(s) not in kb_entity.json (kept as NIL)"),
-            ("missing_mention_images", self.missing_mention_images, "mention image(s) missing (linked text-only)"),
+    def problems(self) -> List[str]:
+        """One line per kind of problem, with a count and example ids."""
+        lines = []
+        for items, what in (
+            (self.unlocated, "mention(s) not found on word boundaries in their sentence (kept: the mention "
+                             "is appended to the sentence, as context)"),
+            (self.unknown_answers, "answer(s) not in kb_entity.json (kept as NIL)"),
+            (self.missing_mention_images, "mention image(s) missing (linked without an image)"),
         ):
             if items:
-                warn(f"{where}: {len(items)} {what}, e.g. ids {items[:5]}", stacklevel=3)
+                lines.append(f"{len(items)} {what}, e.g. ids {items[:5]}")
+        return lines
+
+    def warn(self, where: str) -> None:
+        """One warning per kind of problem."""
+        for line in self.problems():
+            warn(f"{where}: {line}", stacklevel=3)
+
+    def check(self, where: str) -> None:
+        """Refuse a split where most answers are unknown: the data and the KB
+        do not fit (for example ids that need qid2id.json)."""
+        linkable = self.mentions - self.nil
+        if linkable and len(self.unknown_answers) > linkable / 2:
+            raise MIMICFormatError(
+                f"{where}: {len(self.unknown_answers)} of {linkable} answers are not entities of "
+                "kb_entity.json. Answers are QIDs: put the release's qid2id.json (QID -> kb_entity id) "
+                "next to kb_entity.json, or use QIDs as kb_entity ids."
+            )
 
 
 _read_json = partial(read_json, error=MIMICFormatError)
@@ -70,44 +92,72 @@ def split_file(data_dir: Union[str, Path], split: str) -> Path:
     return matches[0]
 
 
+def _entity_ids(root: Path, records: List[dict]) -> List[str]:
+    """Our id for each kb_entity.json record: the QID that qid2id.json maps to
+    its ``id`` (as the official loader reads it), else the ``id`` itself."""
+    qid_path = root / "qid2id.json"
+    if not qid_path.is_file():
+        return [str(record["id"]) for record in records]
+    qid2id = _read_json(qid_path)
+    if not isinstance(qid2id, dict):
+        raise MIMICFormatError(f"{qid_path} must hold an object {{QID: kb_entity id}}")
+    qid_of = {str(entity_id): str(qid) for qid, entity_id in qid2id.items()}
+    return [qid_of.get(str(record["id"]), str(record["id"])) for record in records]
+
+
+def _kb_records(path: Path) -> List[dict]:
+    records = _read_json(path)
+    if not isinstance(records, list):
+        raise MIMICFormatError(f"{path} must hold a list of entities")
+    for position, record in enumerate(records):
+        for key in ("id", "entity_name"):
+            if not isinstance(record, dict) or key not in record:
+                raise MIMICFormatError(f"{path}: entry {position} has no '{key}'")
+    return records
+
+
 def load_mimic_kb(
     vocab: Vocab,
     data_dir: Union[str, Path],
     *,
     alias_splits: Iterable[str] = ("train",),
 ) -> MultimodalKB:
-    """A MultimodalKB from ``kb_entity.json`` and ``kb_image/``.
+    """A MultimodalKB from ``kb_entity.json`` (+ ``qid2id.json``) and ``kb_image/``.
 
+    Entity ids are QIDs where ``qid2id.json`` gives them, so the splits'
+    answers (QIDs) name them. Descriptions come from ``desc`` (or ``attr``).
     Aliases: every entity name, plus the mention surface forms seen in
-    ``alias_splits`` with priors from their counts (the alias table a linker
-    would have in production; evaluation still ranks with the dense search).
+    ``alias_splits`` with priors from their counts.
     """
     root = Path(data_dir)
-    records = _read_json(root / "kb_entity.json")
-    if not isinstance(records, list):
-        raise MIMICFormatError(f"{root / 'kb_entity.json'} must hold a list of entities")
+    records = _kb_records(root / "kb_entity.json")
     kb = MultimodalKB(vocab)
     image_root = root / KB_IMAGES
+    undescribed = []
     # One summary warning below instead of one per entity.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for position, record in enumerate(records):
-            for key in ("id", "entity_name"):
-                if key not in record:
-                    raise MIMICFormatError(f"kb_entity.json entry {position} has no '{key}'")
-            images = [str(image_root / name) for name in record.get("image_list") or []]
-            kb.add_entity(
-                str(record["id"]),
-                name=unquote(str(record["entity_name"])),
-                description=str(record.get("desc") or ""),
-                images=images,
-            )
+        for entity_id, record in zip(_entity_ids(root, records), records):
+            description = str(record.get("desc") or record.get("attr") or "")
+            if not description.strip():
+                undescribed.append(entity_id)
+            kb.add_entity(entity_id, name=unquote(str(record["entity_name"])), description=description,
+                          images=[str(image_root / name) for name in record.get("image_list") or []])
+    if undescribed:
+        warn(f"{root}: {len(undescribed)} of {len(kb)} entities have no description ('desc' or 'attr'), "
+             f"e.g. {undescribed[:5]}: their text is the name alone")
     if kb.missing_images:
         count = sum(len(v) for v in kb.missing_images.values())
         warn(
             f"{root}: {count} entity image(s) of {len(kb.missing_images)} entities are missing "
             f"from {image_root} (see MultimodalKB.missing_images)"
         )
+    _add_aliases(kb, root, alias_splits)
+    return kb
+
+
+def _add_aliases(kb: MultimodalKB, root: Path, alias_splits: Iterable[str]) -> None:
+    """Entity names, and the splits' mention forms with priors from counts."""
     aliases = AliasPriors()
     for row in range(len(kb)):
         if kb.name(row).strip():
@@ -119,14 +169,37 @@ def load_mimic_kb(
             if answer.lower() != "nil" and answer in kb and mention.strip():
                 aliases.add(mention, answer)
     aliases.add_to(kb)
-    return kb
 
 
-def _locate(sentence: str, mention: str) -> Optional[Tuple[int, int]]:
-    start = sentence.find(mention)
-    if start < 0:
-        start = sentence.casefold().find(mention.casefold())
-    return None if start < 0 or not mention else (start, start + len(mention))
+def locate_mention(sentence: str, mention: str) -> Optional[Tuple[int, int]]:
+    """Character offsets of ``mention`` in ``sentence`` on word boundaries:
+    the first exact occurrence, else the first ignoring case (after Unicode
+    NFC), never inside a longer word. None when it is not there."""
+    if not mention.strip():
+        return None
+    for text, target, flags in ((sentence, mention, 0), (sentence, mention, re.IGNORECASE),
+                                (unicodedata.normalize("NFC", sentence), unicodedata.normalize("NFC", mention),
+                                 re.IGNORECASE)):
+        if len(text) != len(sentence):
+            continue  # normalising moved the offsets
+        found = re.search(rf"(?<!\w){re.escape(target)}(?!\w)", text, flags)
+        if found:
+            return found.span()
+    return None
+
+
+def doc_with_mention(nlp: Language, text: str, start: int, end: int) -> Doc:
+    """``nlp.make_doc(text)``, re-cut at ``start``/``end`` where the tokenizer
+    does not put a token boundary there, so the mention is exactly a span."""
+    doc = nlp.make_doc(text)
+    if doc.char_span(start, end) is not None:
+        return doc
+    words, spaces = [], []
+    for part in (text[:start], text[start:end], text[end:]):
+        for token in nlp.make_doc(part):
+            words.append(token.text)
+            spaces.append(bool(token.whitespace_))
+    return Doc(nlp.vocab, words=words, spaces=spaces)
 
 
 def _mention_image(root: Path, image_path: str) -> Optional[str]:
@@ -160,21 +233,11 @@ def read_mimic_docs(
     if not isinstance(samples, list):
         raise MIMICFormatError(f"{path} must hold a list of samples")
     for position, sample in enumerate(samples):
-        sample_id = str(sample.get("id", position))
+        sample_id = str(sample.get("id", position)) if isinstance(sample, dict) else str(position)
         for key in ("sentence", "mentions", "answer"):
-            if key not in sample:
+            if not isinstance(sample, dict) or key not in sample:
                 raise MIMICFormatError(f"{path}: sample '{sample_id}' has no '{key}'")
-        sentence = str(sample["sentence"])
-        mention = unquote(str(sample["mentions"]))
-        offsets = _locate(sentence, mention)
-        if offsets is None:
-            report.unlocated.append(sample_id)
-            continue
-        doc = nlp.make_doc(sentence)
-        span = doc.char_span(*offsets, label="MENTION", alignment_mode="expand")
-        if span is None:
-            report.unlocated.append(sample_id)
-            continue
+        doc = _sample_doc(nlp, sample, sample_id, report)
         answer = str(sample["answer"])
         if answer.lower() == "nil":
             answer = NIL
@@ -182,7 +245,8 @@ def read_mimic_docs(
         elif known is not None and answer not in known:
             report.unknown_answers.append(sample_id)
             answer = NIL
-        doc.ents = [doc.char_span(span.start_char, span.end_char, label="MENTION", kb_id=answer)]
+        mention = doc.ents[0]
+        doc.ents = [doc.char_span(mention.start_char, mention.end_char, label="MENTION", kb_id=answer)]
         image = _mention_image(root, str(sample.get("imgPath") or ""))
         if image == "":
             report.missing_mention_images.append(sample_id)
@@ -191,6 +255,22 @@ def read_mimic_docs(
         doc.user_data["mimic_id"] = sample_id
         report.mentions += 1
         yield doc
+
+
+def _sample_doc(nlp: Language, sample: dict, sample_id: str, report: ConversionReport) -> Doc:
+    """The sample's sentence with its mention as the one entity. A mention
+    not found in its sentence is kept, as the official code keeps it: it is
+    appended to the sentence, so the sentence stays its context."""
+    sentence = str(sample["sentence"])
+    mention = unquote(str(sample["mentions"]))
+    offsets = locate_mention(sentence, mention)
+    if offsets is None:
+        report.unlocated.append(sample_id)
+        sentence = f"{sentence} ({mention})"
+        offsets = (len(sentence) - len(mention) - 1, len(sentence) - 1)
+    doc = doc_with_mention(nlp, sentence, *offsets)
+    doc.ents = [doc.char_span(*offsets, label="MENTION")]
+    return doc
 
 
 class MIMICCorpus:

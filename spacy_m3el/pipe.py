@@ -17,7 +17,9 @@ from thinc.api import Config, Model, Optimizer
 from . import linking
 from .architectures import M3ELNetwork, get_network
 from .entity_cache import RETRIEVAL, EntityCache
+from .entity_encoding import EntityEncoder
 from .errors import KBError, warn
+from .evaluation import evaluate_exhaustive
 from .extensions import register_extensions
 from .images import ImageLoader
 from .inputs import InputBuilder, training_batch
@@ -86,6 +88,7 @@ def make_m3el_linker(
     entity_batch_size: int,
     max_cached_queries: Optional[int],
     overwrite: bool,
+    score_protocol: str,
     generate_empty_kb: Callable[[Vocab, int], MultimodalKB],
     scorer: Optional[Callable],
 ) -> "M3ELLinker":
@@ -125,6 +128,7 @@ class M3ELLinker(TrainablePipe):
         #: Mentions linked without their image because it could not be loaded.
         self.bad_images = 0
         self.inputs = InputBuilder(self.network.encoder, self.images, self.settings)
+        self.entity_encoder = EntityEncoder(self.network, self.inputs, self.settings)
         # The cache object last checked against the current weights: checking
         # hashes every weight, so it is done once per cache object.
         self._verified: Optional[EntityCache] = None
@@ -223,27 +227,22 @@ class M3ELLinker(TrainablePipe):
             raise ValueError("m3el_linker has an empty KB: there is no entity cache")
         return self._current_cache()
 
-    @torch.no_grad()
     def build_entity_cache(self, *, progress: bool = False) -> EntityCache:
         """Encode every KB entity once and store the mention-independent part
-        of M3EL in the KB (saved with the pipeline; fp16, memory-mapped)."""
-        network = self.network
-        network.eval()
-        size = self.settings.entity_batch_size
-        batches = [range(i, min(i + size, len(self.kb))) for i in range(0, len(self.kb), size)]
-        if progress or len(self.kb) > 5000:
-            from tqdm import tqdm
-
-            batches = tqdm(batches, desc="Encoding KB entities", unit="batch")
-        sides = (
-            network.matcher.entity_side(network.encode(*self.inputs.entities(self.kb, rows, training=False)))
-            for rows in batches
-        )
-        cache = EntityCache.build(network.matcher, sides, max_queries=self.settings.max_cached_queries,
-                                  fingerprint=network.fingerprint())
+        of M3EL in the KB (saved with the pipeline; fp16, memory-mapped). A
+        pooled cache (``max_cached_queries``) records, in its meta and on the
+        console, how often its top-1 agrees with the exact score's."""
+        cache = self.entity_encoder.encode(self.kb, self.settings.max_cached_queries, progress=progress)
         self.kb.set_entity_cache(cache)
         self._verified = cache
         return cache
+
+    def exact_entity_cache(self) -> EntityCache:
+        """An entity cache with every G2L query, so reranking gives the exact
+        training score: the KB's own when it is exact, else one built apart
+        (not stored). For the paper's exhaustive protocol."""
+        cache = self._current_cache()
+        return cache if cache.meta.get("max_queries") is None else self.entity_encoder.encode(self.kb, None)
 
     def _current_cache(self) -> EntityCache:
         cache = self.kb.entity_cache
@@ -298,9 +297,17 @@ class M3ELLinker(TrainablePipe):
             annotate(doc, self._linkable(doc), results, overwrite=self.settings.overwrite)
 
     def score(self, examples: Iterable[Example], **kwargs: Any) -> Dict[str, Any]:
-        """Hits@k, MRR and nel_micro_p/r/f with the configured scorer."""
+        """Hits@k, MRR and nel_micro_p/r/f with the configured scorer; with
+        ``score_protocol = "exhaustive"`` Hits@k and MRR are the paper's (every
+        KB entity ranked by the exact score), plus ``m3el_top1_agreement``."""
+        examples = list(examples)
         validate_examples(examples, "M3ELLinker.score")
-        return super().score(examples, **kwargs)
+        scores = super().score(examples, **kwargs)
+        if self.settings.score_protocol == "exhaustive" and len(self.kb):
+            exhaustive = evaluate_exhaustive(self, examples)
+            scores.update({key: value for key, value in exhaustive.items() if key.startswith("m3el_")})
+            scores["m3el_top1_agreement"] = exhaustive["top1_agreement"]
+        return scores
 
     # ------------------------------------------------------------------ serialisation
     def to_bytes(self, *, exclude: Iterable[str] = SimpleFrozenList()) -> bytes:

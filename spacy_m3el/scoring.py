@@ -43,9 +43,42 @@ def gold_ranks(examples: Iterable[Example], *, nil: str = NIL) -> List[Optional[
     return ranks
 
 
+EVALUATE_HINT = (
+    "Evaluate with `python -m spacy_m3el evaluate PIPELINE DATA.spacy --image-dir DIR` (it keeps the "
+    "images and gives the gold mentions), or train/evaluate with the spacy-m3el.Corpus.v1 reader."
+)
+
+
+def _has_image(doc) -> bool:
+    return doc._.image is not None or any(ent._.image is not None for ent in doc.ents)
+
+
+def check_evaluation_inputs(examples: Sequence[Example], *, nil: str = NIL) -> None:
+    """Refuse examples whose predicted docs lost what the linker needs, so
+    no silently wrong figure is reported: spaCy's own ``Corpus`` reader (used
+    by ``spacy evaluate``) drops ``doc._.image`` and gives no entity spans."""
+    linkable = [eg for eg in examples if any(e.kb_id_ not in ("", nil) for e in eg.reference.ents)]
+    if linkable and not any(eg.predicted.ents for eg in linkable):
+        raise ValueError(
+            f"None of the {len(linkable)} predicted docs with gold links has entity spans: nothing was "
+            "linked, so every score would be 0. The pipeline has no component that sets doc.ents (add "
+            f"an ner or entity_ruler), or the reader gave none. {EVALUATE_HINT}"
+        )
+    lost = sum(1 for eg in examples if _has_image(eg.reference) and not _has_image(eg.predicted))
+    if lost:
+        raise ValueError(
+            f"{lost} of {len(examples)} predicted docs lost the image of their reference doc (spaCy's "
+            "Corpus reader builds them with nlp.make_doc, which drops doc._.image): the scores would be "
+            f"those of text-only linking. {EVALUATE_HINT}"
+        )
+
+
 def score_linking(examples: Iterable[Example], **kwargs: Any) -> Dict[str, Any]:
+    """nel_micro_p/r/f and Hits@k/MRR of the candidates; refuses inputs that
+    would give a wrong figure (see :func:`check_evaluation_inputs`)."""
     examples = list(examples)
     nil = kwargs.get("nil", NIL)
+    check_evaluation_inputs(examples, nil=nil)
     scores = dict(Scorer.score_links(examples, negative_labels=[nil]))
     scores.update(ranking_scores(gold_ranks(examples, nil=nil)))
     return scores

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from spacy_m3el.cli import app
 from spacy_m3el.kb import NIL, MultimodalKB
-from spacy_m3el.mimic import MIMICCorpus, MIMICFormatError, load_mimic_kb, read_mimic_docs
+from spacy_m3el.mimic import ConversionReport, MIMICCorpus, MIMICFormatError, load_mimic_kb, read_mimic_docs
 
 
 def write_fixture(root, picture_dir):
@@ -67,13 +67,15 @@ def test_docs_keep_nil_and_report_unlocated_mentions(mimic_dir):
     nlp = spacy.blank("en")
     report = ConversionReport()
     docs = list(read_mimic_docs(nlp, mimic_dir, "train", known_entities={"Q1", "Q2", "Q3"}, report=report))
-    assert [d.ents[0].kb_id_ for d in docs] == ["Q1", "Q2", NIL]
-    assert [d.ents[0].text for d in docs] == ["Robertson", "robertson", "Jordan"]
+    assert [d.ents[0].kb_id_ for d in docs] == ["Q1", "Q2", "Q3", NIL]
+    assert [d.ents[0].text for d in docs] == ["Robertson", "robertson", "Smith", "Jordan"]
+    # A mention that is not in its sentence is kept, after it, as the official code keeps it.
+    assert docs[2].text == "Nobody knows this one. (Smith)"
     assert docs[0]._.image == "mention_image/m1.jpg"  # .png in imgPath, .jpg on disk
     assert docs[1]._.image == "mention_image/m2.png"
-    assert docs[2]._.image is None
+    assert docs[3]._.image is None
     assert report.unlocated == ["t3"] and report.missing_mention_images == ["t4"] and report.nil == 1
-    with pytest.warns(UserWarning, match="1 mention\\(s\\) not found in their sentence"):
+    with pytest.warns(UserWarning, match="1 mention\\(s\\) not found on word boundaries"):
         report.warn("toy")
 
 
@@ -81,7 +83,7 @@ def test_reader_gives_examples_with_absolute_images(mimic_dir):
     nlp = spacy.blank("en")
     with pytest.warns(UserWarning):
         examples = list(MIMICCorpus(mimic_dir, "train")(nlp))
-    assert len(examples) == 3
+    assert len(examples) == 4
     assert examples[0].predicted._.image == str(mimic_dir / "mention_image" / "m1.jpg")
     assert [e.text for e in examples[0].predicted.ents] == ["Robertson"]
     assert examples[0].predicted.ents[0].kb_id_ == ""  # the gold id stays on the reference
@@ -101,9 +103,66 @@ def test_convert_command_writes_docbins_and_kb(mimic_dir, tmp_path):
     assert result.exit_code == 0, result.output
     nlp = spacy.blank("en")
     docs = list(DocBin().from_disk(tmp_path / "out" / "train.spacy").get_docs(nlp.vocab))
-    assert len(docs) == 3 and docs[0]._.image == "mention_image/m1.jpg"
+    assert len(docs) == 4 and docs[0]._.image == "mention_image/m1.jpg"
     kb = MultimodalKB(nlp.vocab).from_disk(tmp_path / "out" / "kb")
     assert kb.get_size_entities() == 3
     summary = json.loads((tmp_path / "out" / "conversion.json").read_text())
-    assert summary["splits"]["train"] == {"mentions": 3, "nil": 1, "unlocated": 1, "unknown_answers": 0,
+    assert summary["splits"]["train"] == {"mentions": 4, "nil": 1, "unlocated": 1, "unknown_answers": 0,
                                           "missing_mention_images": 1}
+
+
+def write_release_layout(root, picture_dir):
+    """As the releases lay it out: kb_entity ids are row numbers, answers are
+    QIDs, qid2id.json maps one to the other; descriptions may be 'attr'."""
+    write_fixture(root, picture_dir)
+    kb = json.loads((root / "kb_entity.json").read_text())
+    for position, record in enumerate(kb):
+        record["id"] = position
+    kb[1]["attr"] = kb[1].pop("desc")
+    del kb[2]["desc"]
+    (root / "kb_entity.json").write_text(json.dumps(kb))
+    return root
+
+
+def test_release_layout_maps_answers_through_qid2id(tmp_path, picture_dir):
+    root = write_release_layout(tmp_path / "release", picture_dir)
+    nlp = spacy.blank("en")
+    with pytest.warns(UserWarning, match="1 of 3 entities have no description"):
+        kb = load_mimic_kb(nlp.vocab, root)
+    assert kb.entity_ids == ["Q1", "Q2", "Q3"]
+    assert kb.get_entity("Q2")["description"] == "A square socket screwdriver"  # from 'attr'
+    report = ConversionReport()
+    docs = list(read_mimic_docs(nlp, root, "train", known_entities=kb.entity_ids, report=report))
+    assert [d.ents[0].kb_id_ for d in docs] == ["Q1", "Q2", "Q3", NIL] and not report.unknown_answers
+    result = CliRunner().invoke(app, ["convert-mimic", str(root), str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+
+
+def test_converter_refuses_data_whose_answers_are_mostly_unknown(tmp_path, picture_dir):
+    root = write_release_layout(tmp_path / "release", picture_dir)
+    (root / "qid2id.json").unlink()  # the answers (QIDs) now name no entity
+    result = CliRunner().invoke(app, ["convert-mimic", str(root), str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "answers are not entities of kb_entity.json" in result.output and "qid2id.json" in result.output
+
+
+@pytest.mark.parametrize(
+    "sentence, mention, found",
+    [("Léonie Léon sang.", "Léon", "Léon"), ("The Russian envoy left Russia.", "Russia", "Russia"),
+     ("russia and RUSSIA", "Russia", "russia"), ("Only Russians here.", "Russia", None),
+     ("Hermann von Beckerath painted.", "Hermann Beckerath", None), ("Cafe\u0301 Noir", "Caf\u00e9", None)],
+)
+def test_mentions_are_located_on_word_boundaries(sentence, mention, found):
+    from spacy_m3el.mimic import locate_mention
+
+    offsets = locate_mention(sentence, mention)
+    assert (sentence[slice(*offsets)] if offsets else None) == found
+
+
+def test_a_mention_the_tokenizer_would_cut_differently_is_still_a_span():
+    from spacy_m3el.mimic import doc_with_mention
+
+    nlp = spacy.blank("en")
+    text = "Visit U.S.A.today please"
+    doc = doc_with_mention(nlp, text, 6, 10)
+    assert doc.text == text and doc.char_span(6, 10).text == "U.S."

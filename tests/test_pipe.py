@@ -122,16 +122,19 @@ def test_cache_settings_are_saved_and_a_change_rebuilds_the_cache(trained, tmp_p
     nlp, examples = trained
     nlp.to_disk(tmp_path / "pipeline")
     meta = srsly.read_json(tmp_path / "pipeline" / "m3el_linker" / "kb" / "cache" / "meta.json")
-    assert meta["max_queries"] == 12
+    assert meta["max_queries"] is None  # exact by default
     with pytest.warns(UserWarning, match="other settings"):
-        exact = spacy.load(tmp_path / "pipeline", config={"components.m3el_linker.max_cached_queries": None})
+        pooled = spacy.load(tmp_path / "pipeline", config={"components.m3el_linker.max_cached_queries": 12})
     docs = [eg.predicted.copy() for eg in examples[::4]]
-    pooled_docs = list(nlp.pipe([d.copy() for d in docs]))
-    exact_docs = list(exact.pipe([d.copy() for d in docs]))
-    linker = exact.get_pipe("m3el_linker")
-    assert linker.kb.entity_cache.meta["max_queries"] is None
-    assert linker.entity_cache.arrays["image_query"].shape[1] == 49
-    for a, b in zip(pooled_docs, exact_docs):
+    exact_docs = list(nlp.pipe([d.copy() for d in docs]))
+    pooled_docs = list(pooled.pipe([d.copy() for d in docs]))
+    linker = pooled.get_pipe("m3el_linker")
+    meta = linker.kb.entity_cache.meta
+    assert meta["max_queries"] == 12 and linker.entity_cache.arrays["image_query"].shape[1] == 12
+    # Building a pooled cache measures its agreement with the exact score.
+    assert meta["pooling_agreement"]["sample"] == N_ENTITIES and 0.0 <= meta["pooling_agreement"]["top1"] <= 1.0
+    assert nlp.get_pipe("m3el_linker").entity_cache.arrays["image_query"].shape[1] == 49
+    for a, b in zip(exact_docs, pooled_docs):
         assert a.ents[0].kb_id_ == b.ents[0].kb_id_
         # Pooled image queries change the G2L part of the score a little.
         assert a.ents[0]._.m3el_score == pytest.approx(b.ents[0]._.m3el_score, rel=0.1)

@@ -375,3 +375,28 @@ def test_a_cache_missing_an_array_in_meta_json_is_named_at_load(trained, tmp_pat
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(KBError, match=r"lacks the array\(s\) \['text_query'\]"):
         spacy.load(tmp_path / "p")
+
+
+def test_a_broken_kb_image_never_aborts_training_or_linking(picture_dir, tmp_path):
+    nlp = spacy.blank("en")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    kb = MultimodalKB(nlp.vocab)
+    for k in range(4):
+        image = tmp_path / "broken.png" if k == 2 else picture_dir / f"item{k}.png"
+        kb.add_entity(f"E{k}", name=f"Item number {k}", images=[str(image)])
+    kb.add_alias("item", [f"E{k}" for k in range(4)], [0.25] * 4)
+    linker = nlp.add_pipe("m3el_linker", config={"on_bad_image": "raise"})
+    linker.set_kb(lambda vocab: kb)
+    docs = []
+    for k in range(4):
+        doc = item_doc(nlp, image=str(picture_dir / f"item{k}_alt.png"))
+        doc.ents = [spacy.tokens.Span(doc, doc.ents[0].start, doc.ents[0].end, label="THING", kb_id=f"E{k}")]
+        docs.append(doc)
+    examples = examples_for(nlp, docs)
+    nlp.initialize(lambda: examples)
+    assert nlp.update(examples)["m3el_linker"] > 0  # E2 trains without its image
+    with pytest.warns(UserWarning, match=r"1 KB entities are linked without their image.*\['E2'\]"):
+        linked = nlp(item_doc(nlp, image=str(picture_dir / "item1_alt.png")))
+    assert linked.ents[0].kb_id_.startswith("E")
+    assert linker.kb.entity_cache.meta["unreadable_kb_images"] == {"count": 1, "ids": ["E2"]}
+    assert any("broken.png" in error for error in linker.inputs.kb_images.failures.values())

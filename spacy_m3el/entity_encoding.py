@@ -1,0 +1,90 @@
+"""Encoding KB entities into an :class:`~spacy_m3el.entity_cache.EntityCache`:
+batched, with a progress bar on large KBs, counting unreadable KB images, and
+measuring how far a pooled cache's ranking is from the exact one."""
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from wasabi import msg
+
+from . import linking
+from .entity_cache import EntityCache
+from .errors import warn
+from .inputs import InputBuilder
+from .kb import MultimodalKB
+
+#: KB entities that stand in for mentions when a pooled cache is checked.
+AGREEMENT_SAMPLE = 64
+
+
+class EntityEncoder:
+    """Builds entity caches for one network (backbone + matcher)."""
+
+    def __init__(self, network, inputs: InputBuilder, settings: Any) -> None:
+        self.network = network
+        self.inputs = inputs
+        self.settings = settings
+
+    @torch.no_grad()
+    def encode(
+        self,
+        kb: MultimodalKB,
+        max_queries: Optional[int],
+        *,
+        rows: Optional[Sequence[int]] = None,
+        progress: bool = False,
+    ) -> EntityCache:
+        """The cache of ``rows`` (default: every entity, in KB order). KB
+        entities whose image cannot be read are encoded without it, counted
+        in the meta (``unreadable_kb_images``) and named in one warning."""
+        network = self.network
+        network.eval()
+        size = self.settings.entity_batch_size
+        rows = list(range(len(kb))) if rows is None else list(rows)
+        batches = [rows[i : i + size] for i in range(0, len(rows), size)]
+        if progress or len(rows) > 5000:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc="Encoding KB entities", unit="batch")
+        unreadable: List[str] = []
+
+        def sides():
+            for batch in batches:
+                texts, refs = self.inputs.entities(kb, batch, training=False)
+                items = network.encode(texts, refs)
+                unreadable.extend(kb.entity_id(row) for row, ref, has in
+                                  zip(batch, refs, items.image_mask.tolist()) if ref is not None and not has)
+                yield network.matcher.entity_side(items)
+
+        cache = EntityCache.build(network.matcher, sides(), max_queries=max_queries,
+                                  fingerprint=network.fingerprint())
+        cache.meta["unreadable_kb_images"] = {"count": len(unreadable), "ids": unreadable[:20]}
+        if unreadable:
+            warn(f"m3el_linker: {len(unreadable)} KB entities are linked without their image, which could not "
+                 f"be read, e.g. {unreadable[:5]} (details: linker.inputs.kb_images.failures)", stacklevel=4)
+        if max_queries is not None and rows == list(range(len(kb))):
+            cache.meta["pooling_agreement"] = self.pooling_agreement(kb, cache)
+            agreement = cache.meta["pooling_agreement"]
+            msg.info(f"m3el_linker: entity cache with G2L queries pooled to {max_queries}: top-1 agrees with "
+                     f"the exact score for {agreement['top1']:.1%} of {agreement['sample']} KB entities "
+                     "standing in for mentions")
+        return cache
+
+    @torch.no_grad()
+    def pooling_agreement(self, kb: MultimodalKB, pooled: EntityCache) -> Dict[str, Any]:
+        """Top-1 agreement of the pooled and the exact rerank of the same
+        candidates, with KB entities spread over the KB standing in for
+        mentions (only the candidates' exact rows are encoded)."""
+        matcher = self.network.matcher
+        size = len(kb)
+        rows = list(range(size)) if size <= AGREEMENT_SAMPLE else [
+            i * size // AGREEMENT_SAMPLE for i in range(AGREEMENT_SAMPLE)]
+        mention = matcher.mention_side(self.network.encode(*self.inputs.entities(kb, rows, training=False)))
+        k = max(self.settings.n_candidates, 1)
+        candidates = linking.candidate_rows(pooled, matcher.mention_retrieval_vectors(mention), k=k)
+        union = sorted({row for found in candidates for row in found})
+        position = {row: i for i, row in enumerate(union)}
+        exact = self.encode(kb, None, rows=union)
+        exact_best = linking.rerank(matcher, mention, exact, [[position[r] for r in c] for c in candidates])
+        pooled_best = linking.rerank(matcher, mention, pooled, candidates).best_rows().tolist()
+        agree = [union[e] == p for e, p in zip(exact_best.best_rows().tolist(), pooled_best)]
+        return {"top1": sum(agree) / len(agree), "sample": len(agree), "k": k}
