@@ -5,7 +5,8 @@
 import sys
 from pathlib import Path
 
-EXPECTED = "kb_entity.json, qid2id.json, *_train.json, *_dev.json, *_test.json, mention_image/, kb_image/"
+EXPECTED = ("kb_entity.json, *_train.json, *_dev.json, *_test.json, mention_image/, kb_image/, and "
+            "qid2id.json when the answers (QIDs) are not the kb_entity.json ids")
 
 
 def main() -> int:

@@ -1,6 +1,7 @@
 """The registered thinc model: an M3EL network (encoder + matcher) in a
 PyTorch shim, serialised with safetensors instead of pickle."""
 import hashlib
+import os
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -12,6 +13,17 @@ from torch import nn
 from .encoders import FeatureCache, MultimodalEncoder
 from .images import ImageRef
 from .model import EncodedItems, M3ELConfig, M3ELMatcher
+
+
+def _single_thread_after_fork() -> None:
+    # torch's intra-op thread pool does not survive fork(): nlp.pipe(n_process=N)
+    # children would deadlock in their first parallel op. One thread each is
+    # also what N processes on N cores want.
+    torch.set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_single_thread_after_fork)
 
 
 class M3ELNetwork(nn.Module):

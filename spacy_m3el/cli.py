@@ -72,17 +72,14 @@ def evaluate(
     from spacy.scorer import Scorer
 
     from .evaluation import evaluate_exhaustive
+    from .pipe import find_linker
     from .readers import MultimodalCorpus
     from .scoring import HITS_AT
 
     if protocol not in PROTOCOLS:
         raise typer.BadParameter(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    if gpu_id >= 0:
-        spacy.require_gpu(gpu_id)
-    nlp = spacy.load(pipeline)
-    linker = next((pipe for _, pipe in nlp.pipeline if hasattr(pipe, "exact_entity_cache")), None)
-    if linker is None:
-        raise typer.BadParameter(f"{pipeline} has no m3el_linker component")
+    nlp = _load(pipeline, gpu_id)
+    linker = find_linker(nlp)
     examples = list(MultimodalCorpus(data, image_dir=image_dir)(nlp))
     keys = [f"m3el_hits{k}" for k in HITS_AT] + ["m3el_mrr", "m3el_n_mentions"]
     # As nlp.evaluate does, but the linked docs stay on the examples for the exhaustive comparison.
@@ -104,6 +101,120 @@ def evaluate(
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=2) + "\n")
         msg.good(f"Metrics written to {output}")
+
+
+def _load(pipeline: str, gpu_id: int):
+    """A pipeline from a directory or an installed package, on the GPU asked for."""
+    if gpu_id >= 0:
+        spacy.require_gpu(gpu_id)
+    return spacy.load(pipeline)
+
+
+@app.command("link")
+def link(
+    pipeline: str = typer.Argument(..., help="Trained pipeline: a directory or an installed package name"),
+    input_path: Path = typer.Argument(..., help='JSONL rows {"id", "text", "image", "spans"?}', exists=True,
+                                      dir_okay=False),
+    output: Path = typer.Argument(..., help="JSONL output: one row per input row, with its linked entities"),
+    errors: Optional[Path] = typer.Option(None, help="Where unusable rows are reported (default: OUTPUT.errors.jsonl)"),
+    image_dir: Optional[Path] = typer.Option(None, help="Base of relative image paths (default: INPUT's folder)"),
+    n_process: int = typer.Option(1, help="Worker processes (nlp.pipe n_process)"),
+    batch_size: int = typer.Option(32, help="Docs per batch"),
+    top_k: int = typer.Option(5, help="Candidates kept per entity in the output"),
+    gpu_id: int = typer.Option(-1, help="GPU to use (-1: CPU)"),
+) -> None:
+    """Link a JSONL file of texts with images. Bad rows go to the errors
+    file and the job goes on; an undecodable image is linked on text alone
+    and reported."""
+    from .pipe import find_linker
+    from .rows import link_rows, read_rows
+
+    nlp = _load(pipeline, gpu_id)
+    find_linker(nlp).settings.on_bad_image = "warn"  # one bad image must not stop the job
+    errors = errors or output.with_name(output.name + ".errors.jsonl")
+    total = sum(1 for line in input_path.open(encoding="utf8") if line.strip())
+    output.parent.mkdir(parents=True, exist_ok=True)
+    counts = {"linked": 0, "errors": 0}
+    with output.open("w", encoding="utf8") as out, errors.open("w", encoding="utf8") as bad:
+
+        def on_error(row) -> None:
+            counts["errors"] += 1
+            bad.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+        rows = link_rows(nlp, read_rows(input_path), on_error, image_dir=image_dir or input_path.parent,
+                         n_process=n_process, batch_size=batch_size, top_k=top_k)
+        for row in tqdm(rows, total=total, desc="Linking", unit="row"):
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            counts["linked"] += 1
+    msg.good(f"{counts['linked']} rows linked -> {output}")
+    if counts["errors"]:
+        msg.warn(f"{counts['errors']} problem row(s) -> {errors}")
+
+
+@app.command("build-kb")
+def build_kb(
+    entities: Path = typer.Argument(..., help="Entities: .jsonl or .csv (id, name, description, images, freq, "
+                                    "aliases)", exists=True, dir_okay=False),
+    output: Path = typer.Argument(..., help="KB directory to write"),
+    image_dir: Optional[Path] = typer.Option(None, help="Base of relative image paths (default: the file's folder)"),
+    lang: str = typer.Option("en", help="Language of the vocab"),
+    name_as_alias: bool = typer.Option(True, help="Use every entity's name as one of its aliases"),
+) -> None:
+    """Build a MultimodalKB directory (images copied in) from an entity file."""
+    from tqdm import tqdm as progress
+
+    from .kb import MultimodalKB
+    from .kb_files import csv_records, jsonl_records, read_kb_records
+
+    records = csv_records(entities) if entities.suffix.lower() == ".csv" else jsonl_records(entities)
+    kb = read_kb_records(MultimodalKB(spacy.blank(lang).vocab), progress(records, desc="Entities", unit="entity"),
+                         image_dir=image_dir or entities.parent, name_as_alias=name_as_alias)
+    kb.to_disk(output)
+    missing = sum(len(v) for v in kb.missing_images.values())
+    msg.good(f"KB: {len(kb)} entities, {kb.get_size_aliases()} aliases -> {output}")
+    if missing:
+        msg.warn(f"{missing} image file(s) of {len(kb.missing_images)} entities not found (in kb.json: missing_images)")
+
+
+@app.command("add-alias-ruler")
+def add_alias_ruler_command(
+    pipeline: str = typer.Argument(..., help="Pipeline with an m3el_linker: a directory or a package name"),
+    output: Path = typer.Argument(..., help="Where to save the pipeline with the ruler"),
+    label: str = typer.Option("ENTITY", help="Label of the spans the ruler marks"),
+) -> None:
+    """Put an entity_ruler built from the KB's aliases in front of the
+    linker, so the pipeline links raw text."""
+    from .fileio import save_pipeline
+    from .ruler import add_alias_ruler
+
+    nlp = add_alias_ruler(spacy.load(pipeline), label=label)
+    save_pipeline(nlp, output)
+    msg.good(f"{nlp.pipe_names} -> {output}")
+
+
+@app.command("visualize")
+def visualize(
+    pipeline: str = typer.Argument(..., help="Trained pipeline: a directory or an installed package name"),
+    input_path: Path = typer.Argument(..., help="JSONL rows, as for `link`", exists=True, dir_okay=False),
+    output: Path = typer.Option(Path("m3el.html"), help="HTML page to write"),
+    image_dir: Optional[Path] = typer.Option(None, help="Base of relative image paths (default: INPUT's folder)"),
+    limit: int = typer.Option(20, help="Rows to show"),
+    max_candidates: int = typer.Option(5, help="Candidates per mention"),
+) -> None:
+    """A self-contained HTML page of linked rows: mentions, their pictures,
+    the top candidates with their KB pictures and per-branch scores."""
+    from itertools import islice
+
+    from .pipe import find_linker
+    from .render import render
+    from .rows import read_rows, row_doc
+
+    nlp = spacy.load(pipeline)
+    docs = [row_doc(nlp, row, image_dir=image_dir or input_path.parent)
+            for _, row, error in islice(read_rows(input_path), limit) if error is None]
+    page = render(nlp.pipe(docs), find_linker(nlp).kb, max_candidates=max_candidates, jupyter=False)
+    output.write_text(page, encoding="utf8")
+    msg.good(f"{len(docs)} docs -> {output} ({len(page.encode()) // 1024} KB)")
 
 
 def main() -> None:

@@ -7,8 +7,8 @@ import torch
 from wasabi import msg
 
 from . import linking
-from .entity_cache import EntityCache
-from .errors import warn
+from .entity_cache import RETRIEVAL, EntityCache
+from .errors import KBError, warn
 from .inputs import InputBuilder
 from .kb import MultimodalKB
 
@@ -17,12 +17,56 @@ AGREEMENT_SAMPLE = 64
 
 
 class EntityEncoder:
-    """Builds entity caches for one network (backbone + matcher)."""
+    """Builds entity caches for one network (backbone + matcher), and keeps
+    the KB's cache valid for the network's current weights."""
 
     def __init__(self, network, inputs: InputBuilder, settings: Any) -> None:
         self.network = network
         self.inputs = inputs
         self.settings = settings
+        # The cache object last checked against the current weights: checking
+        # hashes every weight, so it is done once per cache object.
+        self.verified: Optional[EntityCache] = None
+
+    def current(self, kb: MultimodalKB) -> EntityCache:
+        """The KB's cache if it is valid for the current weights and
+        settings, else a new one, built and stored in the KB."""
+        cache = kb.entity_cache
+        if cache is not None and cache is self.verified:
+            return cache
+        if cache is not None and cache.is_valid_for(n_entities=len(kb), max_queries=self.settings.max_cached_queries,
+                                                    fingerprint=self.network.fingerprint()):
+            self.verified = cache
+            return cache
+        return self.build(kb)
+
+    def build(self, kb: MultimodalKB, *, progress: bool = False) -> EntityCache:
+        """Encode every entity of ``kb`` and store the cache in it."""
+        cache = self.encode(kb, self.settings.max_cached_queries, progress=progress)
+        kb.set_entity_cache(cache)
+        self.verified = cache
+        return cache
+
+    def adopt_loaded(self, kb: MultimodalKB) -> None:
+        """Check a cache loaded with a pipeline against its weights, once:
+        another model's cache is an error, a cache built with other settings
+        is dropped (rebuilt at first use) with a warning."""
+        cache = kb.entity_cache
+        if cache is None:
+            return
+        if cache.meta.get("fingerprint") != self.network.fingerprint():
+            raise KBError(
+                "The entity cache saved with this pipeline was built by a different model "
+                "(fingerprint mismatch). Delete the 'cache' folder of the KB to rebuild it."
+            )
+        if cache.settings_match(self.settings.max_cached_queries):
+            cache.require([RETRIEVAL, *self.network.matcher.cached_entity_keys()], "the KB's cache/meta.json")
+            self.verified = cache
+            return
+        saved = {key: cache.meta.get(key) for key in ("format", "max_queries")}
+        warn(f"m3el_linker: the saved entity cache was built with other settings ({saved}, now "
+             f"max_queries={self.settings.max_cached_queries}); it will be rebuilt at first use", stacklevel=4)
+        kb.clear_entity_cache()
 
     @torch.no_grad()
     def encode(

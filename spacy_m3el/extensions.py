@@ -8,12 +8,12 @@ from .images import ImageLoader, ImagePolicy, ImageRef
 
 
 def register_extensions() -> None:
-    """Register ``Doc._.image``, ``Span._.image``, ``Span._.m3el_score`` and
-    ``Span._.m3el_candidates`` (idempotent)."""
+    """Register ``Doc._.image``, ``Span._.image``, ``Span._.m3el_score``,
+    ``Span._.m3el_candidates`` and ``Span._.m3el_modalities`` (idempotent)."""
     for cls in (Doc, Span):
         if not cls.has_extension("image"):
             cls.set_extension("image", default=None)
-    for name in ("m3el_score", "m3el_candidates"):
+    for name in ("m3el_score", "m3el_candidates", "m3el_modalities"):
         if not Span.has_extension(name):
             Span.set_extension(name, default=None)
 
@@ -57,6 +57,15 @@ def copy_images(reference: Doc, predicted: Doc) -> None:
         span = predicted.char_span(ent.start_char, ent.end_char)
         if span is not None and span._.image is None:
             span._.image = ent._.image
+
+
+def make_doc(nlp, text: str, image: Any = None) -> Doc:
+    """``nlp.make_doc(text)`` with ``doc._.image = image`` (a path, bytes, a
+    PIL image or an array): ``nlp(make_doc(nlp, text, image))`` links with
+    the picture."""
+    doc = nlp.make_doc(text)
+    doc._.image = image
+    return doc
 
 
 def image_ref(item: Union[Doc, Span], *, allow_urls: bool = False) -> Optional[ImageRef]:

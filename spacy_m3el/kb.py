@@ -1,7 +1,7 @@
 """MultimodalKB: entities with names, descriptions and images, plus aliases.
 
 This module holds the data model and spaCy's ``KnowledgeBase`` API. The
-directory format lives in :mod:`.kb_directory`, JSONL in :mod:`.kb_jsonl`,
+directory format lives in :mod:`.kb_directory`, JSONL and CSV in :mod:`.kb_files`,
 the entity feature cache in :mod:`.entity_cache`.
 """
 import math
@@ -230,8 +230,8 @@ class MultimodalKB(KnowledgeBase):
 
     # ---------------------------------------------------------------- JSON(L)
     def to_jsonl(self, path: Union[str, Path]) -> None:
-        """One entity per line, with the aliases that point to it (see :mod:`.kb_jsonl`)."""
-        from .kb_jsonl import write_kb_jsonl
+        """One entity per line, with the aliases that point to it (see :mod:`.kb_files`)."""
+        from .kb_files import write_kb_jsonl
 
         write_kb_jsonl(self, path)
 
@@ -245,10 +245,10 @@ class MultimodalKB(KnowledgeBase):
         name_as_alias: bool = True,
     ) -> "MultimodalKB":
         """Build a KB from JSONL lines ``{"id", "name", "description", "images",
-        "freq", "aliases"}`` (see :func:`.kb_jsonl.read_kb_jsonl`)."""
-        from .kb_jsonl import read_kb_jsonl
+        "freq", "aliases"}`` (or a ``.csv`` with those columns; see :mod:`.kb_files`)."""
+        from .kb_files import read_kb_file
 
-        return read_kb_jsonl(cls(vocab), path, image_dir=image_dir, name_as_alias=name_as_alias)
+        return read_kb_file(cls(vocab), path, image_dir=image_dir, name_as_alias=name_as_alias)
 
     # ---------------------------------------------------------------- disk
     def to_disk(self, path: Union[str, Path], exclude: Iterable[str] = SimpleFrozenList()) -> None:

@@ -1,5 +1,4 @@
 """The ``m3el_linker`` pipeline component."""
-import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -12,13 +11,13 @@ from spacy.tokens import Doc, Span
 from spacy.training import Example, validate_examples, validate_get_examples
 from spacy.util import SimpleFrozenList
 from spacy.vocab import Vocab
-from thinc.api import Config, Model, Optimizer
+from thinc.api import Model, Optimizer
 
 from . import linking
 from .architectures import M3ELNetwork, get_network
-from .entity_cache import RETRIEVAL, EntityCache
+from .entity_cache import EntityCache
 from .entity_encoding import EntityEncoder
-from .errors import KBError, warn
+from .errors import warn
 from .evaluation import evaluate_exhaustive
 from .extensions import register_extensions
 from .images import ImageLoader
@@ -29,30 +28,12 @@ from .results import annotate, link_result, ranking_results
 from .scoring import score_linking
 from .settings import LinkerSettings
 
-DEFAULT_CONFIG = """
-[model]
-@architectures = "spacy-m3el.M3EL.v1"
-
-[model.encoder]
-@misc = "spacy-m3el.MiniLMEfficientNetEncoder.v1"
-max_text_length = 40
-frozen = true
-"""
-
-DEFAULT_MODEL = Config().from_str(DEFAULT_CONFIG)["model"]
+DEFAULT_MODEL = {
+    "@architectures": "spacy-m3el.M3EL.v1",
+    "encoder": {"@misc": "spacy-m3el.MiniLMEfficientNetEncoder.v1", "max_text_length": 40, "frozen": True},
+}
 #: to_bytes warns above this size: a KB with its images belongs on disk.
 LARGE_BYTES = 200 * 2**20
-
-
-def _single_thread_after_fork() -> None:
-    # torch's intra-op thread pool does not survive fork(): nlp.pipe(n_process=N)
-    # children would deadlock in their first parallel op. One thread each is
-    # also what N processes on N cores want.
-    torch.set_num_threads(1)
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_single_thread_after_fork)
 
 
 @Language.factory(
@@ -129,9 +110,6 @@ class M3ELLinker(TrainablePipe):
         self.bad_images = 0
         self.inputs = InputBuilder(self.network.encoder, self.images, self.settings)
         self.entity_encoder = EntityEncoder(self.network, self.inputs, self.settings)
-        # The cache object last checked against the current weights: checking
-        # hashes every weight, so it is done once per cache object.
-        self._verified: Optional[EntityCache] = None
 
     @property
     def cfg(self) -> Dict[str, Any]:
@@ -157,7 +135,6 @@ class M3ELLinker(TrainablePipe):
                 f"{type(kb).__name__}. Build one with spacy_m3el.MultimodalKB."
             )
         self.kb = kb
-        self._verified = None
 
     def initialize(
         self,
@@ -225,35 +202,21 @@ class M3ELLinker(TrainablePipe):
         """The KB's entity cache for the current weights (built on first use)."""
         if len(self.kb) == 0:
             raise ValueError("m3el_linker has an empty KB: there is no entity cache")
-        return self._current_cache()
+        return self.entity_encoder.current(self.kb)
 
     def build_entity_cache(self, *, progress: bool = False) -> EntityCache:
         """Encode every KB entity once and store the mention-independent part
         of M3EL in the KB (saved with the pipeline; fp16, memory-mapped). A
         pooled cache (``max_cached_queries``) records, in its meta and on the
         console, how often its top-1 agrees with the exact score's."""
-        cache = self.entity_encoder.encode(self.kb, self.settings.max_cached_queries, progress=progress)
-        self.kb.set_entity_cache(cache)
-        self._verified = cache
-        return cache
+        return self.entity_encoder.build(self.kb, progress=progress)
 
     def exact_entity_cache(self) -> EntityCache:
         """An entity cache with every G2L query, so reranking gives the exact
         training score: the KB's own when it is exact, else one built apart
         (not stored). For the paper's exhaustive protocol."""
-        cache = self._current_cache()
+        cache = self.entity_encoder.current(self.kb)
         return cache if cache.meta.get("max_queries") is None else self.entity_encoder.encode(self.kb, None)
-
-    def _current_cache(self) -> EntityCache:
-        cache = self.kb.entity_cache
-        if cache is not None and cache is self._verified:
-            return cache
-        if cache is not None and cache.is_valid_for(n_entities=len(self.kb),
-                                                    max_queries=self.settings.max_cached_queries,
-                                                    fingerprint=self.network.fingerprint()):
-            self._verified = cache
-            return cache
-        return self.build_entity_cache()
 
     # ------------------------------------------------------------------ prediction
     def encode_mentions(self, spans: Sequence[Span], *, where: Optional[Sequence[str]] = None) -> Side:
@@ -266,6 +229,10 @@ class M3ELLinker(TrainablePipe):
         with torch.no_grad():
             items = network.encode(texts, refs)
         self.bad_images += sum(ref is not None and not has for ref, has in zip(refs, items.image_mask.tolist()))
+        missing = sum(ref is None for ref in refs)
+        if missing and network.matcher.uses_image:
+            warn(f"m3el_linker: {missing} of {len(refs)} mentions have no image (set doc._.image or "
+                 "span._.image): linked on text alone (see ent._.m3el_modalities)", stacklevel=4)
         return network.matcher.mention_side(items)
 
     def predict(self, docs: Iterable[Doc]) -> List[List[Dict[str, Any]]]:
@@ -274,7 +241,7 @@ class M3ELLinker(TrainablePipe):
         per_doc = [self._linkable(doc) for doc in docs]
         spans = [span for doc_spans in per_doc for span in doc_spans]
         where = [f"doc {i} of the batch, {doc.text[:40]!r}" for i, doc in enumerate(docs) for _ in per_doc[i]]
-        results = self._link(spans, where) if spans and len(self.kb) else [link_result([], None) for _ in spans]
+        results = self._link(spans, where) if spans and len(self.kb) else [link_result([], None, []) for _ in spans]
         out, position = [], 0
         for doc_spans in per_doc:
             out.append(results[position : position + len(doc_spans)])
@@ -285,11 +252,14 @@ class M3ELLinker(TrainablePipe):
         return [ent for ent in doc.ents if ent.label_ not in self.settings.labels_discard]
 
     def _link(self, spans: List[Span], where: List[str]) -> List[Dict[str, Any]]:
-        cache = self._current_cache()
+        cache = self.entity_encoder.current(self.kb)
         alias = [dict(self.kb.alias_rows(s.text)) if self.settings.use_alias_candidates else {} for s in spans]
-        ranking = linking.two_stage(self.network.matcher, self.encode_mentions(spans, where=where), cache,
-                                    k=self.settings.n_candidates, alias_rows=[list(a) for a in alias])
-        return ranking_results(ranking, self.kb, alias, self.settings.threshold)
+        mention = self.encode_mentions(spans, where=where)
+        ranking = linking.two_stage(self.network.matcher, mention, cache, k=self.settings.n_candidates,
+                                    alias_rows=[list(a) for a in alias])
+        has_image = mention["has_image"].tolist() if "has_image" in mention else [False] * len(spans)
+        modalities = [["text", "image"] if image else ["text"] for image in has_image]
+        return ranking_results(ranking, self.kb, alias, self.settings.threshold, modalities)
 
     def set_annotations(self, docs: Iterable[Doc], predictions: List[List[Dict[str, Any]]]) -> None:
         """Write KB ids to the tokens and score/candidates to ``ent._``."""
@@ -314,7 +284,7 @@ class M3ELLinker(TrainablePipe):
         """The weights and the KB (images and entity cache included) as bytes;
         prefer :meth:`to_disk` for large KBs."""
         if "kb" not in exclude and len(self.kb):
-            self._current_cache()
+            self.entity_encoder.current(self.kb)
         data = util.to_bytes({"model": self.model.to_bytes, "kb": self.kb.to_bytes}, exclude)
         if len(data) > LARGE_BYTES:
             warn(f"m3el_linker.to_bytes: {len(data) / 2**20:.0f} MB, mostly the KB's images and "
@@ -324,13 +294,13 @@ class M3ELLinker(TrainablePipe):
     def from_bytes(self, bytes_data: bytes, *, exclude: Iterable[str] = SimpleFrozenList()) -> "M3ELLinker":
         """Load what :meth:`to_bytes` wrote (parts in ``exclude`` are kept)."""
         util.from_bytes(bytes_data, {"model": self.model.from_bytes, "kb": self._kb_from_bytes}, exclude)
-        self._adopt_loaded_cache()
+        self.entity_encoder.adopt_loaded(self.kb)
         return self
 
     def to_disk(self, path: Union[str, Path], *, exclude: Iterable[str] = SimpleFrozenList()) -> None:
         """Write ``model`` (safetensors) and ``kb/`` (images, fp16 cache)."""
         if "kb" not in exclude and len(self.kb):
-            self._current_cache()
+            self.entity_encoder.current(self.kb)
         util.to_disk(path, {
             "model": lambda p: p.write_bytes(self.model.to_bytes()),
             "kb": lambda p: self.kb.to_disk(p),
@@ -339,7 +309,7 @@ class M3ELLinker(TrainablePipe):
     def from_disk(self, path: Union[str, Path], *, exclude: Iterable[str] = SimpleFrozenList()) -> "M3ELLinker":
         """Load what :meth:`to_disk` wrote (parts in ``exclude`` are kept)."""
         util.from_disk(path, {"model": self._model_from_file, "kb": self._kb_from_disk}, exclude)
-        self._adopt_loaded_cache()
+        self.entity_encoder.adopt_loaded(self.kb)
         return self
 
     def _model_from_file(self, file: Path) -> None:
@@ -353,22 +323,10 @@ class M3ELLinker(TrainablePipe):
     def _kb_from_bytes(self, data: bytes) -> None:
         self._use_kb(self.generate_empty_kb(self.vocab, 0).from_bytes(data))
 
-    def _adopt_loaded_cache(self) -> None:
-        """Check a saved cache against the loaded weights, once: another
-        model's cache is an error, other settings rebuild it at first use."""
-        cache = self.kb.entity_cache
-        if cache is None:
-            return
-        if cache.meta.get("fingerprint") != self.network.fingerprint():
-            raise KBError(
-                "The entity cache saved with this pipeline was built by a different model "
-                "(fingerprint mismatch). Delete the 'cache' folder of the KB to rebuild it."
-            )
-        if cache.settings_match(self.settings.max_cached_queries):
-            cache.require([RETRIEVAL, *self.network.matcher.cached_entity_keys()], "the KB's cache/meta.json")
-            self._verified = cache
-            return
-        saved = {key: cache.meta.get(key) for key in ("format", "max_queries")}
-        warn(f"m3el_linker: the saved entity cache was built with other settings ({saved}, now "
-             f"max_queries={self.settings.max_cached_queries}); it will be rebuilt at first use", stacklevel=3)
-        self.kb.clear_entity_cache()
+
+def find_linker(nlp: Language) -> "M3ELLinker":
+    """The pipeline's ``m3el_linker`` (whatever its name)."""
+    for _, pipe in nlp.pipeline:
+        if isinstance(pipe, M3ELLinker):
+            return pipe
+    raise ValueError(f"The pipeline {nlp.pipe_names} has no m3el_linker")

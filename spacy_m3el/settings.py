@@ -29,8 +29,9 @@ class LinkerSettings:
     labels_discard: List[str] = _option([], "Entity labels the linker leaves alone.")
     use_gold_ents: bool = _option(True, "Train on the gold entity spans even where the predicted doc "
                                         "has no such entity.")
-    hard_negatives: int = _option(0, "Extra in-batch candidates per training batch: alias-table "
-                                     "confusables first, then random entities.")
+    hard_negatives: int = _option(16, "Extra in-batch candidates per training batch: alias-table "
+                                      "confusables first, then random entities (0: the paper's in-batch "
+                                      "golds only).")
     on_bad_image: str = _option("raise", "What an unreadable mention or KB image does: \"raise\" an "
                                          "ImageLoadError, or \"warn\" and link without that image.")
     allow_image_urls: bool = _option(False, "Fetch http(s) image URLs (off: nothing is downloaded and a URL "

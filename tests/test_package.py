@@ -41,3 +41,4 @@ def test_packaged_wheel_installs_loads_and_links(picture_dir, tmp_path):
         assert kb_id.startswith("E") and kb_type == "MultimodalKB"
     finally:
         subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", f"en_{NAME}"], check=False)
+

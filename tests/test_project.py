@@ -1,5 +1,7 @@
 """The README's main job: `spacy project run all` on the bundled demo."""
+import ast
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +16,9 @@ ROOT = Path(__file__).parents[1]
 def test_project_all_runs_end_to_end(tmp_path):
     project = tmp_path / "project"
     project.mkdir()
-    for name in ("project.yml", "configs", "scripts", "assets", "benchmarks"):
+    # The project is the repository: its package step also builds spacy-m3el's own wheel.
+    for name in ("project.yml", "configs", "scripts", "assets", "benchmarks", "pyproject.toml", "README.md",
+                 "spacy_m3el"):
         source = ROOT / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, project / name)
     # One epoch: the full run (25 epochs) is the README's main job, not a unit test.
@@ -28,3 +32,56 @@ def test_project_all_runs_end_to_end(tmp_path):
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["m3el_hits1"] > 0.3  # far above chance (about 0.1 within a surface-form group)
     assert list((project / "packages").rglob("en_m3el_demo-*.whl"))
+    assert "add-alias-ruler" in (project / "project.lock").read_text()
+    # The README's quick start, as written, in a fresh venv holding the two wheels (its other
+    # dependencies come from this interpreter's site-packages: nothing is downloaded).
+    wheels = [next((project / "packages").glob("spacy_m3el-*.whl")),
+              next((project / "packages").rglob("en_m3el_demo-*.whl"))]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--force-reinstall",
+                    *map(str, wheels)], check=True)
+    readme = (ROOT / "README.md").read_text()
+    install = re.search(r"```bash\n(pip install torch==2\.13\.0 packages/.*?)\n```", readme).group(1)
+    assert all(f"packages/{w.relative_to(project / 'packages')}" in install for w in wheels)
+    quick_start = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "en_m3el_demo" in b)
+    code = quick_start + "print(spacy_m3el.__file__)\n"
+    user = tmp_path / "user"  # somewhere else than the sources, with the demo's pictures at hand
+    user.mkdir()
+    (user / "assets").symlink_to(project / "assets")
+    out = subprocess.run([python, "-c", code], check=True, capture_output=True, text=True, cwd=user)
+    linked, location = out.stdout.strip().splitlines()
+    assert location.startswith(str(venv))  # the wheel's copy, not the repository's
+    entities = ast.literal_eval(linked)
+    assert [text for text, _, _ in entities] == ["clock", "eye"]  # both are aliases in the demo KB
+    assert all(kb_id.startswith("CA") and isinstance(score, float) for _, kb_id, score in entities)
+    # The command line on the installed demo package, with a bad row among good ones.
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"id": 1, "text": "The clock on the poster caught everyone's eye.",
+                                "image": str(project / "assets/clipart_mel/mention_image/CA00213-m2.jpg")})
+                    + "\n{not json\n")
+    subprocess.run([python, "-m", "spacy_m3el", "link", "en_m3el_demo", str(rows), str(tmp_path / "out.jsonl")],
+                   check=True, cwd=tmp_path)
+    (row,) = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [e["text"] for e in row["ents"]] == ["clock", "eye"]
+    assert "not valid JSON" in (tmp_path / "out.jsonl.errors.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_workflows_run_on_any_mimic_directory(tmp_path, picture_dir):
+    from .test_mimic import write_release_layout
+
+    data = write_release_layout(tmp_path / "my_data", picture_dir)
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("project.yml", "configs", "scripts"):
+        source = ROOT / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, project / name)
+    for command in ("convert", "train", "evaluate", "modalities"):
+        subprocess.run([sys.executable, "-m", "spacy", "project", "run", command, str(project),
+                        "--vars.data", str(data), "--vars.demo", "toy", "--vars.max_epochs", "1"], check=True)
+    metrics = json.loads((project / "metrics" / "toy.json").read_text())
+    assert metrics["m3el_n_mentions"] == 2  # the test split: two linkable mentions, one NIL
+    assert metrics["exhaustive"]["m3el_n_mentions"] == 2 and 0.0 <= metrics["top1_agreement"] <= 1.0
+    assert (project / "metrics" / "toy_text_only.json").exists() and (project / "metrics" / "toy_image_only.json").exists()

@@ -22,7 +22,7 @@ def test_main_job_installs_what_packaging_needs():
 
 
 def test_python_example_runs_as_written(picture_dir, tmp_path, monkeypatch):
-    code = re.search(r"```python\n(.*?)```", README, re.S).group(1)
+    code = next(block for block in re.findall(r"```python\n(.*?)```", README, re.S) if "MultimodalKB(nlp.vocab)" in block)
     for name, source in (("oscar.jpg", "item1.png"), ("screw.jpg", "item2.png"), ("photo.jpg", "item1_alt.png")):
         from PIL import Image
 

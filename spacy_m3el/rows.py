@@ -1,0 +1,135 @@
+"""Linking a corpus of JSONL rows: text + image in, spans + ids out.
+
+Input, one object per line (``spans`` optional: without them the pipeline's
+own ``ner``/``entity_ruler`` finds the mentions)::
+
+    {"id": "post-1", "text": "Jordan scored 40 points.", "image": "photos/1.jpg",
+     "spans": [[0, 6, "PERSON"]]}
+
+Output, one object per input row::
+
+    {"id": "post-1", "text": "...", "ents": [{"start": 0, "end": 6, "text": "Jordan",
+     "label": "PERSON", "kb_id": "Q41421", "score": 0.93, "modalities": ["text", "image"],
+     "candidates": [{"id": "Q41421", "score": 0.93}, ...]}]}
+
+A row that cannot be used (bad JSON, no text, spans that do not fit the text,
+an image file that does not exist) goes to the errors file with its line and
+the reason, and the job goes on; so does a row whose image could not be
+decoded (it is linked on text alone and also reported).
+"""
+import json
+from collections import deque
+from pathlib import Path
+from typing import (
+    Any,
+    Callable,
+    Deque,
+    Dict,
+    Iterable,
+    Iterator,
+    Optional,
+    Tuple,
+    Union,
+)
+
+from spacy.language import Language
+from spacy.tokens import Doc
+
+from .extensions import image_source, make_doc
+
+Row = Dict[str, Any]
+
+
+def read_rows(path: Union[str, Path]) -> Iterator[Tuple[int, Optional[Row], Optional[str]]]:
+    """``(line number, row, None)`` or ``(line number, None, error)`` per non-empty line."""
+    with Path(path).open(encoding="utf8") as lines:
+        for line_no, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                yield line_no, None, f"not valid JSON ({err})"
+                continue
+            if not isinstance(row, dict):
+                yield line_no, None, "a row must be a JSON object"
+            else:
+                yield line_no, row, None
+
+
+def row_doc(nlp: Language, row: Row, *, image_dir: Optional[Path] = None) -> Doc:
+    """The doc of a row, with its image and, if given, its spans; a
+    ``ValueError`` says what is wrong with the row."""
+    text = row.get("text")
+    if not isinstance(text, str):
+        raise ValueError("'text' must be a string")
+    image = row.get("image")
+    if image is not None:
+        if not isinstance(image, str):
+            raise ValueError("'image' must be a path")
+        path = Path(image) if image_dir is None or Path(image).is_absolute() else image_dir / image
+        if not path.is_file():
+            raise ValueError(f"image file '{path}' not found")
+        image = str(path)
+    doc = make_doc(nlp, text, image)
+    if row.get("spans") is not None:
+        doc.ents = [_span(doc, span) for span in row["spans"]]
+    return doc
+
+
+def _span(doc: Doc, span: Any):
+    if not (isinstance(span, (list, tuple)) and len(span) in (2, 3) and all(isinstance(x, int) for x in span[:2])):
+        raise ValueError(f"a span must be [start, end] or [start, end, label], got {span!r}")
+    made = doc.char_span(span[0], span[1], label=str(span[2]) if len(span) == 3 else "ENTITY")
+    if made is None:
+        raise ValueError(f"span {list(span)} does not fall on token boundaries of the text")
+    return made
+
+
+def doc_row(doc: Doc, row_id: Any, *, top_k: int = 5) -> Row:
+    """The output row of a linked doc."""
+    ents = []
+    for ent in doc.ents:
+        candidates = ent._.m3el_candidates or []
+        ents.append({
+            "start": ent.start_char, "end": ent.end_char, "text": ent.text, "label": ent.label_,
+            "kb_id": ent.kb_id_, "score": ent._.m3el_score, "modalities": ent._.m3el_modalities,
+            "candidates": [{"id": c["id"], "score": c["score"]} for c in candidates[:top_k]],
+        })
+    return {"id": row_id, "text": doc.text, "ents": ents}
+
+
+def link_rows(
+    nlp: Language,
+    rows: Iterable[Tuple[int, Optional[Row], Optional[str]]],
+    on_error: Callable[[Row], None],
+    *,
+    image_dir: Optional[Path] = None,
+    n_process: int = 1,
+    batch_size: int = 32,
+    top_k: int = 5,
+) -> Iterator[Row]:
+    """Output rows, in input order, streaming; ``on_error({"line", "id",
+    "error"})`` for every unusable row, and for a row whose image could not
+    be decoded (that row is still linked, on text alone)."""
+    pending: Deque[Tuple[int, Any]] = deque()
+
+    def docs() -> Iterator[Doc]:
+        for line, row, error in rows:
+            if error is None:
+                try:
+                    doc = row_doc(nlp, row, image_dir=image_dir)
+                except ValueError as err:
+                    error = str(err)
+                else:
+                    pending.append((line, row.get("id", line)))
+                    yield doc
+                    continue
+            on_error({"line": line, "id": row.get("id") if row else None, "error": error})
+
+    for doc in nlp.pipe(docs(), n_process=n_process, batch_size=batch_size):
+        line, row_id = pending.popleft()
+        unread = [e.text for e in doc.ents if image_source(e) is not None and e._.m3el_modalities == ["text"]]
+        if unread:
+            on_error({"line": line, "id": row_id, "error": f"the image could not be read: {unread} linked on text alone"})
+        yield doc_row(doc, row_id, top_k=top_k)

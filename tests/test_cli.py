@@ -1,0 +1,112 @@
+"""The command line on the user's path: build a KB, link JSONL rows with
+images (bad rows reported, the job goes on), make raw text linkable, view."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import spacy
+from typer.testing import CliRunner
+
+from spacy_m3el import MultimodalKB
+from spacy_m3el.cli import app
+
+from .test_pipe import train_pipeline
+
+
+def run(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def linker_dir(picture_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    nlp, _ = train_pipeline(picture_dir, epochs=10)
+    nlp.to_disk(folder / "pipeline")
+    run("add-alias-ruler", folder / "pipeline", folder / "ruled")
+    return folder
+
+
+def test_build_kb_from_jsonl_and_csv(picture_dir, tmp_path):
+    (tmp_path / "e.jsonl").write_text(
+        '{"id": "A", "name": "Jordan", "description": "river", "images": ["item1.png"], "freq": 1}\n'
+        '{"id": "B", "name": "Michael Jordan", "images": ["item2.png", "gone.png"], "freq": 3, "aliases": ["Jordan"]}\n')
+    result = run("build-kb", tmp_path / "e.jsonl", tmp_path / "kb_jsonl", "--image-dir", picture_dir)
+    assert "1 image file(s) of 1 entities not found" in result.output
+    kb = MultimodalKB(spacy.blank("en").vocab).from_disk(tmp_path / "kb_jsonl")
+    assert kb.entity_ids == ["A", "B"] and kb.alias_rows("jordan") == [(0, 0.25), (1, 0.75)]
+    (tmp_path / "e.csv").write_text("id,name,description,images,freq,aliases\n"
+                                    "A,Jordan,river,item1.png,1,\nB,Michael Jordan,,item2.png;item3.png,3,Jordan;MJ\n")
+    run("build-kb", tmp_path / "e.csv", tmp_path / "kb_csv", "--image-dir", picture_dir)
+    kb = MultimodalKB(spacy.blank("en").vocab).from_disk(tmp_path / "kb_csv")
+    assert len(kb.images(1)) == 2 and kb.alias_rows("mj") == [(1, 1.0)] and kb.get_entity("B")["freq"] == 3.0
+    (tmp_path / "bad.csv").write_text("name\nJordan\n")
+    result = CliRunner().invoke(app, ["build-kb", str(tmp_path / "bad.csv"), str(tmp_path / "kb_bad")])
+    assert result.exit_code != 0 and "'id'" in str(result.exception)
+
+
+def test_link_writes_rows_and_reports_bad_ones(linker_dir, picture_dir, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    rows = [
+        {"id": "ok-1", "text": "They showed me the item at the fair.", "image": str(picture_dir / "item7_alt.png")},
+        "this line is not JSON",
+        {"id": "no-text", "image": "x.png"},
+        {"id": "gone", "text": "The item again.", "image": "missing.png"},
+        {"id": "given-span", "text": "Look at the item.", "spans": [[12, 16, "THING"]],
+         "image": str(picture_dir / "item3_alt.png")},
+        {"id": "bad-span", "text": "Look at the item.", "spans": [[13, 16, "THING"]]},
+        {"id": "undecodable", "text": "Another item here.", "image": "broken.png"},
+    ]
+    lines = [row if isinstance(row, str) else json.dumps(row) for row in rows]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    run("link", linker_dir / "ruled", tmp_path / "in.jsonl", tmp_path / "out.jsonl")
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [row["id"] for row in out] == ["ok-1", "given-span", "undecodable"]
+    first = out[0]["ents"][0]
+    assert first["text"] == "item" and first["kb_id"].startswith("E") and first["modalities"] == ["text", "image"]
+    assert len(first["candidates"]) == 5 and first["candidates"][0]["id"] == first["kb_id"]
+    assert out[2]["ents"][0]["modalities"] == ["text"]
+    errors = {e["id"] or e["line"]: e["error"]
+              for e in map(json.loads, (tmp_path / "out.jsonl.errors.jsonl").read_text().splitlines())}
+    assert "not valid JSON" in errors[2] and "'text' must be a string" in errors["no-text"]
+    assert "missing.png' not found" in errors["gone"] and "token boundaries" in errors["bad-span"]
+    assert "linked on text alone" in errors["undecodable"]
+    # Two worker processes give the same rows (scores up to float rounding across batch sizes).
+    run("link", linker_dir / "ruled", tmp_path / "in.jsonl", tmp_path / "out2.jsonl", "--n-process", 2,
+        "--batch-size", 2)
+    again = [json.loads(line) for line in (tmp_path / "out2.jsonl").read_text().splitlines()]
+    assert [[e["kb_id"] for e in row["ents"]] for row in again] == [[e["kb_id"] for e in row["ents"]] for row in out]
+    assert [e["score"] for row in again for e in row["ents"]] == pytest.approx(
+        [e["score"] for row in out for e in row["ents"]], rel=1e-5)
+
+
+def test_raw_text_links_through_the_alias_ruler(linker_dir, picture_dir):
+    from spacy_m3el import make_doc
+
+    nlp = spacy.load(linker_dir / "ruled")
+    assert nlp.pipe_names == ["alias_ruler", "m3el_linker"]
+    doc = nlp(make_doc(nlp, "They showed me the ITEM at the fair.", str(picture_dir / "item7_alt.png")))
+    assert [(e.text, e.label_) for e in doc.ents] == [("ITEM", "ENTITY")]
+    assert doc.ents[0].kb_id_.startswith("E") and doc.ents[0]._.m3el_modalities == ["text", "image"]
+    with pytest.warns(UserWarning, match="1 of 1 mentions have no image"):
+        text_only = nlp("Just the item, no picture.")
+    assert text_only.ents[0]._.m3el_modalities == ["text"]
+
+
+def test_visualize_writes_a_self_contained_page(linker_dir, picture_dir, tmp_path):
+    (tmp_path / "in.jsonl").write_text(json.dumps(
+        {"id": 1, "text": "They showed me the item at the fair.", "image": str(picture_dir / "item2_alt.png")}) + "\n")
+    run("visualize", linker_dir / "ruled", tmp_path / "in.jsonl", "--output", tmp_path / "page.html")
+    page = (tmp_path / "page.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and len(re.findall(r'class="m3el-cand( best)?"', page)) == 5
+    assert "http" not in page.replace("http-equiv", "") and page.count("data:image/jpeg;base64,") == 6
+
+
+def test_commands_run_under_spacys_cli():
+    out = subprocess.run([sys.executable, "-m", "spacy", "m3el", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for command in ("link", "build-kb", "evaluate", "visualize", "add-alias-ruler", "convert-mimic"):
+        assert command in out.stdout
