@@ -59,6 +59,8 @@ def build_cache_arrays(
         for key in parts:
             del side[key]  # read back from the retrieval columns
         for name, value in side.items():
+            if value.dtype == torch.bfloat16:  # numpy has no bfloat16 (encoders under bf16 autocast)
+                value = value.float()
             array = value.detach().cpu().numpy()
             if numpy.issubdtype(array.dtype, numpy.floating):
                 array = array.astype(numpy.float16)

@@ -184,3 +184,13 @@ def test_malformed_meta_json_names_the_field(tmp_path, meta, message):
     (tmp_path / "cache" / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(KBError, match=message):
         EntityCache.load(tmp_path / "cache", n_entities=12)
+
+
+def test_cache_builds_from_bfloat16_sides(default_shaped):
+    """Sides computed under bf16 autocast used to crash the build (numpy has no bfloat16)."""
+    matcher, batches, _ = default_shaped
+    bf16 = [{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in b.items()} for b in batches]
+    arrays, _ = build_cache_arrays(matcher, bf16, max_queries=12)
+    reference, _ = build_cache_arrays(matcher, batches, max_queries=12)
+    assert all(arrays[name].dtype == reference[name].dtype for name in reference)
+    numpy.testing.assert_allclose(arrays["retrieval"], reference["retrieval"], rtol=0.02, atol=0.05)
