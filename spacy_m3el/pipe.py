@@ -105,10 +105,9 @@ class M3ELLinker(TrainablePipe):
         self.generate_empty_kb = generate_empty_kb
         self.scorer = scorer
         self.kb: MultimodalKB = generate_empty_kb(vocab, 0)
-        self.images = ImageLoader(self.settings)
         #: Mentions linked without their image because it could not be loaded.
         self.bad_images = 0
-        self.inputs = InputBuilder(self.network.encoder, self.images, self.settings)
+        self.inputs = InputBuilder(self.network.encoder, ImageLoader(self.settings), self.settings)
         self.entity_encoder = EntityEncoder(self.network, self.inputs, self.settings)
 
     @property
@@ -236,7 +235,7 @@ class M3ELLinker(TrainablePipe):
         return network.matcher.mention_side(items)
 
     def predict(self, docs: Iterable[Doc]) -> List[List[Dict[str, Any]]]:
-        """Per doc, per linkable entity: ``{"id", "score", "candidates"}``."""
+        """Per doc, per linkable entity: ``{"id", "score", "candidates", "modalities"}``."""
         docs = list(docs)
         per_doc = [self._linkable(doc) for doc in docs]
         spans = [span for doc_spans in per_doc for span in doc_spans]
@@ -262,7 +261,7 @@ class M3ELLinker(TrainablePipe):
         return ranking_results(ranking, self.kb, alias, self.settings.threshold, modalities)
 
     def set_annotations(self, docs: Iterable[Doc], predictions: List[List[Dict[str, Any]]]) -> None:
-        """Write KB ids to the tokens and score/candidates to ``ent._``."""
+        """Write KB ids to the tokens and score/candidates/modalities to ``ent._``."""
         for doc, results in zip(docs, predictions):
             annotate(doc, self._linkable(doc), results, overwrite=self.settings.overwrite)
 

@@ -33,5 +33,5 @@ def test_bad_settings_are_refused_by_the_factory(options, message):
 
 def test_settings_changed_at_run_time_apply_at_once():
     linker = spacy.blank("en").add_pipe("m3el_linker", config={"on_bad_image": "warn", "context_chars": 50})
-    assert linker.images.policy is linker.settings and linker.inputs.settings is linker.settings
+    assert linker.inputs.images.policy is linker.settings and linker.inputs.settings is linker.settings
     assert linker.cfg["on_bad_image"] == "warn" and linker.cfg["context_chars"] == 50
