@@ -78,11 +78,13 @@ class EntityEncoder:
         progress: bool = False,
     ) -> EntityCache:
         """The cache of ``rows`` (default: every entity, in KB order). KB
-        entities whose image cannot be read are encoded without it, counted
-        in the meta (``unreadable_kb_images``) and named in one warning."""
+        entities whose image cannot be read are encoded without it; for the
+        whole KB they are counted in the meta (``unreadable_kb_images``) and
+        named in one warning, and a pooled cache's agreement is measured."""
         network = self.network
         network.eval()
         size = self.settings.entity_batch_size
+        whole = rows is None  # the KB's own cache: report on it (a part is only a helper)
         rows = list(range(len(kb))) if rows is None else list(rows)
         batches = [rows[i : i + size] for i in range(0, len(rows), size)]
         if progress or len(rows) > 5000:
@@ -101,11 +103,13 @@ class EntityEncoder:
 
         cache = EntityCache.build(network.matcher, sides(), max_queries=max_queries,
                                   fingerprint=network.fingerprint())
+        if not whole:
+            return cache
         cache.meta["unreadable_kb_images"] = {"count": len(unreadable), "ids": unreadable[:20]}
         if unreadable:
             warn(f"m3el_linker: {len(unreadable)} KB entities are linked without their image, which could not "
                  f"be read, e.g. {unreadable[:5]} (details: linker.inputs.kb_images.failures)", stacklevel=4)
-        if max_queries is not None and rows == list(range(len(kb))):
+        if max_queries is not None:
             cache.meta["pooling_agreement"] = self.pooling_agreement(kb, cache)
             agreement = cache.meta["pooling_agreement"]
             msg.info(f"m3el_linker: entity cache with G2L queries pooled to {max_queries}: top-1 agrees with "

@@ -4,7 +4,6 @@ from typing import Any, Optional, Union
 
 from spacy.tokens import Doc, Span
 
-from .images import ImageLoader, ImagePolicy, ImageRef
 
 
 def register_extensions() -> None:
@@ -66,9 +65,3 @@ def make_doc(nlp, text: str, image: Any = None) -> Doc:
     doc = nlp.make_doc(text)
     doc._.image = image
     return doc
-
-
-def image_ref(item: Union[Doc, Span], *, allow_urls: bool = False) -> Optional[ImageRef]:
-    """A lazily decoded image for ``item`` that raises on a bad image (the
-    linker uses its own :class:`~spacy_m3el.images.ImageLoader` and policy)."""
-    return ImageLoader(ImagePolicy(allow_image_urls=allow_urls)).ref(image_source(item))

@@ -4,6 +4,7 @@ Kept free of spaCy so the encoders can use it alone.
 """
 import hashlib
 import io
+import os
 import urllib.request
 import warnings
 from dataclasses import dataclass
@@ -136,6 +137,30 @@ def load_image(source: ImageSource, *, allow_urls: bool = False) -> Image.Image:
         raise ImageLoadError(source, f"the image data is truncated or corrupt ({err})") from err
 
 
+# Content hashes of files by their stat signature: a file is read and hashed
+# once, not at every reference. Rewriting a file changes its ctime (which no
+# tool can set back) and replacing it changes the inode, so a changed file is
+# hashed again even when its size and mtime are kept.
+_FILE_KEYS: LRUCache = LRUCache(100_000)
+
+
+def _file_key(source: Union[str, Path]) -> str:
+    try:
+        stat = os.stat(source)
+        signature = (os.fspath(source), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        key = _FILE_KEYS.get(signature)
+        if key is None:
+            digest = hashlib.sha1()
+            with open(source, "rb") as file:
+                for block in iter(lambda: file.read(1 << 20), b""):
+                    digest.update(block)
+            key = "file-sha1:" + digest.hexdigest()
+            _FILE_KEYS.put(signature, key)
+        return key
+    except (OSError, ValueError):  # ValueError: a NUL in the path
+        return f"path:{source}"
+
+
 def fit_square(image: Image.Image, size: int) -> Image.Image:
     """Resize the shorter side to ``size`` and centre-crop a square. A very
     elongated image is cropped to its central square first, so a 1 x 100000
@@ -176,13 +201,7 @@ def image_key(source: Optional[ImageSource]) -> Optional[str]:
         return None
     digest = hashlib.sha1()
     if isinstance(source, (str, Path)):
-        try:
-            with open(source, "rb") as file:
-                for block in iter(lambda: file.read(1 << 20), b""):
-                    digest.update(block)
-        except (OSError, ValueError):  # ValueError: a NUL in the path
-            return f"path:{source}"
-        return "file-sha1:" + digest.hexdigest()
+        return _file_key(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
         digest.update(bytes(source))
     elif isinstance(source, Image.Image):

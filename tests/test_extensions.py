@@ -5,7 +5,8 @@ import pytest
 import spacy
 from PIL import Image
 
-from spacy_m3el.extensions import image_ref, image_source
+from spacy_m3el.extensions import image_source
+from spacy_m3el.images import ImageLoader
 from spacy_m3el.images import ImageLoadError, image_key, load_image
 
 
@@ -17,7 +18,7 @@ def test_span_image_wins_over_doc_image(picture_dir):
     assert image_source(span) == str(picture_dir / "item1.png")
     span._.image = str(picture_dir / "item2.png")
     assert image_source(span) == str(picture_dir / "item2.png")
-    ref = image_ref(span)
+    ref = ImageLoader().ref(image_source(span))
     assert ref.load().size == (96, 96)
 
 
