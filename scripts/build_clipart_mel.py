@@ -5,6 +5,10 @@ SVG's RDF metadata) and ``openclipart-png`` (the pictures), public domain
 (CC0). Entities are clip-art items; mentions name an item by an *ambiguous*
 keyword shared by several items, in a context sentence, with a *different*
 picture of it (a real transformation of the PNG). Deterministic for a seed.
+NIL mentions (answer "nil") show items left out of the KB: most under a
+surface form the KB has never seen, some (up to half: as many as there are)
+under one of the KB's ambiguous forms ("Apple Core", left out of the KB, as
+"the apple").
 
     apt-get install openclipart-png openclipart-svg
     python scripts/build_clipart_mel.py assets/clipart_mel
@@ -183,6 +187,7 @@ def build(
     max_group: int,
     hint_prob: float,
     strong_prob: float,
+    nil_share: float = 0.1,
 ) -> dict:
     rng = random.Random(seed)
     items = collect_items()
@@ -230,6 +235,17 @@ def build(
     rng.shuffle(samples)
     n = len(samples)
     splits = {"train": samples[: int(0.6 * n)], "dev": samples[int(0.6 * n) : int(0.8 * n)], "test": samples[int(0.8 * n) :]}
+    # NIL mentions draw on their own generator, so the linkable part above
+    # stays what it is for a seed whatever the NIL share.
+    nil_samples = nil_mentions(out, items, forms, set(selected), rng=random.Random(seed + 1),
+                               count=round(nil_share * n), hint_prob=hint_prob, strong_prob=strong_prob)
+    nil_rng = random.Random(seed + 2)
+    nil_rng.shuffle(nil_samples)
+    m = len(nil_samples)
+    for split, part in (("train", nil_samples[: int(0.6 * m)]), ("dev", nil_samples[int(0.6 * m) : int(0.8 * m)]),
+                        ("test", nil_samples[int(0.8 * m) :])):
+        splits[split] = splits[split] + part
+        nil_rng.shuffle(splits[split])
     for split, rows in splits.items():
         (out / f"clipart_{split}.json").write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
     (out / "kb_entity.json").write_text(json.dumps(entities, indent=1, ensure_ascii=False) + "\n")
@@ -245,10 +261,48 @@ def build(
         "surface_forms": len(groups),
         "mean_entities_per_surface_form": round(len(selected) / max(len(groups), 1), 2),
         "mentions": {split: len(rows) for split, rows in splits.items()},
+        "nil_mentions": {split: sum(1 for r in rows if r["answer"] == "nil") for split, rows in splits.items()},
+        "nil_mentions_with_a_kb_surface_form": sum(1 for s in nil_samples if s["mentions"] in set(groups)),
         "mentions_with_text_hint": sum(1 for s in samples if len(s["sentence"].split(". ")) > 1),
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
+
+
+def nil_mentions(out: Path, items, forms, selected, *, rng: random.Random, count: int, hint_prob: float,
+                 strong_prob: float):
+    """``count`` mentions of items left out of the KB, one each: up to half
+    named by one of the KB's forms (an unselected item with that keyword or
+    title word), the rest by a surface form the KB does not have."""
+    kb_forms = {forms[i] for i in selected}
+    unseen = sorted(i for i in forms if i not in selected and forms[i] not in kb_forms)
+    def kb_words(item):
+        words = set(item["keywords"]) | {w.lower() for w in re.findall(r"[A-Za-z]+", item["title"])}
+        return sorted(words & kb_forms)
+
+    known = sorted(i for i in range(len(items)) if i not in selected and kb_words(items[i]))
+    unseen = [i for i in unseen if i not in set(known)]
+    rng.shuffle(unseen)
+    rng.shuffle(known)
+    half = min(count // 2, len(known))
+    chosen = [(i, rng.choice(kb_words(items[i]))) for i in known[:half]]
+    chosen += [(i, forms[i]) for i in unseen[: count - half]]
+    if len(chosen) < count:
+        raise SystemExit(f"only {len(chosen)} items can make NIL mentions, {count} wanted: lower --nil-share")
+    samples = []
+    for n, (index, surface) in enumerate(chosen):
+        item = items[index]
+        sentence = rng.choice(TEMPLATES).format(sf=surface)
+        hint = hint_for(item, surface, rng) if rng.random() < hint_prob else None
+        if hint:
+            sentence = rng.choice(HINTS).format(sentence=sentence, hint=hint)
+        mention_id = f"NIL{n:04d}-m0"
+        transform(Image.open(item["png"]), rng, strong=rng.random() < strong_prob).save(
+            out / "mention_image" / f"{mention_id}.jpg", quality=95
+        )
+        samples.append({"id": mention_id, "sentence": sentence, "mentions": surface,
+                        "entities": item["title"], "answer": "nil", "imgPath": f"{mention_id}.jpg"})
+    return samples
 
 
 def main() -> None:
@@ -263,6 +317,8 @@ def main() -> None:
                         help="share of mentions whose sentence adds a distinctive word of the entity")
     parser.add_argument("--strong-prob", type=float, default=0.6,
                         help="share of mention pictures that are greyscaled, blurred and heavily cropped")
+    parser.add_argument("--nil-share", type=float, default=0.1,
+                        help="NIL mentions (items left out of the KB), as a share of the linkable mentions")
     args = parser.parse_args()
     if not SVG_ROOT.is_dir() or not PNG_ROOT.is_dir():
         sys.exit(
@@ -271,7 +327,7 @@ def main() -> None:
         )
     stats = build(args.output, seed=args.seed, n_entities=args.entities,
                   mentions_per_entity=args.mentions_per_entity, min_group=args.min_group, max_group=args.max_group,
-                  hint_prob=args.hint_prob, strong_prob=args.strong_prob)
+                  hint_prob=args.hint_prob, strong_prob=args.strong_prob, nil_share=args.nil_share)
     print(json.dumps(stats, indent=2))
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from .encoders import FeatureCache, MultimodalEncoder
 from .images import ImageRef
-from .model import EncodedItems, M3ELConfig, M3ELMatcher
+from .model import CandidateScorer, EncodedItems, M3ELConfig, M3ELMatcher
 
 
 def _single_thread_after_fork() -> None:
@@ -27,7 +27,8 @@ if hasattr(os, "register_at_fork"):
 
 
 class M3ELNetwork(nn.Module):
-    """A backbone and the M3EL matcher, with a feature cache when frozen."""
+    """A backbone, the M3EL matcher and the candidate scorer on top of it,
+    with a feature cache when the backbone is frozen."""
 
     def __init__(
         self, encoder: MultimodalEncoder, matcher: M3ELMatcher, *, feature_cache_bytes: int = 2**30
@@ -35,6 +36,7 @@ class M3ELNetwork(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.matcher = matcher
+        self.scorer = CandidateScorer(matcher.config.branches)
         self.feature_cache: Optional[FeatureCache] = (
             FeatureCache(encoder, shared=True, max_bytes=feature_cache_bytes) if encoder.frozen else None
         )
@@ -53,10 +55,23 @@ class M3ELNetwork(nn.Module):
         entity_texts: List[str],
         entity_images: List[Optional[ImageRef]],
         labels: torch.Tensor,
+        lexical: Optional[torch.Tensor] = None,
+        feature_mask: Optional[torch.Tensor] = None,
+        use_branches: bool = False,
     ) -> Dict[str, torch.Tensor]:
+        """M3EL's losses; with ``lexical`` ([B, E, F] candidate features) also
+        the candidate scorer's, so M3EL learns beside the KB's features."""
         mentions = self.encode(mention_texts, mention_images)
         entities = self.encode(entity_texts, entity_images)
-        return self.matcher.loss(mentions, entities, labels.to(mentions.text_global.device))
+        device = mentions.text_global.device
+        labels = labels.to(device)
+        losses, scores = self.matcher.loss_and_scores(mentions, entities, labels)
+        if lexical is not None:
+            mask = feature_mask.to(device) if feature_mask is not None else torch.ones(lexical.shape[-1], device=device)
+            losses["scorer"] = self.scorer.training_loss(scores, lexical.to(device), labels,
+                                                         feature_mask=mask, use_branches=use_branches)
+            losses["loss"] = losses["loss"] + losses["scorer"]
+        return losses
 
     def trainable_state(self) -> Dict[str, torch.Tensor]:
         """Everything that must be saved: a frozen backbone is reloaded from
@@ -67,10 +82,13 @@ class M3ELNetwork(nn.Module):
         return state
 
     def fingerprint(self) -> str:
-        """Identifies the exact weights, so a stale entity cache is detected."""
+        """Identifies the weights the entity cache depends on (not the
+        scorer's, so a calibration keeps the cache), so a stale cache is detected."""
         digest = hashlib.sha1(repr(self.encoder.describe()).encode())
         digest.update(repr(self.matcher.config.to_dict()).encode())
         for name, tensor in sorted(self.trainable_state().items()):
+            if name.startswith("scorer."):
+                continue
             digest.update(name.encode())
             digest.update(tensor.detach().float().cpu().numpy().tobytes())
         return digest.hexdigest()

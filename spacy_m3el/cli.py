@@ -68,7 +68,8 @@ def evaluate(
     gpu_id: int = typer.Option(-1, help="GPU to use (-1: CPU)"),
 ) -> None:
     """Hits@1/3/5/10/20, MRR and nel_micro_p/r/f of a pipeline on a corpus,
-    given the gold mentions, by the two-stage and/or the exhaustive protocol."""
+    given the gold mentions, by the two-stage and/or the exhaustive protocol;
+    accuracy, calibration error (ECE) and NIL precision/recall/F of its answers."""
     from spacy.scorer import Scorer
 
     from .evaluation import evaluate_exhaustive
@@ -86,7 +87,8 @@ def evaluate(
     for eg, doc in zip(examples, nlp.pipe(eg.predicted for eg in examples)):
         eg.predicted = doc
     scores = Scorer(nlp=nlp).score(examples)
-    result = {key: scores.get(key) for key in keys + ["nel_micro_p", "nel_micro_r", "nel_micro_f"]}
+    answers = ["m3el_accuracy", "m3el_ece", "m3el_nil_p", "m3el_nil_r", "m3el_nil_f", "m3el_n_nil"]
+    result = {key: scores.get(key) for key in keys + ["nel_micro_p", "nel_micro_r", "nel_micro_f"] + answers}
     if protocol != "two-stage":
         exhaustive = evaluate_exhaustive(linker, examples, progress=True)
         result = result if protocol == "both" else {}
@@ -101,6 +103,34 @@ def evaluate(
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=2) + "\n")
         msg.good(f"Metrics written to {output}")
+
+
+@app.command("calibrate")
+def calibrate(
+    pipeline: str = typer.Argument(..., help="Trained pipeline: a directory or an installed package name"),
+    data: Path = typer.Argument(..., help="Held-out .spacy file (or folder) with gold links, NIL included",
+                                exists=True),
+    output: Path = typer.Argument(..., help="Where to save the calibrated pipeline"),
+    image_dir: Optional[Path] = typer.Option(None, help="Base of relative image paths"),
+    gpu_id: int = typer.Option(-1, help="GPU to use (-1: CPU)"),
+) -> None:
+    """Fit the linker's temperature, feature weights, NIL option and NIL
+    threshold on held-out data and save the pipeline (spacy train already
+    does this on the dev set unless calibrate_on_score is off)."""
+    from .fileio import save_pipeline
+    from .pipe import find_linker
+    from .readers import MultimodalCorpus
+
+    nlp = _load(pipeline, gpu_id)
+    linker = find_linker(nlp)
+    examples = list(MultimodalCorpus(data, image_dir=image_dir)(nlp))
+    for eg, doc in zip(examples, nlp.pipe(eg.predicted for eg in examples)):
+        eg.predicted = doc
+    report = linker.calibrate(examples)
+    msg.table([(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in report.items()],
+              header=("calibration", "value"))
+    save_pipeline(nlp, output)
+    msg.good(f"Calibrated pipeline saved to {output}")
 
 
 def _load(pipeline: str, gpu_id: int):

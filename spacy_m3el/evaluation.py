@@ -62,8 +62,10 @@ def evaluate_exhaustive(linker, examples: Sequence[Example], *, progress: bool =
     spans, ids = gold_mentions(examples)
     ranks, top = exhaustive_ranks(linker, spans, ids, progress=progress)
     scores = ranking_scores(ranks)
-    # The two-stage top candidate, whatever the threshold made of it.
-    two_stage = [(span._.m3el_candidates or [{"id": NIL}])[0]["id"] for span in spans]
+    # The two-stage top candidate by the M3EL score (as ranked exhaustively),
+    # whatever the candidate scorer and the threshold made of it.
+    two_stage = [max(span._.m3el_candidates, key=lambda c: c["score"])["id"] if span._.m3el_candidates else NIL
+                 for span in spans]
     scores["top1_agreement"] = (
         sum(a == b for a, b in zip(top, two_stage)) / len(spans) if spans else 0.0
     )

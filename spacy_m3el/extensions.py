@@ -8,11 +8,12 @@ from spacy.tokens import Doc, Span
 
 def register_extensions() -> None:
     """Register ``Doc._.image``, ``Span._.image``, ``Span._.m3el_score``,
-    ``Span._.m3el_candidates`` and ``Span._.m3el_modalities`` (idempotent)."""
+    ``Span._.m3el_nil_prob``, ``Span._.m3el_candidates`` and
+    ``Span._.m3el_modalities`` (idempotent)."""
     for cls in (Doc, Span):
         if not cls.has_extension("image"):
             cls.set_extension("image", default=None)
-    for name in ("m3el_score", "m3el_candidates", "m3el_modalities"):
+    for name in ("m3el_score", "m3el_nil_prob", "m3el_candidates", "m3el_modalities"):
         if not Span.has_extension(name):
             Span.set_extension(name, default=None)
 

@@ -15,14 +15,16 @@ from thinc.api import Model, Optimizer
 
 from . import linking
 from .architectures import M3ELNetwork, get_network
+from .calibration import ScorerOptions, apply_scorer, fit
 from .entity_cache import EntityCache
 from .entity_encoding import EntityEncoder
 from .errors import warn
 from .evaluation import evaluate_exhaustive
 from .extensions import register_extensions
+from .features import in_batch_features
 from .images import ImageLoader
 from .inputs import InputBuilder, training_batch
-from .kb import MultimodalKB, create_empty_kb
+from .kb import NIL, MultimodalKB, create_empty_kb
 from .model.matching import Side
 from .results import annotate, link_result, ranking_results
 from .scoring import score_linking
@@ -49,7 +51,8 @@ LARGE_BYTES = 200 * 2**20
     default_score_weights={
         "m3el_mrr": 1.0, "m3el_hits1": 0.0, "nel_micro_f": 0.0, "nel_micro_p": None, "nel_micro_r": None,
         "m3el_hits3": None, "m3el_hits5": None, "m3el_hits10": None, "m3el_hits20": None,
-        "m3el_n_mentions": None,
+        "m3el_n_mentions": None, "m3el_accuracy": 0.0, "m3el_ece": 0.0, "m3el_nil_f": 0.0,
+        "m3el_nil_p": None, "m3el_nil_r": None, "m3el_n_nil": None,
     },
 )
 def make_m3el_linker(
@@ -60,6 +63,10 @@ def make_m3el_linker(
     n_candidates: int,
     use_alias_candidates: bool,
     threshold: Optional[float],
+    incl_prior: bool,
+    incl_name_match: bool,
+    reweight_branches: bool,
+    calibrate_on_score: bool,
     labels_discard: List[str],
     use_gold_ents: bool,
     hard_negatives: int,
@@ -83,8 +90,10 @@ def make_m3el_linker(
 class M3ELLinker(TrainablePipe):
     """Links entity spans to a :class:`MultimodalKB` with M3EL: candidates
     from the alias table and a dense top-K search, reranked by the full
-    M3EL score (:mod:`.linking`). The KB owns the entity cache; the linker
-    builds it for its current weights when it is missing or stale.
+    M3EL score (:mod:`.linking`), then scored with the KB's features into
+    probabilities over the candidates and NIL (:mod:`.calibration`). The KB
+    owns the entity cache; the linker builds it for its current weights
+    when it is missing or stale.
     """
 
     def __init__(
@@ -107,6 +116,9 @@ class M3ELLinker(TrainablePipe):
         self.kb: MultimodalKB = generate_empty_kb(vocab, 0)
         #: Mentions linked without their image because it could not be loaded.
         self.bad_images = 0
+        #: True once training updates changed the weights since the last calibration.
+        self.calibration_stale = False
+        self._told_about_nil = False
         self.inputs = InputBuilder(self.network.encoder, ImageLoader(self.settings), self.settings)
         self.entity_encoder = EntityEncoder(self.network, self.inputs, self.settings)
 
@@ -114,6 +126,13 @@ class M3ELLinker(TrainablePipe):
     def cfg(self) -> Dict[str, Any]:
         """The settings, as spaCy components expose their ``cfg``."""
         return self.settings.to_dict()
+
+    @property
+    def scorer_options(self) -> ScorerOptions:
+        """The candidate scorer's feature groups, from the settings."""
+        settings = self.settings
+        return ScorerOptions(prior=settings.incl_prior, name=settings.incl_name_match,
+                             branches=settings.reweight_branches)
 
     @property
     def network(self) -> M3ELNetwork:
@@ -153,6 +172,7 @@ class M3ELLinker(TrainablePipe):
                 "([initialize.components.m3el_linker.kb_loader] in a config) or call set_kb() first."
             )
         self.model.initialize()
+        self.calibration_stale = True
 
     # ------------------------------------------------------------------ training
     def update(
@@ -172,11 +192,13 @@ class M3ELLinker(TrainablePipe):
         if len(self.kb) == 0:
             raise ValueError("m3el_linker cannot train without a KB: call initialize() with a kb_loader")
         settings = self.settings
+        self._tell_about_nil(examples)
         batch = training_batch(examples, self.kb, labels_discard=settings.labels_discard,
                                use_gold_ents=settings.use_gold_ents, hard_negatives=settings.hard_negatives)
         if batch is None:
             return losses  # nothing to contrast in this batch
-        parts, backprop = self.model.begin_update(batch.model_inputs(self.inputs, self.kb))
+        parts, backprop = self.model.begin_update({**batch.model_inputs(self.inputs, self.kb),
+                                                   **self._scorer_inputs(batch)})
         loss = float(parts["loss"].detach())
         if not numpy.isfinite(loss):
             detail = {k: float(v.detach()) for k, v in parts.items()}
@@ -188,8 +210,31 @@ class M3ELLinker(TrainablePipe):
         if sgd is not None:
             self.finish_update(sgd)
         self.kb.clear_entity_cache()  # built by the old weights
+        self.calibration_stale = True
         losses[self.name] += loss
         return losses
+
+    def _scorer_inputs(self, batch) -> Dict[str, Any]:
+        """The candidate scorer's training inputs: lexical features of every
+        mention against the in-batch entities (none for the paper's score)."""
+        options = self.scorer_options
+        if not (options.prior or options.name or options.branches):
+            return {}
+        names = [self.kb.name(row) for row in batch.entity_rows]
+        priors = [dict(self.kb.alias_rows(span.text)) for span in batch.spans]
+        lexical = in_batch_features([span.text for span in batch.spans], names, priors, batch.entity_rows)
+        mask = self.network.scorer.feature_mask(prior=options.prior, name=options.name)
+        return {"lexical": lexical, "feature_mask": mask, "use_branches": options.branches}
+
+    def _tell_about_nil(self, examples: List[Example]) -> None:
+        if self._told_about_nil:
+            return
+        nil = sum(1 for eg in examples for ent in eg.reference.ents if ent.kb_id_ == NIL)
+        if nil:
+            self._told_about_nil = True
+            warn(f"m3el_linker: {nil} NIL mention(s) in a training batch have no entity to contrast, so "
+                 "M3EL's losses leave them out; the NIL option is fitted on held-out data instead "
+                 "(calibrate_on_score, or M3ELLinker.calibrate)", stacklevel=4)
 
     def get_loss(self, examples, scores):  # pragma: no cover - the loss lives in the model
         """Not used: M3EL's losses are computed by the network in :meth:`update`."""
@@ -240,7 +285,11 @@ class M3ELLinker(TrainablePipe):
         per_doc = [self._linkable(doc) for doc in docs]
         spans = [span for doc_spans in per_doc for span in doc_spans]
         where = [f"doc {i} of the batch, {doc.text[:40]!r}" for i, doc in enumerate(docs) for _ in per_doc[i]]
-        results = self._link(spans, where) if spans and len(self.kb) else [link_result([], None, []) for _ in spans]
+        if spans and len(self.kb):
+            results = self._link(spans, where)
+        else:  # nothing to link to: NIL, with certainty
+            results = [link_result([], []) for _ in spans]
+            apply_scorer(self.network.scorer, results, options=self.scorer_options, threshold=self.settings.threshold)
         out, position = [], 0
         for doc_spans in per_doc:
             out.append(results[position : position + len(doc_spans)])
@@ -258,19 +307,63 @@ class M3ELLinker(TrainablePipe):
                                     alias_rows=[list(a) for a in alias])
         has_image = mention["has_image"].tolist() if "has_image" in mention else [False] * len(spans)
         modalities = [["text", "image"] if image else ["text"] for image in has_image]
-        return ranking_results(ranking, self.kb, alias, self.settings.threshold, modalities)
+        results = ranking_results(ranking, self.kb, alias, [s.text for s in spans], modalities)
+        apply_scorer(self.network.scorer, results, options=self.scorer_options, threshold=self.settings.threshold)
+        return results
 
     def set_annotations(self, docs: Iterable[Doc], predictions: List[List[Dict[str, Any]]]) -> None:
         """Write KB ids to the tokens and score/candidates/modalities to ``ent._``."""
         for doc, results in zip(docs, predictions):
             annotate(doc, self._linkable(doc), results, overwrite=self.settings.overwrite)
 
+    # ------------------------------------------------------------------ calibration
+    def calibrate(self, examples: Iterable[Example]) -> Dict[str, Any]:
+        """Fit the candidate scorer (temperature, feature and branch weights,
+        NIL option) and the NIL threshold on held-out examples with gold
+        links (NIL included), and re-annotate their predicted docs. The
+        predicted docs are linked first unless they already are."""
+        examples = list(examples)
+        validate_examples(examples, "M3ELLinker.calibrate")
+        docs = [eg.predicted for eg in examples]
+        if any(ent._.m3el_candidates is None for doc in docs for ent in self._linkable(doc)):
+            self.set_annotations(docs, self.predict(docs))
+        per_doc = [[self._result_of(ent) for ent in self._linkable(doc)] for doc in docs]
+        results, gold = [], []
+        for eg, doc_results in zip(examples, per_doc):
+            by_offsets = {(e.start_char, e.end_char): r for e, r in zip(self._linkable(eg.predicted), doc_results)}
+            for ent in eg.reference.ents:
+                result = by_offsets.get((ent.start_char, ent.end_char))
+                if ent.kb_id_ and result is not None:
+                    results.append(result)
+                    gold.append(ent.kb_id_)
+        if not results:
+            raise ValueError("M3ELLinker.calibrate: none of the examples has a gold-linked mention (a KB id or "
+                             f"'{NIL}') among the predicted entities")
+        report = fit(self.network.scorer, results, gold, options=self.scorer_options)
+        everything = [r for doc_results in per_doc for r in doc_results]
+        apply_scorer(self.network.scorer, everything, options=self.scorer_options, threshold=self.settings.threshold)
+        for doc, doc_results in zip(docs, per_doc):
+            annotate(doc, self._linkable(doc), doc_results, overwrite=True)
+        self.calibration_stale = False
+        return report
+
+    @staticmethod
+    def _result_of(ent: Span) -> Dict[str, Any]:
+        return {"id": ent.kb_id_, "score": ent._.m3el_score, "nil_prob": ent._.m3el_nil_prob,
+                "candidates": [dict(c) for c in ent._.m3el_candidates or []],
+                "modalities": list(ent._.m3el_modalities or [])}
+
     def score(self, examples: Iterable[Example], **kwargs: Any) -> Dict[str, Any]:
-        """Hits@k, MRR and nel_micro_p/r/f with the configured scorer; with
-        ``score_protocol = "exhaustive"`` Hits@k and MRR are the paper's (every
-        KB entity ranked by the exact score), plus ``m3el_top1_agreement``."""
+        """Hits@k, MRR, nel_micro_p/r/f, calibration error and NIL
+        precision/recall with the configured scorer; with ``score_protocol
+        = "exhaustive"`` Hits@k and MRR are the paper's (every KB entity
+        ranked by the exact score), plus ``m3el_top1_agreement``. After
+        training updates (``calibrate_on_score``) the examples first serve
+        to :meth:`calibrate` the linker."""
         examples = list(examples)
         validate_examples(examples, "M3ELLinker.score")
+        if self.calibration_stale and self.settings.calibrate_on_score and len(self.kb):
+            self.calibrate(examples)
         scores = super().score(examples, **kwargs)
         if self.settings.score_protocol == "exhaustive" and len(self.kb):
             exhaustive = evaluate_exhaustive(self, examples)

@@ -84,7 +84,7 @@ def _candidate(candidate: Dict[str, Any], kb: MultimodalKB, best: bool, size: in
     legend = " ".join(f"{name} {value:.2f}" for name, value in branches.items())
     return (f'<div class="m3el-cand{" best" if best else ""}">{_picture(uri, size, entity["name"])}'
             f'<div class="name">{html.escape(entity["name"])}</div><div>{html.escape(candidate["id"])} · '
-            f'score {candidate["score"]:.3f}</div><div class="desc">{description}</div>'
+            f'p {candidate.get("prob", 0.0):.3f} · score {candidate["score"]:.3f}</div><div class="desc">{description}</div>'
             f'{_bars(branches, top)}<div style="color:#777">{html.escape(legend)}</div></div>')
 
 

@@ -93,8 +93,9 @@ def doc_row(doc: Doc, row_id: Any, *, top_k: int = 5) -> Row:
         candidates = ent._.m3el_candidates or []
         ents.append({
             "start": ent.start_char, "end": ent.end_char, "text": ent.text, "label": ent.label_,
-            "kb_id": ent.kb_id_, "score": ent._.m3el_score, "modalities": ent._.m3el_modalities,
-            "candidates": [{"id": c["id"], "score": c["score"]} for c in candidates[:top_k]],
+            "kb_id": ent.kb_id_, "score": ent._.m3el_score, "nil_prob": ent._.m3el_nil_prob,
+            "modalities": ent._.m3el_modalities,
+            "candidates": [{"id": c["id"], "prob": c.get("prob"), "score": c["score"]} for c in candidates[:top_k]],
         })
     return {"id": row_id, "text": doc.text, "ents": ents}
 

@@ -4,6 +4,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 from spacy.scorer import Scorer
 from spacy.training import Example
 
+from .calibration import expected_calibration_error
 from .kb import NIL
 
 HITS_AT = (1, 3, 5, 10, 20)
@@ -73,14 +74,44 @@ def check_evaluation_inputs(examples: Sequence[Example], *, nil: str = NIL) -> N
         )
 
 
+def answer_scores(examples: Iterable[Example], *, nil: str = NIL, prefix: str = "m3el_") -> Dict[str, float]:
+    """Of the answers (KB id or NIL) given to gold mentions, NIL included:
+    accuracy, expected calibration error of ``ent._.m3el_score`` (the
+    probability of the answer given) and NIL precision/recall/F."""
+    confidences, correct, nil_gold, nil_predicted = [], [], [], []
+    for eg in examples:
+        predicted = {(e.start_char, e.end_char): e for e in eg.predicted.ents}
+        for gold in eg.reference.ents:
+            span = predicted.get((gold.start_char, gold.end_char))
+            if not gold.kb_id_ or span is None or span._.m3el_score is None:
+                continue
+            answer = span.kb_id_ or nil
+            confidences.append(float(span._.m3el_score))
+            correct.append(answer == gold.kb_id_)
+            nil_gold.append(gold.kb_id_ == nil)
+            nil_predicted.append(answer == nil)
+    both = sum(g and p for g, p in zip(nil_gold, nil_predicted))
+    precision = both / sum(nil_predicted) if any(nil_predicted) else 0.0
+    recall = both / sum(nil_gold) if any(nil_gold) else 0.0
+    f_score = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        f"{prefix}accuracy": sum(correct) / len(correct) if correct else 0.0,
+        f"{prefix}ece": expected_calibration_error(confidences, correct),
+        f"{prefix}nil_p": precision, f"{prefix}nil_r": recall, f"{prefix}nil_f": f_score,
+        f"{prefix}n_nil": float(sum(nil_gold)),
+    }
+
+
 def score_linking(examples: Iterable[Example], **kwargs: Any) -> Dict[str, Any]:
-    """nel_micro_p/r/f and Hits@k/MRR of the candidates; refuses inputs that
-    would give a wrong figure (see :func:`check_evaluation_inputs`)."""
+    """nel_micro_p/r/f, Hits@k/MRR of the candidates, and accuracy, ECE and
+    NIL precision/recall of the answers; refuses inputs that would give a
+    wrong figure (see :func:`check_evaluation_inputs`)."""
     examples = list(examples)
     nil = kwargs.get("nil", NIL)
     check_evaluation_inputs(examples, nil=nil)
     scores = dict(Scorer.score_links(examples, negative_labels=[nil]))
     scores.update(ranking_scores(gold_ranks(examples, nil=nil)))
+    scores.update(answer_scores(examples, nil=nil))
     return scores
 
 

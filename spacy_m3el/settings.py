@@ -24,8 +24,20 @@ class LinkerSettings:
                                     "M3EL score (0 = alias table only).")
     use_alias_candidates: bool = _option(True, "Add the KB alias table's entities for the mention text "
                                                "to the candidates.")
-    threshold: Optional[float] = _option(None, "Link to NIL when the best candidate's final score is below "
-                                               "this (null: always link the best candidate).")
+    threshold: Optional[float] = _option(None, "Link to NIL when the best candidate's probability is below "
+                                               "this, in [0, 1] (null: the threshold chosen on dev data by the "
+                                               "calibration, else 0). NIL is also chosen when its own "
+                                               "probability is the highest.")
+    incl_prior: bool = _option(True, "Candidate scorer: use the alias table's prior and whether the "
+                                     "candidate came from the alias table.")
+    incl_name_match: bool = _option(True, "Candidate scorer: use whether the mention text is the "
+                                          "candidate's name (exactly, or after normalisation).")
+    reweight_branches: bool = _option(True, "Candidate scorer: learn a weight per M3EL branch score on "
+                                            "top of their mean (all three incl_/reweight_ off: the paper's "
+                                            "M3EL score alone, still calibrated).")
+    calibrate_on_score: bool = _option(True, "After training updates, the next score() first fits the "
+                                             "temperature, feature weights, NIL option and NIL threshold on "
+                                             "its examples (the dev set during spacy train).")
     labels_discard: List[str] = _option([], "Entity labels the linker leaves alone.")
     use_gold_ents: bool = _option(True, "Train on the gold entity spans even where the predicted doc "
                                         "has no such entity.")
@@ -61,6 +73,10 @@ class LinkerSettings:
         if self.max_cached_queries is not None and self.max_cached_queries < 1:
             raise ValueError(
                 f"max_cached_queries must be >= 1 or null (keep every query), got {self.max_cached_queries}"
+            )
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(
+                f"threshold is a probability: it must be in [0, 1] or null, got {self.threshold}"
             )
         for name in ("hard_negatives", "context_chars"):
             if getattr(self, name) < 0:

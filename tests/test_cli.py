@@ -110,3 +110,24 @@ def test_commands_run_under_spacys_cli():
     assert out.returncode == 0, out.stderr
     for command in ("link", "build-kb", "evaluate", "visualize", "add-alias-ruler", "convert-mimic"):
         assert command in out.stdout
+
+
+def test_calibrate_fits_on_held_out_data_and_saves(linker_dir, picture_dir, tmp_path):
+    import math
+
+    from spacy.tokens import DocBin
+
+    from spacy_m3el.pipe import find_linker
+
+    from .test_pipe import make_docs, nil_examples
+
+    nlp = spacy.blank("en")
+    docs = make_docs(nlp, picture_dir) + [eg.reference for eg in nil_examples(nlp, picture_dir)]
+    DocBin(docs=docs, store_user_data=True).to_disk(tmp_path / "dev.spacy")
+    result = run("calibrate", linker_dir / "pipeline", tmp_path / "dev.spacy", tmp_path / "calibrated")
+    assert re.search(r"nil_mentions\s+8", result.output) and re.search(r"nil_option\s+True", result.output)
+    scorer = find_linker(spacy.load(tmp_path / "calibrated")).network.scorer
+    assert not math.isnan(float(scorer.fitted_threshold))
+    result = run("evaluate", tmp_path / "calibrated", tmp_path / "dev.spacy", "--output", tmp_path / "m.json")
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["m3el_n_nil"] == 8 and 0.0 <= metrics["m3el_ece"] <= 1.0 and metrics["m3el_nil_r"] > 0.5

@@ -90,12 +90,15 @@ def test_linked_doc_has_kb_id_score_and_candidates(trained, picture_dir):
     doc = nlp(doc)
     ent = doc.ents[0]
     assert ent.kb_id_ == "E7"
-    assert ent._.m3el_score == pytest.approx(ent._.m3el_candidates[0]["score"])
     first = ent._.m3el_candidates[0]
+    # m3el_score is the probability of the answer; the raw M3EL score stays per candidate.
+    assert 0.0 <= ent._.m3el_score <= 1.0 and ent._.m3el_score == pytest.approx(first["prob"])
     assert set(first["branches"]) == {"text", "image", "t2v", "v2t"}
     assert first["score"] == pytest.approx(sum(first["branches"].values()) / 4, rel=1e-4)
-    scores = [c["score"] for c in ent._.m3el_candidates]
-    assert scores == sorted(scores, reverse=True) and len(scores) == N_ENTITIES
+    assert set(first["features"]) == {"log_prior", "from_alias", "name_exact", "name_normalized"}
+    probs = [c["prob"] for c in ent._.m3el_candidates]
+    assert probs == sorted(probs, reverse=True) and len(probs) == N_ENTITIES
+    assert sum(probs) + ent._.m3el_nil_prob == pytest.approx(1.0, abs=1e-5)
 
 
 def test_save_and_load_give_identical_predictions(trained, picture_dir, tmp_path):
@@ -264,3 +267,45 @@ def test_serialisation_honours_exclude(trained, tmp_path):
     with pytest.raises(KBError, match="different model"):
         other.from_bytes(linker.to_bytes(), exclude=["model"])
     assert other.network.fingerprint() == weights
+
+
+def nil_examples(nlp, picture_dir):
+    """Mentions of things the KB does not have: unseen names, unseen pictures."""
+    docs = []
+    for k, name in zip(range(20, 24), ("gizmo", "widget", "doohickey", "thingamajig")):
+        for text in (f"They showed me the {name} at the fair.", f"Everyone wanted the {name} after the show."):
+            doc = nlp.make_doc(text)
+            start = text.index(name)
+            doc.ents = [doc.char_span(start, start + len(name), label="THING", kb_id=NIL)]
+            doc._.image = str(picture_dir / f"item{k}.png")
+            docs.append(doc)
+    return examples_for(nlp, docs)
+
+
+@pytest.mark.slow
+def test_calibrated_linker_gives_probabilities_and_says_nil(picture_dir):
+    nlp, examples = train_pipeline(picture_dir, epochs=30)
+    linker = nlp.get_pipe("m3el_linker")
+    assert linker.calibration_stale  # trained since the last calibration
+    report = linker.calibrate(examples + nil_examples(nlp, picture_dir))
+    assert report["nil_option"] and report["nil_mentions"] == 8 and not linker.calibration_stale
+    assert report["nll_after"] < report["nll_before"]
+    doc = nlp.make_doc("Nobody had heard of the Zorgl before.")
+    doc.ents = [doc.char_span(24, 29, label="THING")]
+    doc = nlp(doc)
+    assert doc.ents[0].kb_id_ == NIL and doc.ents[0]._.m3el_score == doc.ents[0]._.m3el_nil_prob > 0.5
+    scores = nlp.evaluate(examples)
+    assert scores["m3el_hits1"] > 0.9 and scores["m3el_accuracy"] > 0.9
+    for eg in examples:
+        ent = nlp(eg.predicted.copy()).ents[0]
+        assert 0.0 <= ent._.m3el_score <= 1.0
+    # Saved and loaded, the calibration travels with the weights.
+    restored = spacy.blank("en")
+    restored.add_pipe("m3el_linker", config={"model": nlp.get_pipe_config("m3el_linker")["model"]})
+    restored.from_bytes(nlp.to_bytes())
+    assert not restored.get_pipe("m3el_linker").calibration_stale
+    doc2 = restored.make_doc("Nobody had heard of the Zorgl before.")
+    doc2.ents = [doc2.char_span(24, 29, label="THING")]
+    doc2 = restored(doc2)
+    assert doc2.ents[0].kb_id_ == NIL
+    assert doc2.ents[0]._.m3el_nil_prob == pytest.approx(doc.ents[0]._.m3el_nil_prob, abs=1e-5)

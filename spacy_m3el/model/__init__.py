@@ -1,4 +1,5 @@
 """Torch modules of M3EL, free of spaCy so they can be used and tested alone."""
+from .candidate_scorer import LEXICAL_FEATURES, NIL_FEATURES, CandidateScorer
 from .config import M3ELConfig
 from .compression import pool_queries
 from .contrastive import intra_modal_contrastive_loss
@@ -7,6 +8,9 @@ from .m3el import EncodedItems, M3ELMatcher
 from .matching import CrossModalMatching, IntraModalMatching
 
 __all__ = [
+    "CandidateScorer",
+    "LEXICAL_FEATURES",
+    "NIL_FEATURES",
     "M3ELConfig",
     "M3ELMatcher",
     "EncodedItems",

@@ -7,7 +7,7 @@ side serves in-batch training, candidate reranking and the retrieval vectors
 of the two-stage search (see ``spacy_m3el.linking``).
 """
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -282,6 +282,16 @@ class M3ELMatcher(nn.Module):
         rows of ``entity_items`` are the candidates of every mention (the
         batch's gold entities, plus any extra negatives).
         """
+        return self.loss_and_scores(mention_items, entity_items, labels)[0]
+
+    def loss_and_scores(
+        self,
+        mention_items: EncodedItems,
+        entity_items: EncodedItems,
+        labels: torch.Tensor,
+    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        """:meth:`loss` and the [B, E] scores it was computed from, for a
+        scorer trained on top of them."""
         cfg = self.config
         m_feats = self.features(mention_items)
         e_feats = self.features(entity_items)
@@ -307,4 +317,4 @@ class M3ELMatcher(nn.Module):
             if contrastive:
                 losses["contrastive"] = torch.stack(contrastive).mean()
         losses["loss"] = sum(losses.values())
-        return losses
+        return losses, scores

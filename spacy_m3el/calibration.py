@@ -1,0 +1,244 @@
+"""Probabilities from the candidate scorer, and fitting it on held-out data.
+
+Works on linking results (``{"candidates": [...], "modalities": [...]}``),
+where each candidate keeps its raw M3EL ``score``, its ``branches`` and its
+lexical ``features``: the probabilities can be recomputed from results alone
+(after a fit, without running the model again). ``fit`` is a multinomial
+logistic regression over each mention's candidates plus NIL, solved with
+L-BFGS: it sets the inverse temperature, the feature and branch weights and
+the NIL option, then picks the NIL threshold that maximises accuracy.
+"""
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .kb import NIL
+from .model.candidate_scorer import LEXICAL_FEATURES, NIL_FEATURES, NIL_OFF, CandidateScorer
+
+Result = Dict[str, Any]
+#: L2 penalty on every fitted weight except the scale and the NIL bias.
+L2 = 1e-3
+ECE_BINS = 10
+
+
+@dataclass(frozen=True)
+class ScorerOptions:
+    """Which feature groups the scorer uses (the linker's incl_* settings)."""
+
+    prior: bool = True
+    name: bool = True
+    branches: bool = True
+
+
+@dataclass
+class CandidateTensors:
+    m3el: torch.Tensor  # [B, K]
+    branches: torch.Tensor  # [B, K, n_branches]
+    lexical: torch.Tensor  # [B, K, F]
+    valid: torch.Tensor  # [B, K] bool
+    nil: torch.Tensor  # [B, len(NIL_FEATURES)]
+
+
+def nil_features(result: Result) -> List[float]:
+    """bias, no alias-table candidate, no image: in ``NIL_FEATURES`` order."""
+    no_alias = not any(c["features"]["from_alias"] for c in result["candidates"])
+    no_image = "image" not in (result.get("modalities") or [])
+    values = {"bias": 1.0, "no_alias_candidates": float(no_alias), "no_image": float(no_image)}
+    return [values[name] for name in NIL_FEATURES]
+
+
+def to_tensors(results: Sequence[Result], branches: Sequence[str]) -> CandidateTensors:
+    """Pad the results' candidates into tensors."""
+    width = max((len(r["candidates"]) for r in results), default=0)
+    batch = len(results)
+    m3el = torch.zeros(batch, width)
+    branch = torch.zeros(batch, width, len(branches))
+    lexical = torch.zeros(batch, width, len(LEXICAL_FEATURES))
+    valid = torch.zeros(batch, width, dtype=torch.bool)
+    for i, result in enumerate(results):
+        candidates = result["candidates"]
+        if not candidates:
+            continue
+        count = len(candidates)
+        m3el[i, :count] = torch.tensor([c["score"] for c in candidates])
+        if branches:
+            branch[i, :count] = torch.tensor([[c["branches"].get(b, 0.0) for b in branches] for c in candidates])
+        lexical[i, :count] = torch.tensor([[c["features"][f] for f in LEXICAL_FEATURES] for c in candidates])
+        valid[i, :count] = True
+    nil = torch.tensor([nil_features(r) for r in results], dtype=torch.float32).reshape(batch, len(NIL_FEATURES))
+    return CandidateTensors(m3el, branch, lexical, valid, nil)
+
+
+def _logits(scorer: CandidateScorer, tensors: CandidateTensors, options: ScorerOptions):
+    mask = scorer.feature_mask(prior=options.prior, name=options.name)
+    device = scorer.log_scale.device
+    logits = scorer.logits(tensors.m3el.to(device), tensors.branches.to(device), tensors.lexical.to(device),
+                           feature_mask=mask, use_branches=options.branches)
+    return logits, scorer.nil_logits(tensors.nil.to(device))
+
+
+def effective_threshold(scorer: CandidateScorer, threshold: Optional[float]) -> float:
+    """The configured threshold, else the one fitted on held-out data, else 0."""
+    if threshold is not None:
+        return float(threshold)
+    fitted = float(scorer.fitted_threshold)
+    return 0.0 if math.isnan(fitted) else fitted
+
+
+@torch.no_grad()
+def apply_scorer(
+    scorer: CandidateScorer, results: Sequence[Result], *, options: ScorerOptions, threshold: Optional[float]
+) -> None:
+    """Give every candidate its probability, sort the candidates by it and
+    decide each mention: the best candidate when its probability is at least
+    NIL's and the threshold, else NIL. ``result["score"]`` is the probability
+    of the answer given (the candidate's, or NIL's)."""
+    if not results:
+        return
+    tensors = to_tensors(results, scorer.branches)
+    logits, nil_logits = _logits(scorer, tensors, options)
+    probs, nil_probs = scorer.probabilities(logits, tensors.valid.to(logits.device), nil_logits)
+    cutoff = effective_threshold(scorer, threshold)
+    for result, row, nil_prob in zip(results, probs.cpu().tolist(), nil_probs.cpu().tolist()):
+        candidates = result["candidates"]
+        for candidate, prob in zip(candidates, row):
+            candidate["prob"] = prob
+        candidates.sort(key=lambda c: -c["prob"])
+        result["nil_prob"] = nil_prob
+        best = candidates[0] if candidates else None
+        if best is not None and best["prob"] >= nil_prob and best["prob"] >= cutoff:
+            result["id"], result["score"] = best["id"], best["prob"]
+        else:
+            result["id"], result["score"] = NIL, nil_prob
+
+
+def _labels(results: Sequence[Result], gold_ids: Sequence[str]) -> List[Optional[int]]:
+    """Position of the gold candidate, len(candidates) for NIL, None when the
+    gold entity is not among the candidates (nothing to learn from)."""
+    labels: List[Optional[int]] = []
+    for result, gold in zip(results, gold_ids):
+        ids = [c["id"] for c in result["candidates"]]
+        if gold == NIL:
+            labels.append(-1)
+        else:
+            labels.append(ids.index(gold) if gold in ids else None)
+    return labels
+
+
+def fit(
+    scorer: CandidateScorer,
+    results: Sequence[Result],
+    gold_ids: Sequence[str],
+    *,
+    options: ScorerOptions,
+    max_iter: int = 200,
+) -> Dict[str, Any]:
+    """Fit the scorer to held-out mentions (their results and gold ids, NIL
+    included) and choose the NIL threshold; returns a report. Without NIL
+    mentions the NIL option stays off."""
+    labels = _labels(results, gold_ids)
+    kept = [i for i, label in enumerate(labels) if label is not None]
+    if not kept:
+        raise ValueError("calibration needs mentions whose gold entity is among the candidates (or NIL); got none")
+    subset = [results[i] for i in kept]
+    tensors = to_tensors(subset, scorer.branches)
+    width = tensors.m3el.shape[1]
+    target = torch.tensor([width if labels[i] == -1 else labels[i] for i in kept])
+    has_nil = bool((target == width).any())
+    params = [scorer.log_scale, scorer.feature_weights]
+    if options.branches and scorer.branches:
+        params.append(scorer.branch_weights)
+    with torch.no_grad():
+        if has_nil:
+            params.append(scorer.nil_weights)
+            scorer.nil_weights.copy_(torch.tensor([0.0] * len(NIL_FEATURES)))
+        else:
+            scorer.nil_weights.copy_(torch.tensor([NIL_OFF] + [0.0] * (len(NIL_FEATURES) - 1)))
+    device = scorer.log_scale.device
+    target = target.to(device)
+    valid = tensors.valid.to(device)
+    optimizer = torch.optim.LBFGS(params, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits, nil_logits = _logits(scorer, tensors, options)
+        joint = torch.cat([logits.masked_fill(~valid, float("-inf")), nil_logits[:, None]], dim=1)
+        loss = torch.nn.functional.cross_entropy(joint, target)
+        penalty = scorer.feature_weights.pow(2).sum() + scorer.branch_weights.pow(2).sum()
+        if has_nil:
+            penalty = penalty + scorer.nil_weights[1:].pow(2).sum()
+        loss = loss + L2 * penalty
+        loss.backward()
+        return loss
+
+    before = float(objective().detach())
+    optimizer.step(objective)
+    after = float(objective().detach())
+    for param in params:
+        param.grad = None
+    apply_scorer(scorer, list(results), options=options, threshold=0.0)
+    threshold, accuracy = choose_threshold(results, gold_ids)
+    with torch.no_grad():
+        scorer.fitted_threshold.fill_(threshold)
+    apply_scorer(scorer, list(results), options=options, threshold=None)
+    return {
+        "mentions": len(results),
+        "fitted_on": len(kept),
+        "nil_mentions": int(sum(1 for g in gold_ids if g == NIL)),
+        "nll_before": before,
+        "nll_after": after,
+        "temperature": float(1.0 / scorer.scale.item()),
+        "threshold": threshold,
+        "accuracy": accuracy,
+        "nil_option": has_nil,
+    }
+
+
+def choose_threshold(results: Sequence[Result], gold_ids: Sequence[str]) -> Tuple[float, float]:
+    """The threshold on the best candidate's probability that maximises the
+    share of correct answers (NIL included); the smallest on ties."""
+    pairs = []
+    for result, gold in zip(results, gold_ids):
+        best = result["candidates"][0] if result["candidates"] else None
+        if best is None or best["prob"] < result["nil_prob"]:
+            pairs.append((-1.0, gold == NIL, gold == NIL))  # NIL at any threshold
+        else:
+            pairs.append((best["prob"], best["id"] == gold, gold == NIL))
+    total = len(pairs)
+    if not total:
+        return 0.0, 0.0
+    # Linked when prob >= t: correct links at or above t, NIL golds below it.
+    always_nil = sum(nil for p, _, nil in pairs if p < 0)
+    linkable = sorted(((p, ok, nil) for p, ok, nil in pairs if p >= 0), key=lambda x: x[0])
+    nil_below, above_ok = 0, sum(ok for _, ok, _ in linkable)
+    best_t, best_correct = 0.0, always_nil + above_ok
+    for index, (p, ok, nil) in enumerate(linkable):
+        # t just above this p: it and everything below it become NIL
+        nil_below += nil
+        above_ok -= ok
+        if index + 1 < len(linkable) and linkable[index + 1][0] == p:
+            continue
+        t = linkable[index + 1][0] if index + 1 < len(linkable) else min(1.0, p + 1e-6)
+        correct = always_nil + nil_below + above_ok
+        if correct > best_correct:
+            best_t, best_correct = t, correct
+    return best_t, best_correct / total
+
+
+def expected_calibration_error(confidences: Sequence[float], correct: Sequence[bool], bins: int = ECE_BINS) -> float:
+    """ECE with equal-width bins: the gap between confidence and accuracy,
+    weighted by the share of answers in each bin."""
+    total = len(confidences)
+    if not total:
+        return 0.0
+    error = 0.0
+    for b in range(bins):
+        low, high = b / bins, (b + 1) / bins
+        members = [i for i, c in enumerate(confidences) if (low < c <= high) or (b == 0 and c == 0.0)]
+        if members:
+            accuracy = sum(correct[i] for i in members) / len(members)
+            confidence = sum(confidences[i] for i in members) / len(members)
+            error += len(members) / total * abs(accuracy - confidence)
+    return error

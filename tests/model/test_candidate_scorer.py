@@ -1,0 +1,84 @@
+import math
+
+import pytest
+import torch
+
+from spacy_m3el.model import LEXICAL_FEATURES, NIL_FEATURES, CandidateScorer
+
+BRANCHES = ("text", "image", "t2v", "v2t")
+
+
+def inputs(batch=3, width=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    m3el = torch.randn(batch, width, generator=gen) * 10
+    branches = torch.randn(batch, width, len(BRANCHES), generator=gen) * 10
+    lexical = torch.rand(batch, width, len(LEXICAL_FEATURES), generator=gen)
+    return m3el, branches, lexical
+
+
+def test_an_untrained_scorer_ranks_by_m3el_and_never_says_nil():
+    scorer = CandidateScorer(BRANCHES)
+    m3el, branches, lexical = inputs()
+    mask = scorer.feature_mask(prior=True, name=True)
+    logits = scorer.logits(m3el, branches, lexical, feature_mask=mask, use_branches=True)
+    assert torch.allclose(logits, 0.2 * m3el, atol=1e-5)
+    valid = torch.ones_like(m3el, dtype=torch.bool)
+    nil = scorer.nil_logits(torch.tensor([[1.0, 1.0, 1.0]] * 3))
+    probs, nil_probs = scorer.probabilities(logits, valid, nil)
+    assert torch.allclose(probs.sum(1) + nil_probs, torch.ones(3))
+    assert float(nil_probs.max()) < 1e-15
+
+
+def test_feature_mask_switches_groups_off():
+    scorer = CandidateScorer(BRANCHES)
+    with torch.no_grad():
+        scorer.feature_weights.fill_(1.0)
+    m3el, branches, lexical = inputs()
+    prior_only = scorer.feature_mask(prior=True, name=False)
+    assert prior_only.tolist() == [1.0, 1.0, 0.0, 0.0]
+    logits = scorer.logits(m3el, branches, lexical, feature_mask=prior_only, use_branches=False)
+    expected = 0.2 * m3el + lexical[..., 0] + lexical[..., 1]
+    assert torch.allclose(logits, expected, atol=1e-5)
+
+
+def test_padding_gets_no_probability():
+    scorer = CandidateScorer(BRANCHES)
+    m3el, branches, lexical = inputs(batch=2, width=4)
+    valid = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    logits = scorer.logits(m3el, branches, lexical, feature_mask=scorer.feature_mask(prior=True, name=True),
+                           use_branches=True)
+    probs, nil = scorer.probabilities(logits, valid, torch.zeros(2))
+    assert probs[0, 2:].tolist() == [0.0, 0.0]
+    assert torch.allclose(probs.sum(1) + nil, torch.ones(2))
+
+
+def test_training_loss_learns_a_prior_the_m3el_score_cannot_see():
+    torch.manual_seed(0)
+    scorer = CandidateScorer(BRANCHES)
+    batch, width = 64, 6
+    scores = {"score": torch.randn(batch, width)}
+    scores.update({b: torch.randn(batch, width) for b in BRANCHES})
+    labels = torch.randint(0, width, (batch,))
+    lexical = torch.zeros(batch, width, len(LEXICAL_FEATURES))
+    lexical[torch.arange(batch), labels, LEXICAL_FEATURES.index("from_alias")] = 1.0  # the gold is the alias
+    mask = scorer.feature_mask(prior=True, name=True)
+    optimizer = torch.optim.Adam(scorer.parameters(), lr=0.1)
+    first = None
+    for _ in range(50):
+        optimizer.zero_grad()
+        loss = scorer.training_loss(scores, lexical, labels, feature_mask=mask, use_branches=True)
+        first = float(loss) if first is None else first
+        loss.backward()
+        optimizer.step()
+    assert float(loss) < first / 3
+    assert float(scorer.feature_weights[LEXICAL_FEATURES.index("from_alias")]) > 1.0
+    # Masked features get no gradient at all.
+    scorer.feature_weights.grad = None
+    scorer.training_loss(scores, lexical, labels, feature_mask=scorer.feature_mask(prior=False, name=False),
+                         use_branches=True).backward()
+    assert scorer.feature_weights.grad.abs().sum() == 0
+
+
+def test_nil_features_are_named_in_order():
+    assert NIL_FEATURES[0] == "bias" and math.isnan(float(CandidateScorer(BRANCHES).fitted_threshold))
+    assert CandidateScorer(BRANCHES).log_scale.shape == (1,)  # thinc's optimizer needs len()
