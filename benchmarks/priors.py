@@ -126,7 +126,8 @@ def main() -> None:
         **run_info(),
         "config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
         "seeds": args.seeds, "max_epochs": args.max_epochs, "split": "test",
-        "datasets": {"skewed": "scripts/build_skewed_mel.py assets/clipart_mel OUT --seed SEED (Zipf 1.5)",
+        "datasets": {"skewed": "scripts/build_skewed_mel.py assets/clipart_mel OUT --seed SEED (defaults: Zipf "
+                               "exponent 1.5, half the mentions with a picture, no NIL mentions)",
                      "clipart_mel": "assets/clipart_mel (one data set; the seed is the training seed)"},
         "results": results,
     }

@@ -145,6 +145,37 @@ def component_section(data: dict) -> list:
     ]
 
 
+def priors_section(data: dict) -> list:
+    """Hits@1 of the alias prior, M3EL alone and M3EL + features; ECE and NIL."""
+    names = {"alias_prior": "alias prior alone", "m3el_alone": "M3EL alone (paper score, calibrated)",
+             "m3el_features": "M3EL + candidate features (default)"}
+
+    def cell(summary: dict, key: str, scale: float = 100.0, digits: int = 2) -> str:
+        no_nil = key.startswith("m3el_nil") and not summary.get("m3el_n_nil", {}).get("mean")
+        if key not in summary or no_nil:
+            return "n/a"
+        return f"{scale * summary[key]['mean']:.{digits}f} ± {scale * summary[key]['std']:.{digits}f}"
+
+    lines = [
+        f"## Priors, calibration and NIL ({where(data['machine'])})",
+        "",
+        f"`python benchmarks/priors.py --seeds {' '.join(map(str, data['seeds']))} --max-epochs "
+        f"{data['max_epochs']}` — {data['date']}; `{data['config']}`, test split, mean ± std over the seeds.",
+        "",
+        "| data | model | Hits@1 | MRR | accuracy (NIL incl.) | ECE | NIL P | NIL R | NIL F |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for dataset, variants in data["results"].items():
+        for variant, result in variants.items():
+            summary = result["summary"]
+            lines.append(
+                f"| {dataset} | {names.get(variant, variant)} | {cell(summary, 'm3el_hits1')} | "
+                f"{cell(summary, 'm3el_mrr')} | {cell(summary, 'm3el_accuracy')} | "
+                f"{cell(summary, 'm3el_ece', 1.0, 3)} | {cell(summary, 'm3el_nil_p')} | "
+                f"{cell(summary, 'm3el_nil_r')} | {cell(summary, 'm3el_nil_f')} |")
+    return lines + ["", *(f"- {k}: {v}" for k, v in data["datasets"].items()), ""]
+
+
 def training_section(data: dict) -> list:
     lines = [
         f"## Training throughput ({where(data['machine'])})",
@@ -166,6 +197,7 @@ def main() -> None:
                 ("speed.json", lambda data: speed_section(data, "speed_vs_kb_size.png")),
                 ("speed_cuda.json", lambda data: speed_section(data, "speed_vs_kb_size_cuda.png")),
                 ("component_cost.json", component_section),
+                ("priors.json", priors_section),
                 ("training_throughput_cuda.json", training_section),
                 ("training_throughput_cpu.json", training_section)]
     for name, section in sections:

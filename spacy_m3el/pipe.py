@@ -363,7 +363,10 @@ class M3ELLinker(TrainablePipe):
         examples = list(examples)
         validate_examples(examples, "M3ELLinker.score")
         if self.calibration_stale and self.settings.calibrate_on_score and len(self.kb):
-            self.calibrate(examples)
+            try:
+                self.calibrate(examples)
+            except ValueError as error:  # e.g. no gold entity among any candidates yet
+                warn(f"m3el_linker: not calibrated on these examples: {error}", stacklevel=3)
         scores = super().score(examples, **kwargs)
         if self.settings.score_protocol == "exhaustive" and len(self.kb):
             exhaustive = evaluate_exhaustive(self, examples)
