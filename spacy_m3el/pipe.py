@@ -23,7 +23,7 @@ from .evaluation import evaluate_exhaustive
 from .extensions import register_extensions
 from .features import in_batch_features
 from .images import ImageLoader
-from .inputs import InputBuilder, training_batch
+from .inputs import InputBuilder, TrainingBatch, training_batch
 from .kb import NIL, MultimodalKB, create_empty_kb
 from .model.matching import Side
 from .results import annotate, link_result, ranking_results
@@ -214,7 +214,7 @@ class M3ELLinker(TrainablePipe):
         losses[self.name] += loss
         return losses
 
-    def _scorer_inputs(self, batch) -> Dict[str, Any]:
+    def _scorer_inputs(self, batch: TrainingBatch) -> Dict[str, Any]:
         """The candidate scorer's training inputs: lexical features of every
         mention against the in-batch entities (none for the paper's score)."""
         options = self.scorer_options
