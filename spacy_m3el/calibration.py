@@ -176,8 +176,8 @@ def fit(
     before = float(objective().detach())
     optimizer.step(objective)
     after = float(objective().detach())
-    for param in params:
-        param.grad = None
+    for param in scorer.parameters():
+        param.grad = None  # else the next training step would apply the fit's gradients
     apply_scorer(scorer, list(results), options=options, threshold=0.0)
     threshold, accuracy = choose_threshold(results, gold_ids)
     with torch.no_grad():

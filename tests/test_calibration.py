@@ -72,6 +72,8 @@ def test_fitted_probabilities_are_calibrated_on_held_out_data():
     scorer = CandidateScorer(BRANCHES)
     report = fit(scorer, train, train_gold, options=ScorerOptions())
     assert report["nll_after"] < report["nll_before"] and not report["nil_option"]
+    # No gradient is left behind for the next training step to apply.
+    assert all(param.grad is None for param in scorer.parameters())
     apply_scorer(scorer, test, options=ScorerOptions(), threshold=None)
     confidences = [r["score"] for r in test]
     assert all(0.0 <= c <= 1.0 for c in confidences)
