@@ -177,6 +177,25 @@ def transform(image: Image.Image, rng: random.Random, *, strong: bool) -> Image.
     return Image.open(io.BytesIO(buffer.getvalue()))
 
 
+def mention_sentence(item, surface: str, rng: random.Random, hint_prob: float) -> str:
+    """A template sentence naming ``surface``, with the item's hint word at ``hint_prob``."""
+    sentence = rng.choice(TEMPLATES).format(sf=surface)
+    hint = hint_for(item, surface, rng) if rng.random() < hint_prob else None
+    return rng.choice(HINTS).format(sentence=sentence, hint=hint) if hint else sentence
+
+
+def mention_sample(out: Path, item, surface: str, mention_id: str, answer: str, rng: random.Random, *,
+                   hint_prob: float, strong_prob: float) -> dict:
+    """One MIMIC sample: its sentence, and a transformed picture of the item
+    written to ``out/mention_image``."""
+    sentence = mention_sentence(item, surface, rng, hint_prob)
+    transform(Image.open(item["png"]), rng, strong=rng.random() < strong_prob).save(
+        out / "mention_image" / f"{mention_id}.jpg", quality=95
+    )
+    return {"id": mention_id, "sentence": sentence, "mentions": surface, "entities": item["title"],
+            "answer": answer, "imgPath": f"{mention_id}.jpg"}
+
+
 def build(
     out: Path,
     *,
@@ -221,17 +240,8 @@ def build(
         entities.append({"id": qid, "entity_name": item["title"], "desc": " ".join(parts),
                          "image_list": [f"{qid}.png"], "type": "entity"})
         for k in range(mentions_per_entity):
-            surface = forms[index]
-            sentence = rng.choice(TEMPLATES).format(sf=surface)
-            hint = hint_for(item, surface, rng) if rng.random() < hint_prob else None
-            if hint:
-                sentence = rng.choice(HINTS).format(sentence=sentence, hint=hint)
-            mention_id = f"{qid}-m{k}"
-            transform(Image.open(item["png"]), rng, strong=rng.random() < strong_prob).save(
-                out / "mention_image" / f"{mention_id}.jpg", quality=95
-            )
-            samples.append({"id": mention_id, "sentence": sentence, "mentions": surface,
-                             "entities": item["title"], "answer": qid, "imgPath": f"{mention_id}.jpg"})
+            samples.append(mention_sample(out, item, forms[index], f"{qid}-m{k}", qid, rng,
+                                          hint_prob=hint_prob, strong_prob=strong_prob))
     rng.shuffle(samples)
     n = len(samples)
     splits = {"train": samples[: int(0.6 * n)], "dev": samples[int(0.6 * n) : int(0.8 * n)], "test": samples[int(0.8 * n) :]}
@@ -291,17 +301,8 @@ def nil_mentions(out: Path, items, forms, selected, *, rng: random.Random, count
         raise SystemExit(f"only {len(chosen)} items can make NIL mentions, {count} wanted: lower --nil-share")
     samples = []
     for n, (index, surface) in enumerate(chosen):
-        item = items[index]
-        sentence = rng.choice(TEMPLATES).format(sf=surface)
-        hint = hint_for(item, surface, rng) if rng.random() < hint_prob else None
-        if hint:
-            sentence = rng.choice(HINTS).format(sentence=sentence, hint=hint)
-        mention_id = f"NIL{n:04d}-m0"
-        transform(Image.open(item["png"]), rng, strong=rng.random() < strong_prob).save(
-            out / "mention_image" / f"{mention_id}.jpg", quality=95
-        )
-        samples.append({"id": mention_id, "sentence": sentence, "mentions": surface,
-                        "entities": item["title"], "answer": "nil", "imgPath": f"{mention_id}.jpg"})
+        samples.append(mention_sample(out, items[index], surface, f"NIL{n:04d}-m0", "nil", rng,
+                                      hint_prob=hint_prob, strong_prob=strong_prob))
     return samples
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build_clipart_mel import HINTS, TEMPLATES, hint_for, transform  # noqa: E402
+from build_clipart_mel import mention_sentence, transform  # noqa: E402
 
 SPLITS = ("train", "dev", "test")
 
@@ -67,10 +67,7 @@ def build(source: Path, out: Path, *, seed: int, exponent: float, mentions_per_e
             qid = rng.choices(members, weights)[0]
             entity = entities[qid]
             item = {"title": entity["entity_name"], "keywords": _keywords(entity["desc"])}
-            sentence = rng.choice(TEMPLATES).format(sf=form)
-            hint = hint_for(item, form, rng) if rng.random() < hint_prob else None
-            if hint:
-                sentence = rng.choice(HINTS).format(sentence=sentence, hint=hint)
+            sentence = mention_sentence(item, form, rng, hint_prob)
             mention_id = f"{form}-{k:03d}"
             image = ""
             if rng.random() < image_prob:
