@@ -141,7 +141,10 @@ def fit(
     labels = _labels(results, gold_ids)
     kept = [i for i, label in enumerate(labels) if label is not None]
     if not kept:
-        raise ValueError("calibration needs mentions whose gold entity is among the candidates (or NIL); got none")
+        raise ValueError(
+            f"calibration needs mentions whose gold entity is among their candidates (or NIL); none of the "
+            f"{len(results)} is: check that the examples' KB ids are this KB's, or raise n_candidates"
+        )
     subset = [results[i] for i in kept]
     tensors = to_tensors(subset, scorer.branches)
     width = tensors.m3el.shape[1]

@@ -338,7 +338,9 @@ class M3ELLinker(TrainablePipe):
                     gold.append(ent.kb_id_)
         if not results:
             raise ValueError("M3ELLinker.calibrate: none of the examples has a gold-linked mention (a KB id or "
-                             f"'{NIL}') among the predicted entities")
+                             f"'{NIL}') among the predicted entities: pass held-out examples whose reference "
+                             "entities carry kb_id and whose predicted docs have the same entity spans (the "
+                             "spacy-m3el.Corpus.v1 reader with gold_ents = true gives both)")
         report = fit(self.network.scorer, results, gold, options=self.scorer_options)
         everything = [r for doc_results in per_doc for r in doc_results]
         apply_scorer(self.network.scorer, everything, options=self.scorer_options, threshold=self.settings.threshold)

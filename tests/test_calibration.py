@@ -131,3 +131,9 @@ def test_expected_calibration_error_by_hand():
 def test_threshold_is_a_probability(threshold):
     with pytest.raises(ValueError, match="threshold is a probability"):
         LinkerSettings(threshold=threshold)
+
+
+def test_fit_says_what_to_do_when_no_gold_is_among_the_candidates():
+    results, _ = data(7, 3)
+    with pytest.raises(ValueError, match="none of the 3 is: check that the examples' KB ids"):
+        fit(CandidateScorer(BRANCHES), results, ["Q-elsewhere"] * 3, options=ScorerOptions())
