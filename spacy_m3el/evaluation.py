@@ -8,20 +8,17 @@ from spacy.training import Example
 
 from . import linking
 from .kb import NIL
-from .scoring import ranking_scores
+from .scoring import aligned_mentions, ranking_scores
 
 
 def gold_mentions(examples: Sequence[Example]) -> Tuple[List[Span], List[str]]:
     """Predicted spans at the offsets of gold mentions that have a KB id,
     and those ids (mentions the predicted doc lacks are left out)."""
     spans, ids = [], []
-    for eg in examples:
-        predicted = {(e.start_char, e.end_char): e for e in eg.predicted.ents}
-        for gold in eg.reference.ents:
-            span = predicted.get((gold.start_char, gold.end_char))
-            if gold.kb_id_ not in ("", NIL) and span is not None:
-                spans.append(span)
-                ids.append(gold.kb_id_)
+    for gold, span in aligned_mentions(examples):
+        if gold.kb_id_ not in ("", NIL) and span is not None:
+            spans.append(span)
+            ids.append(gold.kb_id_)
     return spans, ids
 
 

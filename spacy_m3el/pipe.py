@@ -27,7 +27,7 @@ from .inputs import InputBuilder, TrainingBatch, training_batch
 from .kb import NIL, MultimodalKB, create_empty_kb
 from .model.matching import Side
 from .results import annotate, link_result, ranking_results
-from .scoring import score_linking
+from .scoring import aligned_mentions, score_linking
 from .settings import LinkerSettings
 
 DEFAULT_MODEL = {
@@ -328,14 +328,14 @@ class M3ELLinker(TrainablePipe):
         if any(ent._.m3el_candidates is None for doc in docs for ent in self._linkable(doc)):
             self.set_annotations(docs, self.predict(docs))
         per_doc = [[self._result_of(ent) for ent in self._linkable(doc)] for doc in docs]
+        by_span = {(id(doc), e.start_char, e.end_char): result for doc, doc_results in zip(docs, per_doc)
+                   for e, result in zip(self._linkable(doc), doc_results)}
         results, gold = [], []
-        for eg, doc_results in zip(examples, per_doc):
-            by_offsets = {(e.start_char, e.end_char): r for e, r in zip(self._linkable(eg.predicted), doc_results)}
-            for ent in eg.reference.ents:
-                result = by_offsets.get((ent.start_char, ent.end_char))
-                if ent.kb_id_ and result is not None:
-                    results.append(result)
-                    gold.append(ent.kb_id_)
+        for reference, span in aligned_mentions(examples):
+            result = by_span.get((id(span.doc), span.start_char, span.end_char)) if span is not None else None
+            if reference.kb_id_ and result is not None:
+                results.append(result)
+                gold.append(reference.kb_id_)
         if not results:
             raise ValueError("M3ELLinker.calibrate: none of the examples has a gold-linked mention (a KB id or "
                              f"'{NIL}') among the predicted entities: pass held-out examples whose reference "

@@ -1,7 +1,8 @@
 """Linking metrics: spaCy's nel_micro_p/r/f plus Hits@k and MRR."""
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from spacy.scorer import Scorer
+from spacy.tokens import Span
 from spacy.training import Example
 
 from .calibration import expected_calibration_error
@@ -21,6 +22,15 @@ def ranking_scores(ranks: Sequence[Optional[int]], prefix: str = "m3el_") -> Dic
     return scores
 
 
+def aligned_mentions(examples: Iterable[Example]) -> Iterator[Tuple[Span, Optional[Span]]]:
+    """Each gold entity span with the predicted entity at the same offsets
+    (None when the predicted doc has none there)."""
+    for eg in examples:
+        predicted = {(e.start_char, e.end_char): e for e in eg.predicted.ents}
+        for gold in eg.reference.ents:
+            yield gold, predicted.get((gold.start_char, gold.end_char))
+
+
 def gold_ranks(examples: Iterable[Example], *, nil: str = NIL) -> List[Optional[int]]:
     """Rank of each gold entity among the predicted candidates of its mention.
 
@@ -28,19 +38,16 @@ def gold_ranks(examples: Iterable[Example], *, nil: str = NIL) -> List[Optional[
     mention that was not predicted at all counts as unranked.
     """
     ranks: List[Optional[int]] = []
-    for eg in examples:
-        predicted = {(e.start_char, e.end_char): e for e in eg.predicted.ents}
-        for gold in eg.reference.ents:
-            if not gold.kb_id_ or gold.kb_id_ == nil:
-                continue
-            span = predicted.get((gold.start_char, gold.end_char))
-            candidates = span._.m3el_candidates if span is not None else None
-            rank = None
-            for position, candidate in enumerate(candidates or [], start=1):
-                if candidate["id"] == gold.kb_id_:
-                    rank = position
-                    break
-            ranks.append(rank)
+    for gold, span in aligned_mentions(examples):
+        if not gold.kb_id_ or gold.kb_id_ == nil:
+            continue
+        candidates = span._.m3el_candidates if span is not None else None
+        rank = None
+        for position, candidate in enumerate(candidates or [], start=1):
+            if candidate["id"] == gold.kb_id_:
+                rank = position
+                break
+        ranks.append(rank)
     return ranks
 
 
@@ -79,17 +86,14 @@ def answer_scores(examples: Iterable[Example], *, nil: str = NIL, prefix: str = 
     accuracy, expected calibration error of ``ent._.m3el_score`` (the
     probability of the answer given) and NIL precision/recall/F."""
     confidences, correct, nil_gold, nil_predicted = [], [], [], []
-    for eg in examples:
-        predicted = {(e.start_char, e.end_char): e for e in eg.predicted.ents}
-        for gold in eg.reference.ents:
-            span = predicted.get((gold.start_char, gold.end_char))
-            if not gold.kb_id_ or span is None or span._.m3el_score is None:
-                continue
-            answer = span.kb_id_ or nil
-            confidences.append(float(span._.m3el_score))
-            correct.append(answer == gold.kb_id_)
-            nil_gold.append(gold.kb_id_ == nil)
-            nil_predicted.append(answer == nil)
+    for gold, span in aligned_mentions(examples):
+        if not gold.kb_id_ or span is None or span._.m3el_score is None:
+            continue
+        answer = span.kb_id_ or nil
+        confidences.append(float(span._.m3el_score))
+        correct.append(answer == gold.kb_id_)
+        nil_gold.append(gold.kb_id_ == nil)
+        nil_predicted.append(answer == nil)
     both = sum(g and p for g, p in zip(nil_gold, nil_predicted))
     precision = both / sum(nil_predicted) if any(nil_predicted) else 0.0
     recall = both / sum(nil_gold) if any(nil_gold) else 0.0

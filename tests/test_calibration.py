@@ -1,6 +1,7 @@
 import random
 
 import pytest
+import torch
 
 from spacy_m3el.calibration import (
     ScorerOptions,
@@ -117,8 +118,16 @@ def test_an_explicit_threshold_wins_over_the_fitted_one():
     rng = random.Random(6)
     result = mention(rng, gold=0)
     scorer = CandidateScorer(BRANCHES)
+    with torch.no_grad():
+        scorer.fitted_threshold.fill_(0.0)
+    apply_scorer(scorer, [result], options=ScorerOptions(), threshold=None)
+    assert result["id"] != NIL  # the fitted threshold (0) links the best candidate
     apply_scorer(scorer, [result], options=ScorerOptions(), threshold=1.0)
     assert result["id"] == NIL and result["candidates"][0]["prob"] < 1.0
+    with torch.no_grad():
+        scorer.fitted_threshold.fill_(1.0)
+    apply_scorer(scorer, [result], options=ScorerOptions(), threshold=0.0)
+    assert result["id"] != NIL
 
 
 def test_expected_calibration_error_by_hand():

@@ -79,6 +79,7 @@ def test_training_loss_learns_a_prior_the_m3el_score_cannot_see():
     assert scorer.feature_weights.grad.abs().sum() == 0
 
 
-def test_nil_features_are_named_in_order():
-    assert NIL_FEATURES[0] == "bias" and math.isnan(float(CandidateScorer(BRANCHES).fitted_threshold))
-    assert CandidateScorer(BRANCHES).log_scale.shape == (1,)  # thinc's optimizer needs len()
+def test_a_new_scorer_is_unfitted_and_fits_thinc():
+    scorer = CandidateScorer(BRANCHES)
+    assert NIL_FEATURES[0] == "bias" and math.isnan(float(scorer.fitted_threshold))
+    assert scorer.log_scale.shape == (1,)  # thinc's optimizer takes len() of every parameter
