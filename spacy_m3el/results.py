@@ -1,6 +1,6 @@
 """Linking results: from a :class:`~spacy_m3el.linking.Ranking` to the dicts
 users read in ``ent._.m3el_candidates``, and onto the docs."""
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 from spacy.tokens import Doc, Span
 

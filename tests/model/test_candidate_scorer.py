@@ -1,6 +1,5 @@
 import math
 
-import pytest
 import torch
 
 from spacy_m3el.model import LEXICAL_FEATURES, NIL_FEATURES, CandidateScorer
