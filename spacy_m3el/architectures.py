@@ -10,7 +10,7 @@ from safetensors.torch import save as save_safetensors
 from thinc.api import ArgsKwargs, Model, PyTorchGradScaler, PyTorchWrapper_v3, get_torch_default_device
 from torch import nn
 
-from .encoders import FeatureCache, MultimodalEncoder
+from .encoders import FeatureCache, MultimodalEncoder, SharedTextEncoder, TextFeatures, join_features
 from .images import ImageRef
 from .model import CandidateScorer, EncodedItems, M3ELConfig, M3ELMatcher
 
@@ -41,16 +41,27 @@ class M3ELNetwork(nn.Module):
             FeatureCache(encoder, shared=True, max_bytes=feature_cache_bytes) if encoder.frozen else None
         )
 
-    def encode(self, texts: Sequence[str], images: Sequence[Optional[ImageRef]]) -> EncodedItems:
+    def encode(
+        self, texts: Union[Sequence[str], TextFeatures], images: Sequence[Optional[ImageRef]]
+    ) -> EncodedItems:
+        """Model inputs for N items: texts (or text features computed
+        elsewhere, e.g. by an upstream transformer) and images."""
         device = next(self.matcher.parameters()).device
+        if isinstance(texts, TextFeatures):
+            text = texts
+        elif self.feature_cache is not None:
+            text = self.feature_cache.encode_texts(texts)
+        else:
+            text = self.encoder.encode_texts(texts)
         if self.feature_cache is not None:
-            return self.feature_cache.encode(texts, images).to(device)
-        decoded = [ref.load() if ref is not None else None for ref in images]
-        return self.encoder.encode(texts, decoded)
+            image = self.feature_cache.encode_images(images)
+        else:
+            image = self.encoder.encode_images([ref.load() if ref is not None else None for ref in images])
+        return join_features(text, image).to(device)
 
     def forward(
         self,
-        mention_texts: List[str],
+        mention_texts: Union[List[str], TextFeatures],
         mention_images: List[Optional[ImageRef]],
         entity_texts: List[str],
         entity_images: List[Optional[ImageRef]],
@@ -86,6 +97,9 @@ class M3ELNetwork(nn.Module):
         scorer's, so a calibration keeps the cache), so a stale cache is detected."""
         digest = hashlib.sha1(repr(self.encoder.describe()).encode())
         digest.update(repr(self.matcher.config.to_dict()).encode())
+        borrowed = self.encoder.weights_digest()
+        if borrowed is not None:
+            digest.update(borrowed.encode())
         for name, tensor in sorted(self.trainable_state().items()):
             if name.startswith("scorer."):
                 continue
@@ -180,6 +194,12 @@ def build_m3el_model(
         deserialize_model=_deserialize,
     )
     model.attrs["m3el_config"] = config.to_dict()
+    if isinstance(encoder, SharedTextEncoder):
+        from .shared_transformer import new_listener
+
+        # In the model's tree so that the upstream component finds it (spaCy
+        # links listeners by walking each downstream component's model).
+        model.layers.append(new_listener(encoder.upstream))
     return model
 
 

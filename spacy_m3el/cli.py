@@ -54,9 +54,6 @@ def convert_mimic(
     msg.good(f"KB saved to {output_dir / 'kb'}")
 
 
-PROTOCOLS = ("two-stage", "exhaustive", "both")
-
-
 @app.command("evaluate")
 def evaluate(
     pipeline: str = typer.Argument(..., help="Trained pipeline: a directory or an installed package name"),
@@ -70,34 +67,18 @@ def evaluate(
     """Hits@1/3/5/10/20, MRR and nel_micro_p/r/f of a pipeline on a corpus,
     given the gold mentions, by the two-stage and/or the exhaustive protocol;
     accuracy, calibration error (ECE) and NIL precision/recall/F of its answers."""
-    from spacy.scorer import Scorer
-
-    from .evaluation import evaluate_exhaustive
-    from .pipe import find_linker
+    from .evaluation import PROTOCOLS, evaluate_pipeline
     from .readers import MultimodalCorpus
-    from .scoring import HITS_AT
 
     if protocol not in PROTOCOLS:
         raise typer.BadParameter(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
     nlp = _load(pipeline, gpu_id)
-    linker = find_linker(nlp)
     examples = list(MultimodalCorpus(data, image_dir=image_dir)(nlp))
-    keys = [f"m3el_hits{k}" for k in HITS_AT] + ["m3el_mrr", "m3el_n_mentions"]
-    # As nlp.evaluate does, but the linked docs stay on the examples for the exhaustive comparison.
-    for eg, doc in zip(examples, nlp.pipe(eg.predicted for eg in examples)):
-        eg.predicted = doc
-    scores = Scorer(nlp=nlp).score(examples)
-    answers = ["m3el_accuracy", "m3el_ece", "m3el_nil_p", "m3el_nil_r", "m3el_nil_f", "m3el_n_nil"]
-    result = {key: scores.get(key) for key in keys + ["nel_micro_p", "nel_micro_r", "nel_micro_f"] + answers}
-    if protocol != "two-stage":
-        exhaustive = evaluate_exhaustive(linker, examples, progress=True)
-        result = result if protocol == "both" else {}
-        result["exhaustive"] = {key: exhaustive[key] for key in keys}
-        result["top1_agreement"] = exhaustive["top1_agreement"]
-    unreadable = linker.kb.entity_cache.meta.get("unreadable_kb_images") if linker.kb.entity_cache else None
-    result["unreadable_kb_images"] = unreadable["count"] if unreadable else 0
+    result = evaluate_pipeline(nlp, examples, protocol=protocol, progress=True)
     rows = [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in result.items() if not isinstance(v, dict)]
     rows += [(f"exhaustive {k}", f"{v:.4f}") for k, v in result.get("exhaustive", {}).items()]
+    rows += [(f"end to end {k}", f"{v:.4f}" if isinstance(v, float) else v)
+             for k, v in result.get("end_to_end", {}).items()]
     msg.table(rows, header=("metric", "value"))
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)

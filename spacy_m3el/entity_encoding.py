@@ -27,24 +27,31 @@ class EntityEncoder:
         # The cache object last checked against the current weights: checking
         # hashes every weight, so it is done once per cache object.
         self.verified: Optional[EntityCache] = None
+        # ... and the borrowed text model's weights it was checked against.
+        self.verified_digest: Optional[str] = None
 
     def current(self, kb: MultimodalKB) -> EntityCache:
         """The KB's cache if it is valid for the current weights and
         settings, else a new one, built and stored in the KB."""
         cache = kb.entity_cache
-        if cache is not None and cache is self.verified:
+        digest = self.network.encoder.weights_digest()
+        if cache is not None and cache is self.verified and digest == self.verified_digest:
             return cache
         if cache is not None and cache.is_valid_for(n_entities=len(kb), max_queries=self.settings.max_cached_queries,
                                                     fingerprint=self.network.fingerprint()):
-            self.verified = cache
+            self._verify(cache)
             return cache
         return self.build(kb)
+
+    def _verify(self, cache: EntityCache) -> None:
+        self.verified = cache
+        self.verified_digest = self.network.encoder.weights_digest()
 
     def build(self, kb: MultimodalKB, *, progress: bool = False) -> EntityCache:
         """Encode every entity of ``kb`` and store the cache in it."""
         cache = self.encode(kb, self.settings.max_cached_queries, progress=progress)
         kb.set_entity_cache(cache)
-        self.verified = cache
+        self._verify(cache)
         return cache
 
     def adopt_loaded(self, kb: MultimodalKB) -> None:
@@ -54,6 +61,8 @@ class EntityEncoder:
         cache = kb.entity_cache
         if cache is None:
             return
+        if getattr(self.network.encoder, "attached", True) is False:
+            return  # a borrowed text model not yet reachable: checked at first use instead
         if cache.meta.get("fingerprint") != self.network.fingerprint():
             raise KBError(
                 "The entity cache saved with this pipeline was built by a different model "
@@ -61,7 +70,7 @@ class EntityEncoder:
             )
         if cache.settings_match(self.settings.max_cached_queries):
             cache.require([RETRIEVAL, *self.network.matcher.cached_entity_keys()], "the KB's cache/meta.json")
-            self.verified = cache
+            self._verify(cache)
             return
         saved = {key: cache.meta.get(key) for key in ("format", "max_queries")}
         warn(f"m3el_linker: the saved entity cache was built with other settings ({saved}, now "

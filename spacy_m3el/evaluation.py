@@ -1,14 +1,20 @@
 """The paper's protocol: every mention ranked against every KB entity with
 the exact M3EL score, next to the two-stage ranking the component uses."""
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from spacy.language import Language
+from spacy.scorer import Scorer
 from spacy.tokens import Span
 from spacy.training import Example
+from wasabi import msg
 
 from . import linking
+from .extensions import copy_images
 from .kb import NIL
-from .scoring import aligned_mentions, ranking_scores
+from .scoring import HITS_AT, aligned_mentions, ranking_scores
+
+PROTOCOLS = ("two-stage", "exhaustive", "both")
 
 
 def gold_mentions(examples: Sequence[Example]) -> Tuple[List[Span], List[str]]:
@@ -67,3 +73,59 @@ def evaluate_exhaustive(linker, examples: Sequence[Example], *, progress: bool =
         sum(a == b for a, b in zip(top, two_stage)) / len(spans) if spans else 0.0
     )
     return scores
+
+
+def mention_finders(nlp: Language, linker_name: str) -> List[str]:
+    """Enabled components that set ``doc.ents`` (ner, entity_ruler, ...), the linker aside."""
+    return [name for name in nlp.pipe_names
+            if name != linker_name and "doc.ents" in nlp.get_pipe_meta(name).assigns]
+
+
+def end_to_end_scores(nlp: Language, examples: Sequence[Example], keys: Sequence[str]) -> Dict[str, Any]:
+    """The pipeline finds the mentions itself, from the raw text and image:
+    ents_p/r/f of its mentions and the linking scores ``keys`` over them."""
+    raw = []
+    for eg in examples:
+        doc = nlp.make_doc(eg.reference.text)
+        copy_images(eg.reference, doc)
+        raw.append(Example(doc, eg.reference))
+    for eg, doc in zip(raw, nlp.pipe(eg.predicted for eg in raw)):
+        eg.predicted = doc
+    scores = Scorer(nlp=nlp).score(raw)
+    return {key: scores.get(key) for key in ["ents_p", "ents_r", "ents_f", *keys]}
+
+
+def evaluate_pipeline(nlp: Language, examples: Sequence[Example], *, protocol: str = "two-stage",
+                      progress: bool = False) -> Dict[str, Any]:
+    """Linking given the gold mentions (components that would replace them
+    are left out), by the two-stage and/or the exhaustive protocol; and,
+    when the pipeline finds mentions itself, the same end to end
+    (``end_to_end``). The examples' predicted docs are replaced by the linked ones."""
+    from .pipe import find_linker
+
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    linker = find_linker(nlp)
+    examples = list(examples)
+    keys = [f"m3el_hits{k}" for k in HITS_AT] + ["m3el_mrr", "m3el_n_mentions"]
+    answers = ["m3el_accuracy", "m3el_ece", "m3el_nil_p", "m3el_nil_r", "m3el_nil_f", "m3el_n_nil"]
+    links = ["nel_micro_p", "nel_micro_r", "nel_micro_f"]
+    finders = mention_finders(nlp, linker.name)
+    with nlp.select_pipes(disable=finders):
+        # As nlp.evaluate does, but the linked docs stay on the examples for the exhaustive comparison.
+        for eg, doc in zip(examples, nlp.pipe(eg.predicted for eg in examples)):
+            eg.predicted = doc
+        scores = Scorer(nlp=nlp).score(examples)
+    result: Dict[str, Any] = {key: scores.get(key) for key in keys + links + answers}
+    if protocol != "two-stage":
+        exhaustive = evaluate_exhaustive(linker, examples, progress=progress)
+        result = result if protocol == "both" else {}
+        result["exhaustive"] = {key: exhaustive[key] for key in keys}
+        result["top1_agreement"] = exhaustive["top1_agreement"]
+    if finders:
+        result["end_to_end"] = end_to_end_scores(nlp, examples, links + answers)
+        if progress:
+            msg.info(f"End to end, mentions found by {finders}")
+    unreadable = linker.kb.entity_cache.meta.get("unreadable_kb_images") if linker.kb.entity_cache else None
+    result["unreadable_kb_images"] = unreadable["count"] if unreadable else 0
+    return result

@@ -1,4 +1,5 @@
 """The ``m3el_linker`` pipeline component."""
+import contextlib
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -19,6 +20,7 @@ from .calibration import ScorerOptions, apply_scorer, fit
 from .entity_cache import EntityCache
 from .entity_encoding import EntityEncoder
 from .errors import warn
+from .encoders import SharedTextEncoder, TextFeatures
 from .evaluation import evaluate_exhaustive
 from .extensions import register_extensions
 from .features import in_batch_features
@@ -29,6 +31,7 @@ from .model.matching import Side
 from .results import annotate, link_result, ranking_results
 from .scoring import aligned_mentions, score_linking
 from .settings import LinkerSettings
+from .shared_transformer import MentionFeatures, doc_outputs, find_listener, upstream_provider
 
 DEFAULT_MODEL = {
     "@architectures": "spacy-m3el.M3EL.v1",
@@ -83,8 +86,10 @@ def make_m3el_linker(
     """The factory: settings as documented on :class:`LinkerSettings`."""
     values = locals()
     settings = LinkerSettings(**{key: values[key] for key in LinkerSettings.names()})
-    return M3ELLinker(nlp.vocab, model, name, settings=settings, generate_empty_kb=generate_empty_kb,
-                      scorer=scorer)
+    linker = M3ELLinker(nlp.vocab, model, name, settings=settings, generate_empty_kb=generate_empty_kb,
+                        scorer=scorer)
+    linker.attach_to_pipeline(nlp)
+    return linker
 
 
 class M3ELLinker(TrainablePipe):
@@ -139,6 +144,19 @@ class M3ELLinker(TrainablePipe):
         """The torch module (backbone + matcher) inside the thinc model."""
         return get_network(self.model)
 
+    @property
+    def shared_encoder(self) -> Optional[SharedTextEncoder]:
+        """The encoder when it borrows an upstream transformer, else None."""
+        encoder = self.network.encoder
+        return encoder if isinstance(encoder, SharedTextEncoder) else None
+
+    def attach_to_pipeline(self, nlp: Language) -> None:
+        """Borrow the text model of the upstream transformer component named
+        in the encoder's config (a no-op for a standalone encoder)."""
+        shared = self.shared_encoder
+        if shared is not None:
+            shared.attach(upstream_provider(nlp, shared.upstream))
+
     # ------------------------------------------------------------------ setup
     def set_kb(self, kb_loader: Callable[[Vocab], MultimodalKB]) -> None:
         """Use the KB that ``kb_loader(vocab)`` returns."""
@@ -166,6 +184,8 @@ class M3ELLinker(TrainablePipe):
         validate_get_examples(get_examples, "M3ELLinker.initialize")
         if kb_loader is not None:
             self.set_kb(kb_loader)
+        if nlp is not None:
+            self.attach_to_pipeline(nlp)
         if len(self.kb) == 0:
             raise ValueError(
                 "m3el_linker has an empty KB: pass a kb_loader to initialize() "
@@ -193,26 +213,46 @@ class M3ELLinker(TrainablePipe):
             raise ValueError("m3el_linker cannot train without a KB: call initialize() with a kb_loader")
         settings = self.settings
         self._tell_about_nil(examples)
+        upstream = self._upstream_outputs(examples)
         batch = training_batch(examples, self.kb, labels_discard=settings.labels_discard,
                                use_gold_ents=settings.use_gold_ents, hard_negatives=settings.hard_negatives)
         if batch is None:
+            if upstream is not None:  # the upstream's step waits for every listener's gradient
+                upstream.send_gradients()
             return losses  # nothing to contrast in this batch
-        parts, backprop = self.model.begin_update({**batch.model_inputs(self.inputs, self.kb),
-                                                   **self._scorer_inputs(batch)})
-        loss = float(parts["loss"].detach())
-        if not numpy.isfinite(loss):
-            detail = {k: float(v.detach()) for k, v in parts.items()}
-            raise ValueError(
-                f"m3el_linker: the training loss is not finite ({detail}). Lower the learning "
-                "rate, check the inputs for NaN, or enable grad scaling with mixed precision."
-            )
-        backprop(None)
+        inputs = {**batch.model_inputs(self.inputs, self.kb), **self._scorer_inputs(batch)}
+        if upstream is not None:
+            inputs["mention_texts"] = upstream.mention_texts(batch.spans)
+        with upstream.training() if upstream is not None else contextlib.nullcontext():
+            parts, backprop = self.model.begin_update(inputs)
+            loss = float(parts["loss"].detach())
+            if not numpy.isfinite(loss):
+                detail = {k: float(v.detach()) for k, v in parts.items()}
+                raise ValueError(
+                    f"m3el_linker: the training loss is not finite ({detail}). Lower the learning "
+                    "rate, check the inputs for NaN, or enable grad scaling with mixed precision."
+                )
+            backprop(None)
+        if upstream is not None:
+            upstream.send_gradients()
         if sgd is not None:
             self.finish_update(sgd)
         self.kb.clear_entity_cache()  # built by the old weights
         self.calibration_stale = True
         losses[self.name] += loss
         return losses
+
+    def _upstream_outputs(self, examples: List[Example]) -> Optional["UpstreamBatch"]:
+        """With a shared transformer: its output for the batch's docs, as
+        handed to the listener (or read from the docs when it is frozen)."""
+        shared = self.shared_encoder
+        if shared is None:
+            return None
+        listener = find_listener(self.model)
+        live = listener._batch_id is not None  # the upstream trains in this step and waits for our gradient
+        docs = [eg.predicted for eg in examples]
+        outputs, send = listener(docs, is_train=True)
+        return UpstreamBatch(shared, docs, outputs, send if live else None, self.settings.context_chars)
 
     def _scorer_inputs(self, batch: TrainingBatch) -> Dict[str, Any]:
         """The candidate scorer's training inputs: lexical features of every
@@ -270,6 +310,11 @@ class M3ELLinker(TrainablePipe):
         network = self.network
         network.eval()
         texts, refs = self.inputs.mentions(spans, where=where)
+        shared = self.shared_encoder
+        if shared is not None:
+            docs = list({id(span.doc): span.doc for span in spans}.values())
+            texts = UpstreamBatch(shared, docs, doc_outputs(docs, shared.upstream), None,
+                                  self.settings.context_chars).mention_texts(spans)
         with torch.no_grad():
             items = network.encode(texts, refs)
         self.bad_images += sum(ref is not None and not has for ref, has in zip(refs, items.image_mask.tolist()))
@@ -419,6 +464,39 @@ class M3ELLinker(TrainablePipe):
 
     def _kb_from_bytes(self, data: bytes) -> None:
         self._use_kb(self.generate_empty_kb(self.vocab, 0).from_bytes(data))
+
+
+class UpstreamBatch:
+    """One batch of a shared transformer's per-doc output: the mention text
+    features read from it and, while the upstream trains, the gradient sent
+    back through the listener's callback."""
+
+    def __init__(self, encoder: SharedTextEncoder, docs: Sequence[Doc], outputs: Sequence, send: Optional[Callable],
+                 context_chars: int) -> None:
+        self.encoder = encoder
+        self.position = {id(doc): i for i, doc in enumerate(docs)}
+        self.send = send
+        self.context_chars = context_chars
+        self.features = MentionFeatures(outputs, trainable=send is not None and encoder.grad_factor > 0)
+
+    def mention_texts(self, spans: Sequence[Span]) -> TextFeatures:
+        return self.features.gather(spans, [self.position[id(span.doc)] for span in spans],
+                                    max_length=self.encoder.max_text_length, context_chars=self.context_chars)
+
+    @contextlib.contextmanager
+    def training(self):
+        """KB texts are encoded with gradients while the upstream trains."""
+        self.encoder.text_training = self.send is not None
+        try:
+            yield
+        finally:
+            self.encoder.text_training = False
+
+    def send_gradients(self) -> None:
+        """Hand the mention side's gradient to the upstream (once)."""
+        if self.send is not None:
+            send, self.send = self.send, None
+            send(self.features.gradients(self.encoder.grad_factor))
 
 
 def find_linker(nlp: Language) -> "M3ELLinker":

@@ -1,10 +1,11 @@
 """Multimodal backbones: one interface, two registered implementations."""
 from typing import Optional
 
-from .base import MultimodalEncoder, pad_tokens
+from .base import ImageFeatures, MultimodalEncoder, TextFeatures, join_features, pad_tokens
 from .cache import FeatureCache
 from .clip import CLIPEncoder
 from .minilm_efficientnet import MiniLMEfficientNetEncoder
+from .shared import SharedTextEncoder, SharedTextModel
 
 
 def create_minilm_efficientnet_encoder(
@@ -31,12 +32,32 @@ def create_clip_encoder(
     return CLIPEncoder(name_or_path=name_or_path, max_text_length=max_text_length, frozen=frozen)
 
 
+def create_shared_text_encoder(
+    upstream: str = "transformer",
+    text_dim: int = 384,
+    max_text_length: int = 40,
+    grad_factor: float = 1.0,
+    image_weights_path: Optional[str] = None,
+) -> SharedTextEncoder:
+    """Registered as ``spacy-m3el.SharedTransformerEncoder.v1`` (spacy_misc):
+    texts by the pipeline's ``upstream`` spacy-transformers component,
+    images by EfficientNet-Lite0."""
+    return SharedTextEncoder(upstream=upstream, text_dim=text_dim, max_text_length=max_text_length,
+                             grad_factor=grad_factor, image_weights_path=image_weights_path)
+
+
 __all__ = [
     "MultimodalEncoder",
     "MiniLMEfficientNetEncoder",
+    "SharedTextEncoder",
+    "SharedTextModel",
+    "TextFeatures",
+    "ImageFeatures",
+    "join_features",
     "CLIPEncoder",
     "FeatureCache",
     "pad_tokens",
     "create_minilm_efficientnet_encoder",
     "create_clip_encoder",
+    "create_shared_text_encoder",
 ]

@@ -1,5 +1,6 @@
 """The interface every multimodal backbone implements."""
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy
@@ -9,6 +10,43 @@ from torch import nn
 
 from ..images import fit_square
 from ..model import EncodedItems
+
+
+@dataclass
+class TextFeatures:
+    """The text half of :class:`EncodedItems` for N items: encoded here, or
+    taken from elsewhere (an upstream transformer's output for the doc)."""
+
+    text_global: torch.Tensor  # [N, dt]
+    text_tokens: torch.Tensor  # [N, L, dt]
+    text_mask: torch.Tensor  # [N, L] bool
+
+    def __len__(self) -> int:
+        return self.text_global.shape[0]
+
+
+@dataclass
+class ImageFeatures:
+    """The image half of :class:`EncodedItems` for N items."""
+
+    image_global: torch.Tensor  # [N, image_global_dim]
+    image_tokens: torch.Tensor  # [N, P, image_token_dim]
+    image_mask: torch.Tensor  # [N] bool
+
+
+def join_features(text: TextFeatures, image: ImageFeatures) -> EncodedItems:
+    """One batch of model inputs from its text and image halves."""
+    if len(text) != image.image_mask.shape[0]:
+        raise ValueError(f"Got {len(text)} texts but {image.image_mask.shape[0]} images")
+    device = text.text_global.device
+    return EncodedItems(
+        text_global=text.text_global,
+        text_tokens=text.text_tokens,
+        text_mask=text.text_mask.to(device),
+        image_global=image.image_global.to(device),
+        image_tokens=image.image_tokens.to(device),
+        image_mask=image.image_mask.to(device),
+    )
 
 
 class MultimodalEncoder(nn.Module, ABC):
@@ -25,6 +63,9 @@ class MultimodalEncoder(nn.Module, ABC):
     image_size: int
     image_mean: Tuple[float, float, float]
     image_std: Tuple[float, float, float]
+    #: Whether text features are a function of the text alone while the
+    #: encoder is frozen (so a feature cache may keep them).
+    caches_text = True
 
     def __init__(self, *, max_text_length: int = 40, frozen: bool = False) -> None:
         super().__init__()
@@ -64,6 +105,11 @@ class MultimodalEncoder(nn.Module, ABC):
         shared in one process); unlike :meth:`describe` it may hold local paths."""
         return self.describe()
 
+    def weights_digest(self) -> Optional[str]:
+        """Identifies weights that change outside this module's own training
+        (a borrowed model); None when there are none."""
+        return None
+
     @abstractmethod
     def tokenize(self, texts: Sequence[str]) -> Dict[str, torch.Tensor]:
         """input_ids and attention_mask, truncated to ``max_text_length``."""
@@ -100,25 +146,26 @@ class MultimodalEncoder(nn.Module, ABC):
             mask[i] = True
         return pixels, mask
 
+    def encode_texts(self, texts: Sequence[str]) -> TextFeatures:
+        """Tokenize and encode N texts."""
+        tokens = {k: v.to(self.device) for k, v in self.tokenize(list(texts)).items()}
+        text_global, text_tokens = self.encode_text(tokens["input_ids"], tokens["attention_mask"])
+        return TextFeatures(text_global, text_tokens, tokens["attention_mask"].to(text_global.device, torch.bool))
+
+    def encode_images(self, images: Sequence[Optional[Image.Image]]) -> ImageFeatures:
+        """Preprocess and encode N images (None = no image)."""
+        pixels, image_mask = self.preprocess_images(images)
+        device = self.device
+        image_global, image_tokens = self.encode_image_masked(pixels.to(device), image_mask.to(device))
+        return ImageFeatures(image_global, image_tokens, image_mask.to(device))
+
     def encode(
         self, texts: Sequence[str], images: Sequence[Optional[Image.Image]]
     ) -> EncodedItems:
         """Encode N texts and N images (None = no image) into model inputs."""
         if len(texts) != len(images):
             raise ValueError(f"Got {len(texts)} texts but {len(images)} images")
-        device = self.device
-        tokens = {k: v.to(device) for k, v in self.tokenize(list(texts)).items()}
-        text_global, text_tokens = self.encode_text(tokens["input_ids"], tokens["attention_mask"])
-        pixels, image_mask = self.preprocess_images(images)
-        image_global, image_tokens = self.encode_image_masked(pixels.to(device), image_mask.to(device))
-        return EncodedItems(
-            text_global=text_global,
-            text_tokens=text_tokens,
-            text_mask=tokens["attention_mask"].to(torch.bool),
-            image_global=image_global,
-            image_tokens=image_tokens,
-            image_mask=image_mask.to(device),
-        )
+        return join_features(self.encode_texts(texts), self.encode_images(images))
 
     def encode_image_masked(
         self, pixels: torch.Tensor, image_mask: torch.Tensor

@@ -7,7 +7,7 @@ import torch
 from ..images import ImageRef
 from ..lru import LRUCache
 from ..model import EncodedItems
-from .base import MultimodalEncoder, pad_tokens
+from .base import ImageFeatures, MultimodalEncoder, TextFeatures, join_features, pad_tokens
 
 Features = Tuple[torch.Tensor, torch.Tensor]
 
@@ -119,29 +119,34 @@ class FeatureCache:
                 found[key] = features
         return found
 
-    def encode(self, texts: Sequence[str], images: Sequence[Optional[ImageRef]]) -> EncodedItems:
-        """Features for N texts and N images (None = no image), as a padded batch."""
-        if len(texts) != len(images):
-            raise ValueError(f"Got {len(texts)} texts but {len(images)} images")
-        text_features = self._encode_texts(texts)
-        image_features = self._encode_images(images)
-        globals_, token_rows = zip(*(text_features[t] for t in texts))
+    def encode_texts(self, texts: Sequence[str]) -> TextFeatures:
+        """Features of N texts, as a padded batch. Texts of an encoder whose
+        text model may change under it (``caches_text`` False) are encoded
+        anew, with gradients when it is training."""
+        if not self.encoder.caches_text:
+            return self.encoder.encode_texts(texts)
+        found = self._encode_texts(texts)
+        globals_, token_rows = zip(*(found[t] for t in texts))
         text_tokens, text_mask = pad_tokens([row.float() for row in token_rows])
+        return TextFeatures(torch.stack([g.float() for g in globals_]), text_tokens, text_mask)
+
+    def encode_images(self, images: Sequence[Optional[ImageRef]]) -> ImageFeatures:
+        """Features of N images (None = no image)."""
+        found = self._encode_images(images)
         global_shape, token_shape = self.encoder.image_output_shapes()
-        image_global = torch.zeros((len(texts), *global_shape))
-        image_tokens = torch.zeros((len(texts), *token_shape))
-        image_mask = torch.zeros(len(texts), dtype=torch.bool)
+        image_global = torch.zeros((len(images), *global_shape))
+        image_tokens = torch.zeros((len(images), *token_shape))
+        image_mask = torch.zeros(len(images), dtype=torch.bool)
         for i, ref in enumerate(images):
-            features = image_features.get(ref.key) if ref is not None else None
+            features = found.get(ref.key) if ref is not None else None
             if features is not None:
                 image_global[i] = features[0].float()
                 image_tokens[i] = features[1].float()
                 image_mask[i] = True
-        return EncodedItems(
-            text_global=torch.stack([g.float() for g in globals_]),
-            text_tokens=text_tokens,
-            text_mask=text_mask,
-            image_global=image_global,
-            image_tokens=image_tokens,
-            image_mask=image_mask,
-        )
+        return ImageFeatures(image_global, image_tokens, image_mask)
+
+    def encode(self, texts: Sequence[str], images: Sequence[Optional[ImageRef]]) -> EncodedItems:
+        """Features for N texts and N images (None = no image), as a padded batch."""
+        if len(texts) != len(images):
+            raise ValueError(f"Got {len(texts)} texts but {len(images)} images")
+        return join_features(self.encode_texts(texts), self.encode_images(images))

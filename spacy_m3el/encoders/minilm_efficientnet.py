@@ -51,18 +51,50 @@ def load_efficientnet_lite0(weights_path: Optional[Union[str, Path]] = None) -> 
     return model
 
 
-class MiniLMEfficientNetEncoder(MultimodalEncoder):
-    """Text: MiniLM token states, global = their masked mean (the model's own
-    sentence pooling). Image: EfficientNet-Lite0's final 1280 x 7 x 7 feature
-    map as 49 local features, global = their mean."""
+def mean_pool(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean over the token axis: the MiniLM sentence embedding's pooling."""
+    weights = attention_mask.unsqueeze(-1).to(states.dtype)
+    return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
 
-    text_dim = 384
+
+class EfficientNetLite0Images:
+    """The image side of the offline backbones: EfficientNet-Lite0's final
+    1280 x 7 x 7 feature map as 49 local features, global = their mean.
+    A mixin for :class:`MultimodalEncoder` subclasses that set ``image_model``."""
+
     image_global_dim = 1280
     image_token_dim = 1280
     image_size = 224
     # The PyTorch port of the weights expects torchvision's ImageNet statistics.
     image_mean = (0.485, 0.456, 0.406)
     image_std = (0.229, 0.224, 0.225)
+    image_model: nn.Module
+
+    def train(self, mode: bool = True):
+        super().train(mode)  # type: ignore[misc]
+        # Batch statistics of tiny linking batches would wreck the pretrained
+        # BatchNorm running averages: keep them fixed even when fine-tuning.
+        for module in self.image_model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+        return self
+
+    def encode_image(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        feature_map = self.image_model.extract_features(pixels)  # [N, 1280, 7, 7]
+        tokens = feature_map.flatten(2).transpose(1, 2)  # [N, 49, 1280]
+        return tokens.mean(dim=1), tokens
+
+    def image_output_shapes(self) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        patches = (self.image_size // 32) ** 2
+        return (self.image_global_dim,), (patches, self.image_token_dim)
+
+
+class MiniLMEfficientNetEncoder(EfficientNetLite0Images, MultimodalEncoder):
+    """Text: MiniLM token states, global = their masked mean (the model's own
+    sentence pooling). Image: EfficientNet-Lite0's final 1280 x 7 x 7 feature
+    map as 49 local features, global = their mean."""
+
+    text_dim = 384
 
     def __init__(
         self,
@@ -99,15 +131,6 @@ class MiniLMEfficientNetEncoder(MultimodalEncoder):
         return {**self.describe(), "text_model_path": str(self.text_model_path),
                 "image_weights_path": str(self.image_weights_path)}
 
-    def train(self, mode: bool = True) -> "MiniLMEfficientNetEncoder":
-        super().train(mode)
-        # Batch statistics of tiny linking batches would wreck the pretrained
-        # BatchNorm running averages: keep them fixed even when fine-tuning.
-        for module in self.image_model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.eval()
-        return self
-
     def tokenize(self, texts: Sequence[str]) -> Dict[str, torch.Tensor]:
         encoded = self.tokenizer(
             list(texts),
@@ -122,15 +145,4 @@ class MiniLMEfficientNetEncoder(MultimodalEncoder):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         states = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        weights = attention_mask.unsqueeze(-1).to(states.dtype)
-        pooled = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
-        return pooled, states
-
-    def encode_image(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        feature_map = self.image_model.extract_features(pixels)  # [N, 1280, 7, 7]
-        tokens = feature_map.flatten(2).transpose(1, 2)  # [N, 49, 1280]
-        return tokens.mean(dim=1), tokens
-
-    def image_output_shapes(self) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-        patches = (self.image_size // 32) ** 2
-        return (self.image_global_dim,), (patches, self.image_token_dim)
+        return mean_pool(states, attention_mask), states
