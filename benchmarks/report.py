@@ -176,6 +176,29 @@ def priors_section(data: dict) -> list:
     return lines + ["", *(f"- {k}: {v}" for k, v in data["datasets"].items()), ""]
 
 
+def shared_transformer_section(data: dict) -> list:
+    """One transformer shared by ner and the linker vs two text encoders."""
+    lines = [
+        f"## One shared transformer ({where(data['run']['machine'])})",
+        "",
+        f"`python benchmarks/shared_transformer.py` — {data['run']['date']}. {data['inputs']}.",
+        "",
+        "| pipeline | text encoders (params) | torch params | RSS after linking MB | docs/s | CPU ms/doc "
+        "| Hits@1 (gold mentions) | ner F | nel_micro_f (end to end) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ("shared", "two_encoders"):
+        row = data[name]
+        lines.append(
+            f"| {name} | {row['text_encoders']} ({row['text_encoder_params'] / 1e6:.1f} M) "
+            f"| {row['torch_params'] / 1e6:.1f} M | {row['rss_mb']['after_linking']:.0f} "
+            f"| {row['speed']['docs_per_s']:.2f} | {row['speed']['cpu_ms_per_doc']:.1f} "
+            f"| {pct(row['gold_mentions']['m3el_hits1'])} | {pct(row['end_to_end']['ents_f'])} "
+            f"| {pct(row['end_to_end']['nel_micro_f'])} |")
+    ratios = ", ".join(f"{key} {value}" for key, value in data["ratios"].items())
+    return lines + ["", f"Ratios: {ratios}.", ""]
+
+
 def training_section(data: dict) -> list:
     lines = [
         f"## Training throughput ({where(data['machine'])})",
@@ -198,6 +221,7 @@ def main() -> None:
                 ("speed_cuda.json", lambda data: speed_section(data, "speed_vs_kb_size_cuda.png")),
                 ("component_cost.json", component_section),
                 ("priors.json", priors_section),
+                ("shared_transformer.json", shared_transformer_section),
                 ("training_throughput_cuda.json", training_section),
                 ("training_throughput_cpu.json", training_section)]
     for name, section in sections:

@@ -20,7 +20,7 @@ from .calibration import ScorerOptions, apply_scorer, fit
 from .entity_cache import EntityCache
 from .entity_encoding import EntityEncoder
 from .errors import warn
-from .encoders import SharedTextEncoder, TextFeatures
+from .encoders import SharedTextEncoder
 from .evaluation import evaluate_exhaustive
 from .extensions import register_extensions
 from .features import in_batch_features
@@ -31,7 +31,7 @@ from .model.matching import Side
 from .results import annotate, link_result, ranking_results
 from .scoring import aligned_mentions, score_linking
 from .settings import LinkerSettings
-from .shared_transformer import MentionFeatures, doc_outputs, find_listener, upstream_provider
+from .shared_transformer import UpstreamBatch, doc_outputs, find_listener, upstream_provider
 
 DEFAULT_MODEL = {
     "@architectures": "spacy-m3el.M3EL.v1",
@@ -242,7 +242,7 @@ class M3ELLinker(TrainablePipe):
         losses[self.name] += loss
         return losses
 
-    def _upstream_outputs(self, examples: List[Example]) -> Optional["UpstreamBatch"]:
+    def _upstream_outputs(self, examples: List[Example]) -> Optional[UpstreamBatch]:
         """With a shared transformer: its output for the batch's docs, as
         handed to the listener (or read from the docs when it is frozen)."""
         shared = self.shared_encoder
@@ -464,39 +464,6 @@ class M3ELLinker(TrainablePipe):
 
     def _kb_from_bytes(self, data: bytes) -> None:
         self._use_kb(self.generate_empty_kb(self.vocab, 0).from_bytes(data))
-
-
-class UpstreamBatch:
-    """One batch of a shared transformer's per-doc output: the mention text
-    features read from it and, while the upstream trains, the gradient sent
-    back through the listener's callback."""
-
-    def __init__(self, encoder: SharedTextEncoder, docs: Sequence[Doc], outputs: Sequence, send: Optional[Callable],
-                 context_chars: int) -> None:
-        self.encoder = encoder
-        self.position = {id(doc): i for i, doc in enumerate(docs)}
-        self.send = send
-        self.context_chars = context_chars
-        self.features = MentionFeatures(outputs, trainable=send is not None and encoder.grad_factor > 0)
-
-    def mention_texts(self, spans: Sequence[Span]) -> TextFeatures:
-        return self.features.gather(spans, [self.position[id(span.doc)] for span in spans],
-                                    max_length=self.encoder.max_text_length, context_chars=self.context_chars)
-
-    @contextlib.contextmanager
-    def training(self):
-        """KB texts are encoded with gradients while the upstream trains."""
-        self.encoder.text_training = self.send is not None
-        try:
-            yield
-        finally:
-            self.encoder.text_training = False
-
-    def send_gradients(self) -> None:
-        """Hand the mention side's gradient to the upstream (once)."""
-        if self.send is not None:
-            send, self.send = self.send, None
-            send(self.features.gradients(self.encoder.grad_factor))
 
 
 def find_linker(nlp: Language) -> "M3ELLinker":

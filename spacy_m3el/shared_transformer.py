@@ -7,6 +7,7 @@ model object. Gradients of both sides reach that model: the mention side's
 through the listener callback, the entity side's directly, so the upstream's
 optimizer step applies both.
 """
+import contextlib
 import weakref
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -18,13 +19,12 @@ from spacy.tokens import Doc, Span
 from thinc.api import Model
 from thinc.util import torch2xp, xp2torch
 
-from .encoders import SharedTextModel, TextFeatures, pad_tokens
+from .encoders import SharedTextEncoder, SharedTextModel, TextFeatures, pad_tokens
 from .encoders.minilm_efficientnet import default_text_model_path
 
 
 def _spacy_transformers():
     try:
-        import spacy_transformers  # noqa: F401 - registers the transformer factory
         from spacy_transformers.data_classes import TransformerData
         from spacy_transformers.layers import TransformerListener, TransformerModel
     except ImportError as err:  # pragma: no cover - a dependency
@@ -231,8 +231,41 @@ class MentionFeatures:
             if source is None:
                 continue
             hidden = data.model_output.last_hidden_state
-            grad = source.grad if source is not None and source.grad is not None else torch.zeros_like(source)
+            grad = source.grad if source.grad is not None else torch.zeros_like(source)
             d_hidden = (torch2xp(grad.detach()) * grad_factor).reshape(hidden.shape).astype(hidden.dtype)
             out.append(TransformerData(model_output=ModelOutput(last_hidden_state=d_hidden),
                                        wordpieces=data.wordpieces, align=data.align))
         return out
+
+
+class UpstreamBatch:
+    """One batch of a shared transformer's per-doc output: the mention text
+    features read from it and, while the upstream trains, the gradient sent
+    back through the listener's callback."""
+
+    def __init__(self, encoder: SharedTextEncoder, docs: Sequence[Doc], outputs: Sequence, send: Optional[Callable],
+                 context_chars: int) -> None:
+        self.encoder = encoder
+        self.position = {id(doc): i for i, doc in enumerate(docs)}
+        self.send = send
+        self.context_chars = context_chars
+        self.features = MentionFeatures(outputs, trainable=send is not None and encoder.grad_factor > 0)
+
+    def mention_texts(self, spans: Sequence[Span]) -> TextFeatures:
+        return self.features.gather(spans, [self.position[id(span.doc)] for span in spans],
+                                    max_length=self.encoder.max_text_length, context_chars=self.context_chars)
+
+    @contextlib.contextmanager
+    def training(self):
+        """KB texts are encoded with gradients while the upstream trains."""
+        self.encoder.text_training = self.send is not None
+        try:
+            yield
+        finally:
+            self.encoder.text_training = False
+
+    def send_gradients(self) -> None:
+        """Hand the mention side's gradient to the upstream (once)."""
+        if self.send is not None:
+            send, self.send = self.send, None
+            send(self.features.gradients(self.encoder.grad_factor))
