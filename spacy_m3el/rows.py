@@ -40,21 +40,23 @@ from .extensions import image_source, make_doc
 Row = Dict[str, Any]
 
 
+def parse_line(line: str) -> Tuple[Optional[Row], Optional[str]]:
+    """``(row, None)`` for a JSON object, else ``(None, what is wrong)``."""
+    try:
+        row = json.loads(line)
+    except ValueError as err:
+        return None, f"not valid JSON ({err})"
+    if not isinstance(row, dict):
+        return None, "a row must be a JSON object"
+    return row, None
+
+
 def read_rows(path: Union[str, Path]) -> Iterator[Tuple[int, Optional[Row], Optional[str]]]:
     """``(line number, row, None)`` or ``(line number, None, error)`` per non-empty line."""
     with Path(path).open(encoding="utf8") as lines:
         for line_no, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as err:
-                yield line_no, None, f"not valid JSON ({err})"
-                continue
-            if not isinstance(row, dict):
-                yield line_no, None, "a row must be a JSON object"
-            else:
-                yield line_no, row, None
+            if line.strip():
+                yield (line_no, *parse_line(line))
 
 
 def row_doc(nlp: Language, row: Row, *, image_dir: Optional[Path] = None) -> Doc:

@@ -1,4 +1,5 @@
-"""Multimodal backbones: one interface, two registered implementations."""
+"""Multimodal backbones: one interface, three registered implementations (the
+last borrows the text model of an upstream spacy-transformers component)."""
 from typing import Optional
 
 from .base import ImageFeatures, MultimodalEncoder, TextFeatures, join_features, pad_tokens

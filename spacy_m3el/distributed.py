@@ -1,0 +1,159 @@
+"""Linking a corpus beyond one process, on Ray Data (``pip install 'spacy-m3el[ray]'``).
+
+Each Ray actor loads the pipeline once (its KB cache memory-mapped from the
+pipeline directory, which every worker must be able to read) and links
+batches of rows; the driver writes the output and errors files. Ray retries
+the batches of a worker that dies, and a batch's rows are written only when
+it comes back, so every input row appears exactly once in the output or in
+the errors file. Output rows come in completion order: compare runs by ``id``.
+"""
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+from .rows import Row, link_rows, parse_line
+
+#: Environment variable naming a file whose presence makes the next batch's
+#: worker exit at once (the file is removed first): for fault-tolerance tests.
+FAIL_ONCE_ENV = "SPACY_M3EL_FAIL_ONCE"
+
+
+def _ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as err:
+        raise ImportError("Distributed linking needs Ray Data: pip install 'spacy-m3el[ray]'") from err
+    return ray
+
+
+def start_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None) -> None:
+    """Join the cluster at ``address`` ("auto", "ray://host:port"), or start
+    a local Ray on this machine (``num_cpus`` CPUs) when it is None."""
+    ray = _ray()
+    if ray.is_initialized():
+        return
+    if address is None:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(address=address, log_to_driver=False)
+
+
+class LinkWorker:
+    """A Ray Data actor: one loaded pipeline, linking batches of raw rows."""
+
+    def __init__(self, pipeline: str, image_dir: Optional[str], top_k: int) -> None:
+        import spacy
+        import torch
+
+        from .pipe import find_linker
+
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        if Path(pipeline).exists() and not os.access(pipeline, os.R_OK):
+            raise PermissionError(f"The pipeline directory {pipeline} is not readable by this Ray worker")
+        try:
+            self.nlp = spacy.load(pipeline)
+        except OSError as err:
+            raise OSError(f"A Ray worker cannot load the pipeline {pipeline!r}: it must be a directory every worker "
+                          f"can read (shared storage) or a package installed on every node ({err})") from err
+        find_linker(self.nlp).settings.on_bad_image = "warn"  # one bad image must not stop the job
+        self.image_dir = Path(image_dir) if image_dir else None
+        self.top_k = top_k
+
+    def __call__(self, batch: Dict[str, Any]) -> Dict[str, List[str]]:
+        marker = os.environ.get(FAIL_ONCE_ENV)
+        if marker and Path(marker).exists():
+            Path(marker).unlink()
+            os._exit(1)  # a worker lost mid-batch, as a node failure would
+        rows = list(_batch_rows(batch))
+        errors: List[Row] = []
+        linked = [json.dumps(row, ensure_ascii=False)
+                  for row in link_rows(self.nlp, rows, errors.append, image_dir=self.image_dir, top_k=self.top_k)]
+        # A worker sees no line numbers: the row is named by its id, or its text when it is not JSON.
+        failed = [json.dumps({"row": error.pop("line"), **error}, ensure_ascii=False) for error in errors]
+        return {"kind": ["row"] * len(linked) + ["error"] * len(failed), "json": linked + failed}
+
+
+def _batch_rows(batch: Dict[str, Any]) -> Iterator[Tuple[Any, Optional[Row], Optional[str]]]:
+    """``(where, row, error)`` per row of a batch: raw JSONL lines (``line``
+    column) are parsed here, so a bad line is reported, not fatal; Parquet
+    rows arrive as columns."""
+    if "line" in batch:
+        for raw in batch["line"]:
+            row, error = parse_line(str(raw))
+            yield (str(raw)[:200] if error else row.get("id")), row, error
+        return
+    columns = list(batch)
+    size = len(batch[columns[0]]) if columns else 0
+    for i in range(size):
+        row = {name: _plain(batch[name][i]) for name in columns}
+        yield row.get("id"), row, None
+
+
+def _plain(value: Any) -> Any:
+    """numpy/pyarrow values of a Parquet batch as JSON-ready Python values."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def read_dataset(path: Union[str, Path]):
+    """A Ray dataset of input rows: JSONL (one ``line`` per row, parsed by
+    the workers) or Parquet (columns ``id``, ``text``, ``image``, ``spans``)."""
+    ray = _ray()
+    path = str(path)
+    if path.endswith(".parquet") or Path(path).is_dir():
+        return ray.data.read_parquet(path)
+    return ray.data.read_text(path, drop_empty_lines=True).rename_columns({"text": "line"})
+
+
+def link(
+    data: Union[str, Path, Any],
+    pipeline: str,
+    output: Union[str, Path],
+    *,
+    errors: Optional[Union[str, Path]] = None,
+    image_dir: Optional[Union[str, Path]] = None,
+    address: Optional[str] = None,
+    num_workers: int = 2,
+    batch_size: int = 32,
+    gpus_per_worker: float = 0.0,
+    top_k: int = 5,
+    max_retries: int = 3,
+) -> Dict[str, int]:
+    """Link every row of ``data`` (a JSONL/Parquet path or a Ray dataset)
+    with ``num_workers`` Ray actors, each holding one loaded ``pipeline``;
+    write one JSON object per linked row to ``output`` and unusable rows to
+    ``errors`` (default: OUTPUT.errors.jsonl). Returns the counts."""
+    # One CPU per worker plus one for reading the input, which would otherwise wait forever.
+    start_ray(address, num_cpus=None if address else max(num_workers, 1) + 1)
+    dataset = data if not isinstance(data, (str, Path)) else read_dataset(data)
+    output = Path(output)
+    errors = Path(errors) if errors else output.with_name(output.name + ".errors.jsonl")
+    linked = dataset.map_batches(
+        LinkWorker,
+        fn_constructor_kwargs={"pipeline": str(pipeline), "image_dir": str(image_dir) if image_dir else None,
+                               "top_k": top_k},
+        batch_size=batch_size,
+        concurrency=num_workers,
+        num_cpus=1,
+        num_gpus=gpus_per_worker or None,
+        batch_format="numpy",
+        max_restarts=max_retries,
+        max_task_retries=max_retries,
+    )
+    counts = {"linked": 0, "errors": 0}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("w", encoding="utf8") as out, errors.open("w", encoding="utf8") as bad:
+        for batch in linked.iter_batches(batch_size=None, batch_format="numpy"):
+            for kind, text in zip(batch["kind"], batch["json"]):
+                if kind == "row":
+                    out.write(f"{text}\n")
+                    counts["linked"] += 1
+                else:
+                    bad.write(f"{text}\n")
+                    counts["errors"] += 1
+    return counts

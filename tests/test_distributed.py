@@ -1,0 +1,96 @@
+"""Corpus linking on Ray Data: local Ray, 2 CPU workers (the `ray` extra)."""
+import json
+import os
+
+import pytest
+import spacy
+
+from spacy_m3el.rows import link_rows, read_rows
+
+from .test_pipe import CONTEXTS, N_ENTITIES, train_pipeline
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
+from spacy_m3el import distributed  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    marker = tmp_path_factory.mktemp("fault") / "fail-once"
+    # Workers inherit the driver's environment: the fault test creates the marker.
+    os.environ[distributed.FAIL_ONCE_ENV] = str(marker)
+    distributed.start_ray(num_cpus=3)  # two workers and the reader
+    yield marker
+    ray.shutdown()
+    del os.environ[distributed.FAIL_ONCE_ENV]
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(picture_dir, tmp_path_factory):
+    nlp, _ = train_pipeline(picture_dir, epochs=5)
+    path = tmp_path_factory.mktemp("ray") / "pipeline"
+    nlp.to_disk(path)
+    return path
+
+
+def write_rows(path, picture_dir, *, bad=False):
+    lines = []
+    for k in range(N_ENTITIES):
+        for c, text in enumerate(CONTEXTS):
+            start = text.index("item")
+            lines.append(json.dumps({"id": f"r{k}-{c}", "text": text, "image": str(picture_dir / f"item{k}_alt.png"),
+                                     "spans": [[start, start + 4, "THING"]]}))
+    if bad:
+        lines[3:3] = ["{not json", json.dumps({"id": "no-text"}),
+                      json.dumps({"id": "no-image", "text": "the item", "image": "missing.png"})]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def by_id(path):
+    return {row["id"]: row for row in map(json.loads, path.read_text().splitlines())}
+
+
+def test_distributed_output_equals_nlp_pipe(local_ray, pipeline_dir, picture_dir, tmp_path):
+    rows = write_rows(tmp_path / "rows.jsonl", picture_dir)
+    counts = distributed.link(rows, str(pipeline_dir), tmp_path / "out.jsonl", num_workers=2, batch_size=8)
+    assert counts == {"linked": 2 * N_ENTITIES, "errors": 0}
+    nlp = spacy.load(pipeline_dir)
+    expected = {row["id"]: row for row in link_rows(nlp, read_rows(rows), lambda error: None)}
+    got = by_id(tmp_path / "out.jsonl")
+    assert set(got) == set(expected)
+    for row_id, row in expected.items():
+        assert [e["kb_id"] for e in got[row_id]["ents"]] == [e["kb_id"] for e in row["ents"]]
+        for mine, theirs in zip(got[row_id]["ents"], row["ents"]):
+            assert mine["score"] == pytest.approx(theirs["score"], abs=1e-5)
+            assert [c["id"] for c in mine["candidates"]] == [c["id"] for c in theirs["candidates"]]
+            for a, b in zip(mine["candidates"], theirs["candidates"]):
+                assert a["prob"] == pytest.approx(b["prob"], abs=1e-5)
+
+
+def test_bad_rows_go_to_the_errors_file_and_the_job_goes_on(local_ray, pipeline_dir, picture_dir, tmp_path):
+    rows = write_rows(tmp_path / "rows.jsonl", picture_dir, bad=True)
+    counts = distributed.link(rows, str(pipeline_dir), tmp_path / "out.jsonl", num_workers=2, batch_size=8)
+    assert counts == {"linked": 2 * N_ENTITIES, "errors": 3}
+    errors = [json.loads(line) for line in (tmp_path / "out.jsonl.errors.jsonl").read_text().splitlines()]
+    reasons = {str(error["row"]): error["error"] for error in errors}
+    assert "not valid JSON" in reasons["{not json"]
+    assert reasons["no-text"] == "'text' must be a string"
+    assert "missing.png" in reasons["no-image"] and "not found" in reasons["no-image"]
+
+
+def test_a_killed_worker_loses_and_repeats_nothing(local_ray, pipeline_dir, picture_dir, tmp_path):
+    rows = write_rows(tmp_path / "rows.jsonl", picture_dir)
+    local_ray.write_text("kill the next worker that takes a batch")
+    counts = distributed.link(rows, str(pipeline_dir), tmp_path / "out.jsonl", num_workers=2, batch_size=8)
+    assert not local_ray.exists()  # a worker did die
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    ids = [json.loads(line)["id"] for line in lines]
+    assert counts["linked"] == len(ids) == len(set(ids)) == 2 * N_ENTITIES
+
+
+def test_unreadable_pipeline_is_named(local_ray, picture_dir, tmp_path):
+    rows = write_rows(tmp_path / "rows.jsonl", picture_dir)
+    with pytest.raises(Exception, match="cannot load the pipeline"):
+        distributed.link(rows, str(tmp_path / "no-such-pipeline"), tmp_path / "out.jsonl", num_workers=1)
