@@ -124,8 +124,8 @@ def _load(pipeline: str, gpu_id: int):
 @app.command("link")
 def link(
     pipeline: str = typer.Argument(..., help="Trained pipeline: a directory or an installed package name"),
-    input_path: Path = typer.Argument(..., help='JSONL rows {"id", "text", "image", "spans"?}', exists=True,
-                                      dir_okay=False),
+    input_path: Path = typer.Argument(..., help='JSONL rows {"id", "text", "image", "spans"?} (with --ray also '
+                                      "Parquet with those columns)", exists=True),
     output: Path = typer.Argument(..., help="JSONL output: one row per input row, with its linked entities"),
     errors: Optional[Path] = typer.Option(None, help="Where unusable rows are reported (default: OUTPUT.errors.jsonl)"),
     image_dir: Optional[Path] = typer.Option(None, help="Base of relative image paths (default: INPUT's folder)"),
@@ -133,13 +133,31 @@ def link(
     batch_size: int = typer.Option(32, help="Docs per batch"),
     top_k: int = typer.Option(5, help="Candidates kept per entity in the output"),
     gpu_id: int = typer.Option(-1, help="GPU to use (-1: CPU)"),
+    use_ray: bool = typer.Option(False, "--ray", help="Link on Ray Data workers (pip install 'spacy-m3el[ray]')"),
+    address: Optional[str] = typer.Option(None, help="With --ray: the cluster to join ('auto', 'ray://host:port'); "
+                                          "default: a local Ray on this machine"),
+    num_workers: int = typer.Option(2, help="With --ray: worker actors, each holding one loaded pipeline"),
+    gpus_per_worker: float = typer.Option(0.0, help="With --ray: GPUs per worker"),
 ) -> None:
     """Link a JSONL file of texts with images. Bad rows go to the errors
     file and the job goes on; an undecodable image is linked on text alone
-    and reported."""
+    and reported. With --ray the rows are linked by Ray Data workers (rows
+    written as they come back, not in input order)."""
     from .pipe import find_linker
     from .rows import link_rows, read_rows
 
+    if use_ray:
+        from .distributed import link as link_on_ray
+
+        counts = link_on_ray(input_path, pipeline, output, errors=errors, image_dir=image_dir or input_path.parent,
+                             address=address, num_workers=num_workers, batch_size=batch_size,
+                             gpus_per_worker=gpus_per_worker, top_k=top_k)
+        msg.good(f"{counts['linked']} rows linked on Ray -> {output}")
+        if counts["errors"]:
+            msg.warn(f"{counts['errors']} problem row(s) -> {errors or output.with_name(output.name + '.errors.jsonl')}")
+        return
+    if input_path.is_dir():
+        raise typer.BadParameter(f"{input_path} is a directory: without --ray the input is one JSONL file")
     nlp = _load(pipeline, gpu_id)
     find_linker(nlp).settings.on_bad_image = "warn"  # one bad image must not stop the job
     errors = errors or output.with_name(output.name + ".errors.jsonl")

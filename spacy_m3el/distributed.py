@@ -122,7 +122,6 @@ def link(
     batch_size: int = 32,
     gpus_per_worker: float = 0.0,
     top_k: int = 5,
-    max_retries: int = 3,
 ) -> Dict[str, int]:
     """Link every row of ``data`` (a JSONL/Parquet path or a Ray dataset)
     with ``num_workers`` Ray actors, each holding one loaded ``pipeline``;
@@ -130,21 +129,23 @@ def link(
     ``errors`` (default: OUTPUT.errors.jsonl). Returns the counts."""
     # One CPU per worker plus one for reading the input, which would otherwise wait forever.
     start_ray(address, num_cpus=None if address else max(num_workers, 1) + 1)
+    ray = _ray()
     dataset = data if not isinstance(data, (str, Path)) else read_dataset(data)
     output = Path(output)
     errors = Path(errors) if errors else output.with_name(output.name + ".errors.jsonl")
+    # Workers do not share the driver's working directory: local paths go to them absolute.
+    if Path(pipeline).exists():
+        pipeline = str(Path(pipeline).resolve())
     linked = dataset.map_batches(
         LinkWorker,
-        fn_constructor_kwargs={"pipeline": str(pipeline), "image_dir": str(image_dir) if image_dir else None,
-                               "top_k": top_k},
+        fn_constructor_kwargs={"pipeline": str(pipeline), "top_k": top_k,
+                               "image_dir": str(Path(image_dir).resolve()) if image_dir else None},
         batch_size=batch_size,
-        concurrency=num_workers,
+        compute=ray.data.ActorPoolStrategy(size=num_workers),
         num_cpus=1,
         num_gpus=gpus_per_worker or None,
         batch_format="numpy",
-        max_restarts=max_retries,
-        max_task_retries=max_retries,
-    )
+    )  # Ray Data restarts a lost worker and retries its batch (its defaults for actor pools)
     counts = {"linked": 0, "errors": 0}
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w", encoding="utf8") as out, errors.open("w", encoding="utf8") as bad:

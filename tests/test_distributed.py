@@ -1,6 +1,8 @@
 """Corpus linking on Ray Data: local Ray, 2 CPU workers (the `ray` extra)."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import spacy
@@ -88,6 +90,19 @@ def test_a_killed_worker_loses_and_repeats_nothing(local_ray, pipeline_dir, pict
     lines = (tmp_path / "out.jsonl").read_text().splitlines()
     ids = [json.loads(line)["id"] for line in lines]
     assert counts["linked"] == len(ids) == len(set(ids)) == 2 * N_ENTITIES
+
+
+def test_cli_link_with_ray_and_relative_image_paths(pipeline_dir, picture_dir, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    (tmp_path / "pictures").symlink_to(picture_dir)
+    rows.write_text("\n".join(json.dumps({"id": f"r{k}", "text": CONTEXTS[0], "image": f"pictures/item{k}_alt.png",
+                                          "spans": [[19, 23, "THING"]]}) for k in range(4)) + "\n")
+    subprocess.run([sys.executable, "-m", "spacy_m3el", "link", str(pipeline_dir), "rows.jsonl", "out.jsonl", "--ray",
+                    "--num-workers", "1"], check=True, cwd=tmp_path)
+    got = by_id(tmp_path / "out.jsonl")
+    assert sorted(got) == ["r0", "r1", "r2", "r3"]
+    assert all(row["ents"][0]["modalities"] == ["text", "image"] for row in got.values())
+    assert (tmp_path / "out.jsonl.errors.jsonl").read_text() == ""
 
 
 def test_unreadable_pipeline_is_named(local_ray, picture_dir, tmp_path):
