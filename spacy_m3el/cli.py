@@ -205,6 +205,32 @@ def build_kb(
         msg.warn(f"{missing} image file(s) of {len(kb.missing_images)} entities not found (in kb.json: missing_images)")
 
 
+@app.command("build-cache")
+def build_cache(
+    pipeline: str = typer.Argument(..., help="Trained pipeline with an m3el_linker: a directory or a package name"),
+    output: Path = typer.Argument(..., help="Where to save the pipeline with its KB's entity cache"),
+    use_ray: bool = typer.Option(False, "--ray", help="Encode the KB on Ray Data workers (pip install 'spacy-m3el[ray]')"),
+    address: Optional[str] = typer.Option(None, help="With --ray: the cluster to join (default: a local Ray)"),
+    num_workers: int = typer.Option(2, help="With --ray: worker actors, each holding one loaded pipeline"),
+) -> None:
+    """Encode every KB entity for the linker's current weights (the entity
+    cache the two-stage linker searches) and save the pipeline with it. With
+    --ray the KB is split into row ranges encoded by Ray workers and merged
+    into the same cache a single-machine build gives."""
+    if use_ray:
+        from .distributed import build_kb_cache
+
+        counts = build_kb_cache(pipeline, output, address=address, num_workers=num_workers)
+        msg.good(f"{counts['entities']} entities encoded in {counts['shards']} shards on Ray -> {output}")
+        return
+    from .pipe import find_linker
+
+    nlp = _load(pipeline, -1)
+    cache = find_linker(nlp).build_entity_cache(progress=True)
+    nlp.to_disk(output)
+    msg.good(f"{len(cache)} entities encoded -> {output}")
+
+
 @app.command("add-alias-ruler")
 def add_alias_ruler_command(
     pipeline: str = typer.Argument(..., help="Pipeline with an m3el_linker: a directory or a package name"),

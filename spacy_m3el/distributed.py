@@ -88,6 +88,9 @@ def _batch_rows(batch: Dict[str, Any]) -> Iterator[Tuple[Any, Optional[Row], Opt
     size = len(batch[columns[0]]) if columns else 0
     for i in range(size):
         row = {name: _plain(batch[name][i]) for name in columns}
+        if isinstance(row.get("spans"), list):  # Arrow has no mixed lists: spans are {start, end, label} structs
+            row["spans"] = [[s["start"], s["end"], *([s["label"]] if s.get("label") else [])]
+                            if isinstance(s, dict) else s for s in row["spans"]]
         yield row.get("id"), row, None
 
 
@@ -102,7 +105,8 @@ def _plain(value: Any) -> Any:
 
 def read_dataset(path: Union[str, Path]):
     """A Ray dataset of input rows: JSONL (one ``line`` per row, parsed by
-    the workers) or Parquet (columns ``id``, ``text``, ``image``, ``spans``)."""
+    the workers) or Parquet (columns ``id``, ``text``, ``image`` and
+    optionally ``spans``, a list of ``{start, end, label}`` structs)."""
     ray = _ray()
     path = str(path)
     if path.endswith(".parquet") or Path(path).is_dir():
@@ -158,3 +162,101 @@ def link(
                     bad.write(f"{text}\n")
                     counts["errors"] += 1
     return counts
+
+
+class CacheWorker:
+    """A Ray Data actor: one loaded pipeline, encoding ranges of KB rows into
+    entity cache arrays (returned as ``.npz`` bytes)."""
+
+    def __init__(self, pipeline: str) -> None:
+        import spacy
+
+        from .pipe import find_linker
+
+        self.linker = find_linker(_load_pipeline(spacy, pipeline))
+
+    def __call__(self, batch: Dict[str, Any]) -> Dict[str, List[Any]]:
+        import io
+
+        import numpy
+
+        starts, blobs, unreadable = [], [], []
+        linker = self.linker
+        for start, end in zip(batch["start"], batch["end"]):
+            part = linker.entity_encoder.encode(linker.kb, linker.settings.max_cached_queries,
+                                                rows=range(int(start), int(end)))
+            buffer = io.BytesIO()
+            numpy.savez(buffer, **part.arrays)
+            starts.append(int(start))
+            blobs.append(buffer.getvalue())
+            unreadable.append(json.dumps(part.meta.get("unreadable_kb_images", {}).get("ids", [])))
+        return {"start": starts, "npz": blobs, "unreadable": unreadable}
+
+
+def _load_pipeline(spacy, pipeline: str):
+    try:
+        return spacy.load(pipeline)
+    except OSError as err:
+        raise OSError(f"A Ray worker cannot load the pipeline {pipeline!r}: it must be a directory every worker "
+                      f"can read (shared storage) or a package installed on every node ({err})") from err
+
+
+def build_kb_cache(
+    pipeline: Union[str, Path],
+    output: Union[str, Path],
+    *,
+    address: Optional[str] = None,
+    num_workers: int = 2,
+    shards_per_worker: int = 4,
+) -> Dict[str, Any]:
+    """Encode the KB entities of ``pipeline``'s linker on ``num_workers``
+    Ray actors (row ranges on entity-batch boundaries, so every batch is the
+    one a single-machine build encodes), merge the arrays in KB order into
+    one entity cache, and save the pipeline with it to ``output``."""
+    import io
+
+    import numpy
+    import spacy
+
+    from .entity_cache import EntityCache, _concatenate_padded, build_cache_arrays
+    from .pipe import find_linker
+
+    start_ray(address, num_cpus=None if address else max(num_workers, 1) + 1)
+    ray = _ray()
+    if Path(pipeline).exists():
+        pipeline = str(Path(pipeline).resolve())
+    nlp = _load_pipeline(spacy, str(pipeline))
+    linker = find_linker(nlp)
+    size, total = linker.settings.entity_batch_size, len(linker.kb)
+    if total == 0:
+        raise ValueError(f"The pipeline {pipeline} has an empty KB: there is nothing to encode")
+    shard = -(-total // max(1, num_workers * shards_per_worker))
+    shard = -(-shard // size) * size
+    ranges = [{"start": start, "end": min(start + shard, total)} for start in range(0, total, shard)]
+    encoded = ray.data.from_items(ranges).map_batches(
+        CacheWorker, fn_constructor_kwargs={"pipeline": str(pipeline)}, batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=num_workers), num_cpus=1, batch_format="numpy",
+    )
+    parts: Dict[int, Dict[str, numpy.ndarray]] = {}
+    unreadable: List[str] = []
+    for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
+        for start, blob, ids in zip(batch["start"], batch["npz"], batch["unreadable"]):
+            with numpy.load(io.BytesIO(blob), allow_pickle=False) as arrays:
+                parts[int(start)] = {name: arrays[name] for name in arrays.files}
+            unreadable.extend(json.loads(ids))
+    if sorted(parts) != [r["start"] for r in ranges]:
+        raise RuntimeError(f"Ray returned {len(parts)} of {len(ranges)} KB shards")
+    ordered = [parts[start] for start in sorted(parts)]
+    arrays = {name: _concatenate_padded([part[name] for part in ordered]) for name in ordered[0]}
+    # The meta a single-machine build writes (settings, retrieval layout), from one small batch.
+    network = linker.network
+    _, meta = build_cache_arrays(network.matcher, [network.matcher.entity_side(network.encode(
+        *linker.inputs.entities(linker.kb, [0], training=False)))], max_queries=linker.settings.max_cached_queries)
+    cache = EntityCache(arrays, {**meta, "fingerprint": network.fingerprint(),
+                                 "unreadable_kb_images": {"count": len(unreadable), "ids": unreadable[:20]}})
+    if linker.settings.max_cached_queries is not None:
+        cache.meta["pooling_agreement"] = linker.entity_encoder.pooling_agreement(linker.kb, cache)
+    linker.kb.set_entity_cache(cache)
+    linker.entity_encoder.adopt_loaded(linker.kb)
+    nlp.to_disk(output)
+    return {"entities": total, "shards": len(ranges), "unreadable_kb_images": len(unreadable)}

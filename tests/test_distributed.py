@@ -4,9 +4,12 @@ import os
 import subprocess
 import sys
 
+import numpy
 import pytest
 import spacy
+import torch
 
+from spacy_m3el.pipe import find_linker
 from spacy_m3el.rows import link_rows, read_rows
 
 from .test_pipe import CONTEXTS, N_ENTITIES, train_pipeline
@@ -33,6 +36,9 @@ def pipeline_dir(picture_dir, tmp_path_factory):
     nlp, _ = train_pipeline(picture_dir, epochs=5)
     path = tmp_path_factory.mktemp("ray") / "pipeline"
     nlp.to_disk(path)
+    # Small entity batches, so that the 20 entities make several shards for the distributed build.
+    config = path / "config.cfg"
+    config.write_text(config.read_text().replace("entity_batch_size = 64", "entity_batch_size = 4"))
     return path
 
 
@@ -69,6 +75,23 @@ def test_distributed_output_equals_nlp_pipe(local_ray, pipeline_dir, picture_dir
             assert [c["id"] for c in mine["candidates"]] == [c["id"] for c in theirs["candidates"]]
             for a, b in zip(mine["candidates"], theirs["candidates"]):
                 assert a["prob"] == pytest.approx(b["prob"], abs=1e-5)
+
+
+def test_parquet_rows_link_like_jsonl(local_ray, pipeline_dir, picture_dir, tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+
+    rows = [json.loads(line) for line in write_rows(tmp_path / "rows.jsonl", picture_dir).read_text().splitlines()]
+    for row in rows:
+        row["spans"] = [{"start": s, "end": e, "label": label} for s, e, label in row["spans"]]
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "rows.parquet")
+    distributed.link(tmp_path / "rows.parquet", str(pipeline_dir), tmp_path / "parquet.jsonl", num_workers=2)
+    distributed.link(tmp_path / "rows.jsonl", str(pipeline_dir), tmp_path / "jsonl.jsonl", num_workers=2)
+    from_parquet, from_jsonl = by_id(tmp_path / "parquet.jsonl"), by_id(tmp_path / "jsonl.jsonl")
+    assert set(from_parquet) == set(from_jsonl) and len(from_parquet) == 2 * N_ENTITIES
+    for row_id, row in from_jsonl.items():
+        assert [(e["start"], e["kb_id"]) for e in from_parquet[row_id]["ents"]] == [
+            (e["start"], e["kb_id"]) for e in row["ents"]]
 
 
 def test_bad_rows_go_to_the_errors_file_and_the_job_goes_on(local_ray, pipeline_dir, picture_dir, tmp_path):
@@ -109,3 +132,28 @@ def test_unreadable_pipeline_is_named(local_ray, picture_dir, tmp_path):
     rows = write_rows(tmp_path / "rows.jsonl", picture_dir)
     with pytest.raises(Exception, match="cannot load the pipeline"):
         distributed.link(rows, str(tmp_path / "no-such-pipeline"), tmp_path / "out.jsonl", num_workers=1)
+
+
+def test_distributed_kb_cache_equals_the_single_machine_build(local_ray, pipeline_dir, tmp_path):
+    counts = distributed.build_kb_cache(pipeline_dir, tmp_path / "built", num_workers=2, shards_per_worker=2)
+    assert counts["entities"] == N_ENTITIES and counts["shards"] >= 2
+    nlp = spacy.load(pipeline_dir)
+    linker = find_linker(nlp)
+    # Ray gives each 1-CPU worker one torch thread; the sums inside the
+    # encoders' kernels depend on the thread count, so the reference uses one
+    # too, and encodes afresh (this process's feature cache holds features
+    # computed with two threads, during training).
+    linker.network.feature_cache.clear()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = linker.entity_encoder.encode(linker.kb, linker.settings.max_cached_queries)
+    finally:
+        torch.set_num_threads(threads)
+    built = find_linker(spacy.load(tmp_path / "built"))
+    cache = built.kb.entity_cache
+    assert cache is not None and sorted(cache.arrays) == sorted(single.arrays)
+    for name, array in single.arrays.items():
+        assert numpy.array_equal(numpy.asarray(cache.arrays[name]), array), name
+    assert cache.meta["fingerprint"] == single.meta["fingerprint"] == linker.network.fingerprint()
+    assert built.entity_cache is cache  # taken as it is, not rebuilt
