@@ -1,4 +1,5 @@
-"""Linking a corpus beyond one process, on Ray Data (``pip install 'spacy-m3el[ray]'``).
+"""Linking a corpus, and encoding a KB, beyond one process: on Ray Data
+(``pip install 'spacy-m3el[ray]'``).
 
 Each Ray actor loads the pipeline once (its KB cache memory-mapped from the
 pipeline directory, which every worker must be able to read) and links
@@ -50,13 +51,7 @@ class LinkWorker:
         from .pipe import find_linker
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        if Path(pipeline).exists() and not os.access(pipeline, os.R_OK):
-            raise PermissionError(f"The pipeline directory {pipeline} is not readable by this Ray worker")
-        try:
-            self.nlp = spacy.load(pipeline)
-        except OSError as err:
-            raise OSError(f"A Ray worker cannot load the pipeline {pipeline!r}: it must be a directory every worker "
-                          f"can read (shared storage) or a package installed on every node ({err})") from err
+        self.nlp = _load_pipeline(spacy, pipeline)
         find_linker(self.nlp).settings.on_bad_image = "warn"  # one bad image must not stop the job
         self.image_dir = Path(image_dir) if image_dir else None
         self.top_k = top_k
@@ -194,6 +189,9 @@ class CacheWorker:
 
 
 def _load_pipeline(spacy, pipeline: str):
+    """``spacy.load`` in a worker, saying what a worker needs when it fails."""
+    if Path(pipeline).exists() and not os.access(pipeline, os.R_OK):
+        raise PermissionError(f"The pipeline directory {pipeline} is not readable by this Ray worker")
     try:
         return spacy.load(pipeline)
     except OSError as err:
