@@ -10,22 +10,30 @@ from .test_pipe import train_pipeline
 NAME = "m3el_citest"
 
 
-@pytest.mark.slow
-def test_packaged_wheel_installs_loads_and_links(picture_dir, tmp_path):
-    nlp, _ = train_pipeline(picture_dir, epochs=5)
-    nlp.meta["name"] = NAME
+def package_wheel(nlp, name: str, tmp_path) -> tuple:
+    """`spacy package` the pipeline as a wheel, install it (no deps) and
+    return its meta and wheel path; uninstall with ``pip uninstall en_NAME``."""
+    nlp.meta["name"] = name
     nlp.to_disk(tmp_path / "pipeline")
     (tmp_path / "packages").mkdir()
     subprocess.run(
         [sys.executable, "-m", "spacy", "package", str(tmp_path / "pipeline"), str(tmp_path / "packages"),
-         "--name", NAME, "--version", "0.0.1", "--build", "wheel", "--force"],
+         "--name", name, "--version", "0.0.1", "--build", "wheel", "--force"],
         check=True,
     )
-    meta = json.loads((tmp_path / "packages" / f"en_{NAME}-0.0.1" / "meta.json").read_text())
-    assert any(req.startswith("spacy-m3el") for req in meta["requirements"]), meta["requirements"]
+    meta = json.loads((tmp_path / "packages" / f"en_{name}-0.0.1" / "meta.json").read_text())
     wheel = next((tmp_path / "packages").rglob("*.whl"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", "-q", str(wheel)], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", "-q", str(wheel)],
+                   check=True)
+    return meta, wheel
+
+
+@pytest.mark.slow
+def test_packaged_wheel_installs_loads_and_links(picture_dir, tmp_path):
+    nlp, _ = train_pipeline(picture_dir, epochs=5)
+    meta, _ = package_wheel(nlp, NAME, tmp_path)
     try:
+        assert any(req.startswith("spacy-m3el") for req in meta["requirements"]), meta["requirements"]
         script = (
             "import spacy\n"
             f"nlp = spacy.load('en_{NAME}')\n"

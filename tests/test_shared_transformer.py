@@ -13,6 +13,7 @@ from spacy_m3el.shared_transformer import create_load_frozen_transformers, find_
 
 from spacy.training import Example
 
+from .test_package import package_wheel
 from .test_pipe import CONTEXTS, N_ENTITIES, build_kb, make_docs
 
 NAME = "m3el_trf_citest"
@@ -194,22 +195,11 @@ def test_width_mismatch_is_explained(picture_dir):
 @pytest.mark.slow
 def test_spacy_package_of_the_shared_pipeline(trained_shared, picture_dir, tmp_path):
     nlp, _ = trained_shared
-    nlp.meta["name"] = NAME
-    nlp.to_disk(tmp_path / "pipeline")
-    (tmp_path / "packages").mkdir()
-    subprocess.run(
-        [sys.executable, "-m", "spacy", "package", str(tmp_path / "pipeline"), str(tmp_path / "packages"),
-         "--name", NAME, "--version", "0.0.1", "--build", "wheel", "--force"],
-        check=True,
-    )
-    meta = json.loads((tmp_path / "packages" / f"en_{NAME}-0.0.1" / "meta.json").read_text())
-    assert any(req.startswith("spacy-m3el") for req in meta["requirements"]), meta["requirements"]
-    assert any(req.startswith("spacy-transformers") for req in meta["requirements"]), meta["requirements"]
     expected = [e.kb_id_ for e in nlp(spacy_m3el.make_doc(nlp, CONTEXTS[0], picture_dir / "item7_alt.png")).ents]
-    wheel = next((tmp_path / "packages").rglob("*.whl"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", "-q", str(wheel)],
-                   check=True)
+    meta, _ = package_wheel(nlp, NAME, tmp_path)
     try:
+        assert any(req.startswith("spacy-m3el") for req in meta["requirements"]), meta["requirements"]
+        assert any(req.startswith("spacy-transformers") for req in meta["requirements"]), meta["requirements"]
         script = (
             "import spacy, spacy_m3el\n"
             f"nlp = spacy.load('en_{NAME}')\n"
