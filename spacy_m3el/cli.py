@@ -126,7 +126,8 @@ def link(
     pipeline: str = typer.Argument(..., help="Trained pipeline: a directory or an installed package name"),
     input_path: Path = typer.Argument(..., help='JSONL rows {"id", "text", "image", "spans"?} (with --ray also '
                                       "Parquet with those columns)", exists=True),
-    output: Path = typer.Argument(..., help="JSONL output: one row per input row, with its linked entities"),
+    output: Path = typer.Argument(..., help="JSONL output: one row per input row, with its linked entities "
+                                  "(with --ray, Parquet when it ends with .parquet)"),
     errors: Optional[Path] = typer.Option(None, help="Where unusable rows are reported (default: OUTPUT.errors.jsonl)"),
     image_dir: Optional[Path] = typer.Option(None, help="Base of relative image paths (default: INPUT's folder)"),
     n_process: int = typer.Option(1, help="Worker processes (nlp.pipe n_process)"),

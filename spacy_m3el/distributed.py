@@ -124,8 +124,9 @@ def link(
 ) -> Dict[str, int]:
     """Link every row of ``data`` (a JSONL/Parquet path or a Ray dataset)
     with ``num_workers`` Ray actors, each holding one loaded ``pipeline``;
-    write one JSON object per linked row to ``output`` and unusable rows to
-    ``errors`` (default: OUTPUT.errors.jsonl). Returns the counts."""
+    write one row per linked row to ``output`` (JSONL, or Parquet when it
+    ends with ``.parquet``) and unusable rows to ``errors`` (JSONL; default:
+    OUTPUT.errors.jsonl). Returns the counts."""
     # One CPU per worker plus one for reading the input, which would otherwise wait forever.
     start_ray(address, num_cpus=None if address else max(num_workers, 1) + 1)
     ray = _ray()
@@ -147,16 +148,60 @@ def link(
     )  # Ray Data restarts a lost worker and retries its batch (its defaults for actor pools)
     counts = {"linked": 0, "errors": 0}
     output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("w", encoding="utf8") as out, errors.open("w", encoding="utf8") as bad:
+    with _RowWriter(output) as out, errors.open("w", encoding="utf8") as bad:
         for batch in linked.iter_batches(batch_size=None, batch_format="numpy"):
+            rows = [text for kind, text in zip(batch["kind"], batch["json"]) if kind == "row"]
+            out.write(rows)
+            counts["linked"] += len(rows)
             for kind, text in zip(batch["kind"], batch["json"]):
-                if kind == "row":
-                    out.write(f"{text}\n")
-                    counts["linked"] += 1
-                else:
+                if kind != "row":
                     bad.write(f"{text}\n")
                     counts["errors"] += 1
     return counts
+
+
+def output_schema():
+    """The Parquet schema of output rows (ids written as strings)."""
+    import pyarrow as pa
+
+    candidate = pa.struct([("id", pa.string()), ("prob", pa.float64()), ("score", pa.float64())])
+    ent = pa.struct([("start", pa.int64()), ("end", pa.int64()), ("text", pa.string()), ("label", pa.string()),
+                     ("kb_id", pa.string()), ("score", pa.float64()), ("nil_prob", pa.float64()),
+                     ("modalities", pa.list_(pa.string())), ("candidates", pa.list_(candidate))])
+    return pa.schema([("id", pa.string()), ("text", pa.string()), ("ents", pa.list_(ent))])
+
+
+class _RowWriter:
+    """Output rows (JSON texts) to JSONL, or to Parquet when the path ends
+    with ``.parquet`` (one row group per batch, schema :func:`output_schema`)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.parquet = path.suffix == ".parquet"
+
+    def __enter__(self) -> "_RowWriter":
+        if self.parquet:
+            import pyarrow.parquet as pq
+
+            self.schema = output_schema()
+            self.file = pq.ParquetWriter(str(self.path), self.schema)
+        else:
+            self.file = self.path.open("w", encoding="utf8")
+        return self
+
+    def write(self, rows: List[str]) -> None:
+        if not self.parquet:
+            self.file.write("".join(f"{text}\n" for text in rows))
+            return
+        import pyarrow as pa
+
+        parsed = [json.loads(text) for text in rows]
+        for row in parsed:
+            row["id"] = None if row.get("id") is None else str(row["id"])
+        self.file.write_table(pa.Table.from_pylist(parsed, schema=self.schema))
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
 
 
 class CacheWorker:

@@ -94,6 +94,22 @@ def test_parquet_rows_link_like_jsonl(local_ray, pipeline_dir, picture_dir, tmp_
             (e["start"], e["kb_id"]) for e in row["ents"]]
 
 
+def test_parquet_output_holds_the_jsonl_rows(local_ray, pipeline_dir, picture_dir, tmp_path):
+    import pyarrow.parquet
+
+    rows = write_rows(tmp_path / "rows.jsonl", picture_dir)
+    distributed.link(rows, str(pipeline_dir), tmp_path / "out.parquet", num_workers=2, batch_size=8)
+    distributed.link(rows, str(pipeline_dir), tmp_path / "out.jsonl", num_workers=2, batch_size=8)
+    table = pyarrow.parquet.read_table(tmp_path / "out.parquet").to_pylist()
+    expected = by_id(tmp_path / "out.jsonl")
+    assert sorted(row["id"] for row in table) == sorted(expected)
+    for row in table:
+        theirs = expected[row["id"]]["ents"]
+        assert [(e["start"], e["kb_id"]) for e in row["ents"]] == [(e["start"], e["kb_id"]) for e in theirs]
+        assert [e["score"] for e in row["ents"]] == pytest.approx([e["score"] for e in theirs], abs=1e-5)
+        assert [c["id"] for c in row["ents"][0]["candidates"]] == [c["id"] for c in theirs[0]["candidates"]]
+
+
 def test_bad_rows_go_to_the_errors_file_and_the_job_goes_on(local_ray, pipeline_dir, picture_dir, tmp_path):
     rows = write_rows(tmp_path / "rows.jsonl", picture_dir, bad=True)
     counts = distributed.link(rows, str(pipeline_dir), tmp_path / "out.jsonl", num_workers=2, batch_size=8)
