@@ -220,7 +220,7 @@ class CacheWorker:
 
         import numpy
 
-        starts, blobs, unreadable = [], [], []
+        starts, blobs, unreadable, layouts = [], [], [], []
         linker = self.linker
         for start, end in zip(batch["start"], batch["end"]):
             part = linker.entity_encoder.encode(linker.kb, linker.settings.max_cached_queries,
@@ -230,7 +230,8 @@ class CacheWorker:
             starts.append(int(start))
             blobs.append(buffer.getvalue())
             unreadable.append(json.dumps(part.meta.get("unreadable_kb_images", {}).get("ids", [])))
-        return {"start": starts, "npz": blobs, "unreadable": unreadable}
+            layouts.append(json.dumps(part.meta["retrieval_parts"]))
+        return {"start": starts, "npz": blobs, "unreadable": unreadable, "layout": layouts}
 
 
 def _load_pipeline(spacy, pipeline: str):
@@ -261,7 +262,7 @@ def build_kb_cache(
     import numpy
     import spacy
 
-    from .entity_cache import EntityCache, _concatenate_padded, build_cache_arrays
+    from .entity_cache import EntityCache, _concatenate_padded, cache_settings
     from .pipe import find_linker
 
     start_ray(address, num_cpus=None if address else max(num_workers, 1) + 1)
@@ -282,7 +283,9 @@ def build_kb_cache(
     )
     parts: Dict[int, Dict[str, numpy.ndarray]] = {}
     unreadable: List[str] = []
+    layout = None
     for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
+        layout = json.loads(batch["layout"][0])
         for start, blob, ids in zip(batch["start"], batch["npz"], batch["unreadable"]):
             with numpy.load(io.BytesIO(blob), allow_pickle=False) as arrays:
                 parts[int(start)] = {name: arrays[name] for name in arrays.files}
@@ -291,11 +294,9 @@ def build_kb_cache(
         raise RuntimeError(f"Ray returned {len(parts)} of {len(ranges)} KB shards")
     ordered = [parts[start] for start in sorted(parts)]
     arrays = {name: _concatenate_padded([part[name] for part in ordered]) for name in ordered[0]}
-    # The meta a single-machine build writes (settings, retrieval layout), from one small batch.
-    network = linker.network
-    _, meta = build_cache_arrays(network.matcher, [network.matcher.entity_side(network.encode(
-        *linker.inputs.entities(linker.kb, [0], training=False)))], max_queries=linker.settings.max_cached_queries)
-    cache = EntityCache(arrays, {**meta, "fingerprint": network.fingerprint(),
+    # The meta a single-machine build writes: settings, the workers' retrieval layout, fingerprint.
+    meta = {**cache_settings(linker.settings.max_cached_queries), "retrieval_parts": layout}
+    cache = EntityCache(arrays, {**meta, "fingerprint": linker.network.fingerprint(),
                                  "unreadable_kb_images": {"count": len(unreadable), "ids": unreadable[:20]}})
     if linker.settings.max_cached_queries is not None:
         cache.meta["pooling_agreement"] = linker.entity_encoder.pooling_agreement(linker.kb, cache)

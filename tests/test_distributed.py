@@ -172,4 +172,5 @@ def test_distributed_kb_cache_equals_the_single_machine_build(local_ray, pipelin
     for name, array in single.arrays.items():
         assert numpy.array_equal(numpy.asarray(cache.arrays[name]), array), name
     assert cache.meta["fingerprint"] == single.meta["fingerprint"] == linker.network.fingerprint()
+    assert cache.meta["retrieval_parts"] == single.meta["retrieval_parts"]
     assert built.entity_cache is cache  # taken as it is, not rebuilt
