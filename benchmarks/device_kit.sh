@@ -12,7 +12,7 @@
 #              logs and nvidia_smi.txt.
 #
 # Environment: KIT_PYTHON_VERSION (build, default 3.12); PYTHON (run, default
-# python3), DEVICE (cuda), BATCH (128), STEPS (10), SIZES (110000), PIPE_DOCS (2000).
+# python3), DEVICE (cuda), BATCH (128), STEPS (10), SIZES (110000).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 KIT="$ROOT/.gpu"
@@ -50,8 +50,6 @@ run() {
         | tee "$out/training_throughput.log" || status=1
     "$python" "$ROOT/benchmarks/speed.py" --device "$device" --sizes ${SIZES:-110000} \
         --paper-max "$(echo ${SIZES:-110000} | tr ' ' '\n' | sort -n | tail -1)" \
-        --pipe-entities "$(echo ${SIZES:-110000} | tr ' ' '\n' | sort -n | tail -1)" \
-        --pipe-docs "${PIPE_DOCS:-2000}" --pipe-backbone clip-random --pipeline /nonexistent \
         --out "$out/speed_$device.json" 2>&1 | tee "$out/speed.log" || status=1
     exit $status
 }

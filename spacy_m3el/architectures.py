@@ -1,8 +1,9 @@
 """The registered thinc model: an M3EL network (encoder + matcher) in a
 PyTorch shim, serialised with safetensors instead of pickle."""
+import contextlib
 import hashlib
 import os
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, ContextManager, Dict, List, Optional, Sequence, Union
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -11,6 +12,7 @@ from thinc.api import ArgsKwargs, Model, PyTorchGradScaler, PyTorchWrapper_v3, g
 from torch import nn
 
 from .encoders import FeatureCache, MultimodalEncoder, SharedTextEncoder, TextFeatures, join_features
+from .encoders.base import float_features, inference_autocast
 from .images import ImageRef
 from .model import CandidateScorer, EncodedItems, M3ELConfig, M3ELMatcher
 
@@ -40,6 +42,8 @@ class M3ELNetwork(nn.Module):
         self.feature_cache: Optional[FeatureCache] = (
             FeatureCache(encoder, shared=True, max_bytes=feature_cache_bytes) if encoder.frozen else None
         )
+        #: Backbone precision where it only infers (the linker sets it from its settings).
+        self.inference_precision = "float32"
 
     def encode(
         self, texts: Union[Sequence[str], TextFeatures], images: Sequence[Optional[ImageRef]]
@@ -47,17 +51,26 @@ class M3ELNetwork(nn.Module):
         """Model inputs for N items: texts (or text features computed
         elsewhere, e.g. by an upstream transformer) and images."""
         device = next(self.matcher.parameters()).device
-        if isinstance(texts, TextFeatures):
-            text = texts
-        elif self.feature_cache is not None:
-            text = self.feature_cache.encode_texts(texts)
-        else:
-            text = self.encoder.encode_texts(texts)
-        if self.feature_cache is not None:
-            image = self.feature_cache.encode_images(images)
-        else:
-            image = self.encoder.encode_images([ref.load() if ref is not None else None for ref in images])
-        return join_features(text, image).to(device)
+        with self.backbone_autocast():
+            if isinstance(texts, TextFeatures):
+                text = texts
+            elif self.feature_cache is not None:
+                text = self.feature_cache.encode_texts(texts)
+            else:
+                text = self.encoder.encode_texts(texts)
+            if self.feature_cache is not None:
+                image = self.feature_cache.encode_images(images)
+            else:
+                image = self.encoder.encode_images([ref.load() if ref is not None else None for ref in images])
+        items = join_features(text, image).to(device)
+        return EncodedItems(**dict(zip(vars(items), float_features(*vars(items).values()))))
+
+    def backbone_autocast(self) -> ContextManager:
+        """Autocast in ``inference_precision`` for the backbone where it only
+        infers (frozen, or no gradient wanted); float32 where it trains."""
+        if self.encoder.frozen or not torch.is_grad_enabled():
+            return inference_autocast(self.inference_precision, self.encoder.device)
+        return contextlib.nullcontext()
 
     def forward(
         self,

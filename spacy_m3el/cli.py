@@ -184,26 +184,71 @@ def link(
 @app.command("build-kb")
 def build_kb(
     entities: Path = typer.Argument(..., help="Entities: .jsonl or .csv (id, name, description, images, freq, "
-                                    "aliases)", exists=True, dir_okay=False),
+                                    "aliases), or a MIMIC-format dataset directory (kb_entity.json, kb_image/)",
+                                    exists=True),
     output: Path = typer.Argument(..., help="KB directory to write"),
     image_dir: Optional[Path] = typer.Option(None, help="Base of relative image paths (default: the file's folder)"),
     lang: str = typer.Option("en", help="Language of the vocab"),
     name_as_alias: bool = typer.Option(True, help="Use every entity's name as one of its aliases"),
+    pipeline: Optional[str] = typer.Option(None, help="Also encode the entity cache for this pipeline's "
+                                           "m3el_linker (streamed to disk, resumable: run the same command again "
+                                           "after a kill)"),
+    ann_index: Optional[str] = typer.Option(None, help="With --pipeline: also build this ANN index ('auto' or "
+                                            "a faiss index_factory string; default: the pipeline's ann_index)"),
 ) -> None:
-    """Build a MultimodalKB directory (images copied in) from an entity file."""
+    """Build a MultimodalKB directory (images copied in) from an entity file,
+    and with --pipeline its entity cache for that pipeline."""
     from tqdm import tqdm as progress
 
     from .kb import MultimodalKB
     from .kb_files import csv_records, jsonl_records, read_kb_records
 
-    records = csv_records(entities) if entities.suffix.lower() == ".csv" else jsonl_records(entities)
-    kb = read_kb_records(MultimodalKB(spacy.blank(lang).vocab), progress(records, desc="Entities", unit="entity"),
-                         image_dir=image_dir or entities.parent, name_as_alias=name_as_alias)
+    nlp = _load(pipeline, -1) if pipeline else spacy.blank(lang)
+    vocab = nlp.vocab
+    if entities.is_dir():
+        from .mimic import load_mimic_kb
+
+        with msg.loading(f"Reading the MIMIC-format KB in {entities}..."):
+            kb = load_mimic_kb(vocab, entities)
+    else:
+        records = csv_records(entities) if entities.suffix.lower() == ".csv" else jsonl_records(entities)
+        kb = read_kb_records(MultimodalKB(vocab), progress(records, desc="Entities", unit="entity"),
+                             image_dir=image_dir or entities.parent, name_as_alias=name_as_alias)
+    msg.good(f"KB: {len(kb)} entities, {kb.get_size_aliases()} aliases")
+    if pipeline:
+        from .pipe import find_linker
+
+        linker = find_linker(nlp)
+        linker.set_kb(lambda _: kb)
+        _build_cache(linker, _work_dir(output), ann_index)
     kb.to_disk(output)
     missing = sum(len(v) for v in kb.missing_images.values())
-    msg.good(f"KB: {len(kb)} entities, {kb.get_size_aliases()} aliases -> {output}")
+    msg.good(f"KB written -> {output}" + (" (with its entity cache)" if pipeline else ""))
     if missing:
         msg.warn(f"{missing} image file(s) of {len(kb.missing_images)} entities not found (in kb.json: missing_images)")
+    if pipeline:
+        import shutil
+
+        shutil.rmtree(_work_dir(output), ignore_errors=True)
+
+
+def _work_dir(output: Path) -> Path:
+    """Where a streamed cache build keeps its shards until it is done."""
+    return output.parent / f".{output.name}.cache-build"
+
+
+def _build_cache(linker, work_dir: Path, ann_index: Optional[str]) -> None:
+    """Stream the linker's entity cache into ``work_dir`` (resuming what a
+    killed run left there), with the ANN index its settings (or
+    ``ann_index``) ask for."""
+    if ann_index is not None:
+        linker.settings.ann_index = ann_index
+    cache = linker.build_entity_cache(progress=True, folder=work_dir)
+    built = f"{len(cache)} entities encoded ({cache.bytes_per_entity:,} bytes each on disk)"
+    if cache.use_ann:
+        recall = cache.ann.meta["recall"]
+        built += f"; ANN index {cache.ann.factory}: recall@{recall['k']} {recall['recall']:.3f}"
+    msg.good(built)
 
 
 @app.command("build-cache")
@@ -213,23 +258,30 @@ def build_cache(
     use_ray: bool = typer.Option(False, "--ray", help="Encode the KB on Ray Data workers (pip install 'spacy-m3el[ray]')"),
     address: Optional[str] = typer.Option(None, help="With --ray: the cluster to join (default: a local Ray)"),
     num_workers: int = typer.Option(2, help="With --ray: worker actors, each holding one loaded pipeline"),
+    ann_index: Optional[str] = typer.Option(None, help="Also build this ANN index ('auto' or a faiss "
+                                            "index_factory string; default: the pipeline's ann_index)"),
 ) -> None:
     """Encode every KB entity for the linker's current weights (the entity
-    cache the two-stage linker searches) and save the pipeline with it. With
-    --ray the KB is split into row ranges encoded by Ray workers and merged
-    into the same cache a single-machine build gives."""
+    cache the two-stage linker searches) and save the pipeline with it. The
+    build streams to disk in shards (next to OUTPUT) and resumes after a
+    kill when the same command is run again. With --ray the KB is split into
+    row ranges encoded by Ray workers and merged into the same cache a
+    single-machine build gives."""
     if use_ray:
         from .distributed import build_kb_cache
 
         counts = build_kb_cache(pipeline, output, address=address, num_workers=num_workers)
         msg.good(f"{counts['entities']} entities encoded in {counts['shards']} shards on Ray -> {output}")
         return
+    import shutil
+
     from .pipe import find_linker
 
     nlp = _load(pipeline, -1)
-    cache = find_linker(nlp).build_entity_cache(progress=True)
+    _build_cache(find_linker(nlp), _work_dir(output), ann_index)
     nlp.to_disk(output)
-    msg.good(f"{len(cache)} entities encoded -> {output}")
+    shutil.rmtree(_work_dir(output), ignore_errors=True)
+    msg.good(f"Pipeline with its entity cache -> {output}")
 
 
 @app.command("add-alias-ruler")

@@ -12,9 +12,10 @@ For every KB entity the cache holds the mention-independent part of M3EL:
   ``max_queries`` weighted centroids per modality, and ``has_image`` [E].
 
 Arrays are fp16 (``has_image`` bool) and are memory-mapped when loaded from
-disk. On CPU only the retrieval matrix is copied into RAM (float32, for a
-fast exact scan); the reranker reads the K candidates' rows from the memory
-map. On a GPU everything is moved to the device once, at first use.
+disk. On CPU nothing is copied: top-K search scans the fp16 retrieval matrix
+in chunks (or asks an ANN index, see :mod:`spacy_m3el.retrieval`) and the
+reranker reads the K candidates' rows from the memory map. On a GPU
+everything is moved to the device once, at first use.
 
 :class:`EntityCache` owns the arrays, their meta (format, settings, the
 fingerprint of the weights that built them), saving and loading them as
@@ -31,6 +32,7 @@ from .errors import KBError
 from .fileio import inside, read_json, write_json
 from .model import M3ELMatcher
 from .model.matching import Side
+from .retrieval import ANN_FILE, AnnIndex, exact_top_k
 
 CACHE_FORMAT = 2
 RETRIEVAL = "retrieval"
@@ -92,6 +94,11 @@ class EntityCache:
         self.meta = {**meta, "n_entities": next(iter(rows.values()), 0), "arrays": sorted(arrays)}
         self._retrieval: Dict[str, torch.Tensor] = {}
         self._on_device: Dict[str, Dict[str, torch.Tensor]] = {}
+        self._checked_finite = False
+        #: The approximate searcher, used by :meth:`retrieve` when ``use_ann``.
+        self.ann: Optional[AnnIndex] = None
+        self.use_ann = False
+        self._ann_folder: Optional[Path] = None
 
     @classmethod
     def build(
@@ -127,6 +134,9 @@ class EntityCache:
         for name, array in self.arrays.items():
             numpy.save(folder / f"{name}.npy", numpy.asarray(array), allow_pickle=False)
         write_json(folder / "meta.json", self.meta)
+        ann = self.ann_index()
+        if ann is not None:
+            ann.save(folder)
 
     @classmethod
     def load(cls, folder: Path, *, n_entities: int) -> "EntityCache":
@@ -147,7 +157,15 @@ class EntityCache:
                               "meta.json (corrupt or edited): delete the cache folder to rebuild it")
         cache = cls(arrays, meta)
         cache.check_shapes(str(folder))
+        if (folder / ANN_FILE).is_file():
+            cache._ann_folder = folder  # read at first use: faiss is only needed by who searches with it
         return cache
+
+    def ann_index(self) -> Optional[AnnIndex]:
+        """The ANN index built for this cache (read from disk at first call), if any."""
+        if self.ann is None and self._ann_folder is not None:
+            self.ann = AnnIndex.load(self._ann_folder, n_entities=len(self))
+        return self.ann
 
     def require(self, names: Sequence[str], where: str) -> None:
         """Raise a :class:`KBError` naming the arrays this cache lacks."""
@@ -177,37 +195,53 @@ class EntityCache:
             )
 
     def retrieval_matrix(self, device: torch.device) -> torch.Tensor:
-        """[E, D] float32 retrieval vectors on ``device`` (copied once)."""
+        """[E, D] float32 retrieval vectors on a GPU ``device`` (copied
+        once). On CPU, search reads the fp16 array itself."""
         key = str(device)
         if key not in self._retrieval:
             self._check_format()
-            # numpy.array copies out of the read-only memory map (torch needs a writable buffer).
-            matrix = numpy.array(self.arrays[RETRIEVAL], dtype=numpy.float32)
-            if not numpy.isfinite(matrix).all():
-                raise KBError("The entity cache's retrieval matrix holds NaN or infinite values: rebuild it")
-            self._retrieval[key] = torch.from_numpy(matrix).to(device)
+            self._check_finite()
+            self._retrieval[key] = torch.from_numpy(numpy.array(self.arrays[RETRIEVAL])).to(device).float()
         return self._retrieval[key]
 
+    def _check_finite(self) -> None:
+        if self._checked_finite:
+            return
+        matrix = self.arrays[RETRIEVAL]
+        for start in range(0, len(self), 65536):
+            if not numpy.isfinite(matrix[start : start + 65536]).all():
+                raise KBError("The entity cache's retrieval matrix holds NaN or infinite values: rebuild it")
+        self._checked_finite = True
+
     def retrieve(self, query: torch.Tensor, k: int) -> torch.Tensor:
-        """Row indices [B, k] of the best entities by the decomposable score."""
-        matrix = self.retrieval_matrix(query.device)
-        return (query @ matrix.T).topk(min(k, len(self)), dim=1).indices
+        """Row indices [B, k] of the best entities by the decomposable score:
+        exact, or from the ANN index when ``use_ann`` (its shortlist rescored
+        exactly; -1 pads a mention whose visited lists held fewer than k)."""
+        if query.device.type != "cpu":
+            matrix = self.retrieval_matrix(query.device)
+            return (query @ matrix.T).topk(min(k, len(self)), dim=1).indices
+        self._check_format()
+        self._check_finite()
+        ann = self.ann_index() if self.use_ann else None
+        if ann is not None:
+            return ann.search(self.arrays[RETRIEVAL], query, k)
+        return exact_top_k(self.arrays[RETRIEVAL], query, k)[1]
 
     def gather(self, rows: torch.Tensor) -> Side:
         """The entity side of the rows [B, K] (any index shape) as float32 tensors."""
-        side = self._split_retrieval(self.retrieval_matrix(rows.device)[rows])
         if rows.device.type != "cpu":
+            side = self._split_retrieval(self.retrieval_matrix(rows.device)[rows])
             for name, value in self._device_arrays(rows.device).items():
                 side[name] = value[rows].float() if value.is_floating_point() else value[rows]
             return side
         flat = rows.reshape(-1).numpy()
+        side: Side = {}
         for name, array in self.arrays.items():
-            if name == RETRIEVAL:
-                continue
             # Fancy indexing reads only these rows from a memory map.
             taken = numpy.asarray(array[flat])
             value = torch.from_numpy(taken.reshape(tuple(rows.shape) + taken.shape[1:]))
             side[name] = value.float() if value.is_floating_point() else value
+        side.update(self._split_retrieval(side.pop(RETRIEVAL)))
         return side
 
     def full_side(self, device: Optional[torch.device] = None) -> Side:

@@ -1,19 +1,31 @@
 """Encoding KB entities into an :class:`~spacy_m3el.entity_cache.EntityCache`:
-batched, with a progress bar on large KBs, counting unreadable KB images, and
-measuring how far a pooled cache's ranking is from the exact one."""
-from typing import Any, Dict, List, Optional, Sequence
+batched, with a progress bar on large KBs, counting unreadable KB images,
+measuring how far a pooled cache's ranking is from the exact one, and
+keeping the cache's search (exact or ANN) as the settings ask."""
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from wasabi import msg
 
 from . import linking
+from .cache_build import StreamedCacheBuild
 from .entity_cache import RETRIEVAL, EntityCache
 from .errors import KBError, warn
 from .inputs import InputBuilder
 from .kb import MultimodalKB
+from .retrieval import AnnIndex
 
 #: KB entities that stand in for mentions when a pooled cache is checked.
 AGREEMENT_SAMPLE = 64
+#: ... and when an ANN index's recall is measured.
+RECALL_SAMPLE = 256
+#: KBs above this size are streamed to disk when their cache is built: their
+#: backbone features would not stay in the feature cache anyway.
+STREAM_ABOVE = 20_000
 
 
 class EntityEncoder:
@@ -32,7 +44,11 @@ class EntityEncoder:
 
     def current(self, kb: MultimodalKB) -> EntityCache:
         """The KB's cache if it is valid for the current weights and
-        settings, else a new one, built and stored in the KB."""
+        settings, else a new one, built and stored in the KB; searched as
+        the settings ask (exact, or an ANN index built on first need)."""
+        return self.configure_search(kb, self._current(kb))
+
+    def _current(self, kb: MultimodalKB) -> EntityCache:
         cache = kb.entity_cache
         digest = self.network.encoder.weights_digest()
         if cache is not None and cache is self.verified and digest == self.verified_digest:
@@ -43,16 +59,95 @@ class EntityEncoder:
             return cache
         return self.build(kb)
 
+    def configure_search(self, kb: MultimodalKB, cache: EntityCache) -> EntityCache:
+        """Exact search when ``ann_index`` is null; else the cache's ANN
+        index, built (and its recall measured) when it has none of that kind."""
+        wanted = self.settings.ann_index
+        cache.use_ann = wanted is not None
+        if wanted is None:
+            return cache
+        ann = cache.ann_index()
+        if ann is None or ann.meta.get("requested") != wanted:
+            ann = self.build_ann(kb, cache)
+        ann.nprobe, ann.shortlist = self.settings.ann_nprobe, self.settings.ann_shortlist
+        return cache
+
+    @torch.no_grad()
+    def build_ann(self, kb: MultimodalKB, cache: EntityCache, *, progress: bool = False) -> AnnIndex:
+        """Build the ``ann_index`` of ``cache``, with its recall@K measured
+        on KB entities standing in for mentions, and attach it."""
+        wanted = self.settings.ann_index
+        size = len(kb)
+        rows = list(range(size)) if size <= RECALL_SAMPLE else [i * size // RECALL_SAMPLE
+                                                                 for i in range(RECALL_SAMPLE)]
+        queries = self._stand_in_queries(kb, rows)
+        ann = AnnIndex.build(cache.arrays[RETRIEVAL], factory=None if wanted == "auto" else wanted,
+                             nprobe=self.settings.ann_nprobe, shortlist=self.settings.ann_shortlist,
+                             queries=queries, recall_k=max(self.settings.n_candidates, 1), progress=progress)
+        ann.meta["requested"] = wanted
+        recall = ann.meta["recall"]
+        msg.info(f"m3el_linker: ANN index {ann.factory} over {size} entities: recall@{recall['k']} "
+                 f"{recall['recall']:.3f} against exact search ({recall['queries']} KB entities standing in "
+                 f"for mentions, nprobe {recall['nprobe']}, shortlist {recall['shortlist']})")
+        cache.ann = ann
+        return ann
+
+    def _stand_in_queries(self, kb: MultimodalKB, rows: Sequence[int]) -> torch.Tensor:
+        """Retrieval vectors of KB entities encoded as if they were mentions."""
+        network = self.network
+        network.eval()
+        network.inference_precision = self.settings.inference_precision
+        mention = network.matcher.mention_side(network.encode(*self.inputs.entities(kb, rows, training=False)))
+        return network.matcher.mention_retrieval_vectors(mention)
+
     def _verify(self, cache: EntityCache) -> None:
         self.verified = cache
         self.verified_digest = self.network.encoder.weights_digest()
 
-    def build(self, kb: MultimodalKB, *, progress: bool = False) -> EntityCache:
-        """Encode every entity of ``kb`` and store the cache in it."""
-        cache = self.encode(kb, self.settings.max_cached_queries, progress=progress)
+    def build(
+        self, kb: MultimodalKB, *, progress: bool = False, folder: Optional[Union[str, Path]] = None
+    ) -> EntityCache:
+        """Encode every entity of ``kb`` and store the cache in it. With a
+        ``folder``, or for a KB of more than :data:`STREAM_ABOVE` entities,
+        the build is streamed to disk (parallel image decoding, bounded
+        memory; in ``folder`` it resumes after a kill), else it is held in
+        memory and goes through the backbone's feature cache."""
+        if folder is not None or len(kb) > STREAM_ABOVE:
+            cache = self.build_streamed(kb, folder, progress=progress or len(kb) > 5000)
+        else:
+            cache = self.encode(kb, self.settings.max_cached_queries, progress=progress)
         kb.set_entity_cache(cache)
         self._verify(cache)
         return cache
+
+    def build_streamed(
+        self, kb: MultimodalKB, folder: Optional[Union[str, Path]], *, progress: bool = True, **options: Any
+    ) -> EntityCache:
+        """The whole KB's cache by :class:`StreamedCacheBuild`, memory-mapped
+        from ``folder`` (None: a temporary folder removed with the cache)."""
+        temporary = folder is None
+        folder = Path(tempfile.mkdtemp(prefix="m3el-cache-")) if temporary else Path(folder)
+        build = StreamedCacheBuild(self.network, kb, self.settings, folder, progress=progress, **options)
+        cache = build.run()
+        if temporary:
+            weakref.finalize(cache, shutil.rmtree, folder, True)
+        self._report(kb, cache, [entity_id for entity_id, _ in build.unreadable])
+        return cache
+
+    def _report(self, kb: MultimodalKB, cache: EntityCache, unreadable: List[str]) -> None:
+        """Warn about KB entities encoded without their image; measure a
+        pooled cache's agreement with the exact score."""
+        cache.meta["unreadable_kb_images"] = {"count": len(unreadable), "ids": unreadable[:20]}
+        if unreadable:
+            warn(f"m3el_linker: {len(unreadable)} KB entities are linked without their image, which could not "
+                 f"be read, e.g. {unreadable[:5]} (details: linker.inputs.kb_images.failures)", stacklevel=5)
+        max_queries = cache.meta.get("max_queries")
+        if max_queries is not None:
+            cache.meta["pooling_agreement"] = self.pooling_agreement(kb, cache)
+            agreement = cache.meta["pooling_agreement"]
+            msg.info(f"m3el_linker: entity cache with G2L queries pooled to {max_queries}: top-1 agrees with "
+                     f"the exact score for {agreement['top1']:.1%} of {agreement['sample']} KB entities "
+                     "standing in for mentions")
 
     def adopt_loaded(self, kb: MultimodalKB) -> None:
         """Check a cache loaded with a pipeline against its weights, once:
@@ -110,20 +205,12 @@ class EntityEncoder:
                                   zip(batch, refs, items.image_mask.tolist()) if ref is not None and not has)
                 yield network.matcher.entity_side(items)
 
+        network.inference_precision = self.settings.inference_precision
         cache = EntityCache.build(network.matcher, sides(), max_queries=max_queries,
                                   fingerprint=network.fingerprint())
-        if not whole:
-            return cache
-        cache.meta["unreadable_kb_images"] = {"count": len(unreadable), "ids": unreadable[:20]}
-        if unreadable:
-            warn(f"m3el_linker: {len(unreadable)} KB entities are linked without their image, which could not "
-                 f"be read, e.g. {unreadable[:5]} (details: linker.inputs.kb_images.failures)", stacklevel=4)
-        if max_queries is not None:
-            cache.meta["pooling_agreement"] = self.pooling_agreement(kb, cache)
-            agreement = cache.meta["pooling_agreement"]
-            msg.info(f"m3el_linker: entity cache with G2L queries pooled to {max_queries}: top-1 agrees with "
-                     f"the exact score for {agreement['top1']:.1%} of {agreement['sample']} KB entities "
-                     "standing in for mentions")
+        cache.meta["encode_precision"] = self.settings.inference_precision
+        if whole:
+            self._report(kb, cache, unreadable)
         return cache
 
     @torch.no_grad()
@@ -135,7 +222,9 @@ class EntityEncoder:
         size = len(kb)
         rows = list(range(size)) if size <= AGREEMENT_SAMPLE else [
             i * size // AGREEMENT_SAMPLE for i in range(AGREEMENT_SAMPLE)]
-        mention = matcher.mention_side(self.network.encode(*self.inputs.entities(kb, rows, training=False)))
+        network = self.network
+        network.inference_precision = self.settings.inference_precision
+        mention = matcher.mention_side(network.encode(*self.inputs.entities(kb, rows, training=False)))
         k = max(self.settings.n_candidates, 1)
         candidates = linking.candidate_rows(pooled, matcher.mention_retrieval_vectors(mention), k=k)
         union = sorted({row for found in candidates for row in found})

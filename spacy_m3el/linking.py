@@ -59,7 +59,9 @@ def candidate_rows(
     batch = query.shape[0]
     dense = cache.retrieve(query, k).tolist() if k > 0 and len(cache) else [[] for _ in range(batch)]
     alias_rows = alias_rows if alias_rows is not None else [[] for _ in range(batch)]
-    return [list(dict.fromkeys(list(alias) + top)) for alias, top in zip(alias_rows, dense)]
+    # An ANN index pads with -1 when the lists it visited held fewer than k rows.
+    return [list(dict.fromkeys(list(alias) + [row for row in top if row >= 0]))
+            for alias, top in zip(alias_rows, dense)]
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
 """A least-recently-used map bounded by item count and, optionally, bytes."""
+import threading
 from collections import OrderedDict
 from typing import Callable, Generic, Hashable, Optional, TypeVar
 
@@ -27,6 +28,8 @@ class LRUCache(Generic[V]):
         self.sizeof = sizeof
         self.items: "OrderedDict[Hashable, V]" = OrderedDict()
         self.bytes = 0
+        # Images are decoded on a few threads (FeatureCache), which share the decoded-image cache.
+        self._lock = threading.RLock()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -36,22 +39,24 @@ class LRUCache(Generic[V]):
 
     def get(self, key: Hashable) -> Optional[V]:
         """The value of ``key`` (now the most recent), or None."""
-        value = self.items.get(key)
-        if value is not None:
-            self.items.move_to_end(key)
-        return value
+        with self._lock:
+            value = self.items.get(key)
+            if value is not None:
+                self.items.move_to_end(key)
+            return value
 
     def put(self, key: Hashable, value: V) -> None:
         """Store ``value``, evicting the least recently used past the bounds."""
-        if key in self.items:
-            self._discard(key)
-        self.items[key] = value
-        if self.sizeof is not None:
-            self.bytes += self.sizeof(value)
-        while len(self.items) > self.max_items or (
-            self.max_bytes is not None and self.bytes > self.max_bytes and len(self.items) > 1
-        ):
-            self._discard(next(iter(self.items)))
+        with self._lock:
+            if key in self.items:
+                self._discard(key)
+            self.items[key] = value
+            if self.sizeof is not None:
+                self.bytes += self.sizeof(value)
+            while len(self.items) > self.max_items or (
+                self.max_bytes is not None and self.bytes > self.max_bytes and len(self.items) > 1
+            ):
+                self._discard(next(iter(self.items)))
 
     def _discard(self, key: Hashable) -> None:
         value = self.items.pop(key)
@@ -59,5 +64,6 @@ class LRUCache(Generic[V]):
             self.bytes -= self.sizeof(value)
 
     def clear(self) -> None:
-        self.items.clear()
-        self.bytes = 0
+        with self._lock:
+            self.items.clear()
+            self.bytes = 0

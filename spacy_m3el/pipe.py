@@ -78,6 +78,11 @@ def make_m3el_linker(
     context_chars: int,
     entity_batch_size: int,
     max_cached_queries: Optional[int],
+    inference_precision: str,
+    image_workers: int,
+    ann_index: Optional[str],
+    ann_nprobe: int,
+    ann_shortlist: int,
     overwrite: bool,
     score_protocol: str,
     generate_empty_kb: Callable[[Vocab, int], MultimodalKB],
@@ -288,12 +293,19 @@ class M3ELLinker(TrainablePipe):
             raise ValueError("m3el_linker has an empty KB: there is no entity cache")
         return self.entity_encoder.current(self.kb)
 
-    def build_entity_cache(self, *, progress: bool = False) -> EntityCache:
+    def build_entity_cache(
+        self, *, progress: bool = False, folder: Optional[Union[str, Path]] = None
+    ) -> EntityCache:
         """Encode every KB entity once and store the mention-independent part
         of M3EL in the KB (saved with the pipeline; fp16, memory-mapped). A
         pooled cache (``max_cached_queries``) records, in its meta and on the
-        console, how often its top-1 agrees with the exact score's."""
-        return self.entity_encoder.build(self.kb, progress=progress)
+        console, how often its top-1 agrees with the exact score's. With a
+        ``folder`` (and for large KBs) the build is streamed to disk there and
+        resumes after a kill; an ``ann_index`` is built with the cache."""
+        cache = self.entity_encoder.build(self.kb, progress=progress, folder=folder)
+        if self.settings.ann_index is not None:
+            self.entity_encoder.build_ann(self.kb, cache, progress=progress)
+        return self.entity_encoder.configure_search(self.kb, cache)
 
     def exact_entity_cache(self) -> EntityCache:
         """An entity cache with every G2L query, so reranking gives the exact
@@ -309,6 +321,7 @@ class M3ELLinker(TrainablePipe):
         "warn"``) are counted in ``bad_images``."""
         network = self.network
         network.eval()
+        network.inference_precision = self.settings.inference_precision
         texts, refs = self.inputs.mentions(spans, where=where)
         shared = self.shared_encoder
         if shared is not None:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 ON_BAD_IMAGE = ("raise", "warn")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 SCORE_PROTOCOLS = ("two-stage", "exhaustive")
 
 
@@ -56,6 +57,21 @@ class LinkerSettings:
                                                       "modality to that many k-means centroids (about 6 KB "
                                                       "instead of 19 KB per entity at 12), and building the "
                                                       "cache measures the top-1 agreement with the exact score.")
+    inference_precision: str = _option("auto", "Precision of a frozen backbone where it only infers (mentions, "
+                                               "entity cache): \"auto\" (bfloat16 on CPUs and GPUs that run it "
+                                               "natively, float16 on other GPUs, else float32), \"float32\", "
+                                               "\"bfloat16\" or \"float16\".")
+    image_workers: int = _option(1, "Worker processes that decode and resize KB images while a streamed "
+                                    "entity cache is built (0: in the main process).")
+    ann_index: Optional[str] = _option(None, "null: exact top-K search (the fp16 retrieval matrix scanned in "
+                                             "chunks). \"auto\" or a faiss index_factory string (e.g. "
+                                             "\"IVF1024,PQ84\"): approximate search in an index built with "
+                                             "the entity cache and saved beside it, its shortlist rescored "
+                                             "exactly; its recall@K is measured when built (needs "
+                                             "spacy-m3el[ann]).")
+    ann_nprobe: int = _option(32, "ANN index: inverted lists visited per mention (more: slower, higher recall).")
+    ann_shortlist: int = _option(256, "ANN index: candidates per mention rescored exactly before the top-K "
+                                      "is kept.")
     overwrite: bool = _option(True, "Replace KB ids that the spans already have.")
     score_protocol: str = _option("two-stage", "How scoring (and so dev-set model selection) ranks: "
                                                "\"two-stage\" (the linker's candidates) or \"exhaustive\" "
@@ -81,6 +97,13 @@ class LinkerSettings:
         for name in ("hard_negatives", "context_chars"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.inference_precision not in PRECISIONS:
+            raise ValueError(f"inference_precision must be one of {PRECISIONS}, got {self.inference_precision!r}")
+        for name in ("image_workers", "ann_nprobe", "ann_shortlist"):
+            if getattr(self, name) < (0 if name == "image_workers" else 1):
+                raise ValueError(f"{name} must be >= {0 if name == 'image_workers' else 1}, got {getattr(self, name)}")
+        if self.ann_index is not None and not self.ann_index.strip():
+            raise ValueError("ann_index must be null (exact search), \"auto\" or a faiss index_factory string")
         if self.entity_batch_size < 1:
             raise ValueError(f"entity_batch_size must be >= 1, got {self.entity_batch_size}")
         self.labels_discard = list(self.labels_discard)

@@ -48,6 +48,39 @@ def test_build_kb_from_jsonl_and_csv(picture_dir, tmp_path):
     assert result.exit_code != 0 and "'id'" in str(result.exception)
 
 
+def test_build_kb_with_a_pipeline_writes_its_cache_and_index(linker_dir, picture_dir, tmp_path):
+    rows = [{"id": f"N{i}", "name": f"new item {i}", "description": "a picture", "images": [f"item{i}.png"]}
+            for i in range(6)]
+    (tmp_path / "e.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = run("build-kb", tmp_path / "e.jsonl", tmp_path / "kb", "--image-dir", picture_dir,
+                 "--pipeline", linker_dir / "pipeline", "--ann-index", "IVF2,Flat")
+    assert "6 entities encoded" in result.output and "ANN index IVF2,Flat: recall@" in result.output
+    assert (tmp_path / "kb" / "cache" / "ann.faiss").is_file() and (tmp_path / "kb" / "cache" / "meta.json").is_file()
+    assert not (tmp_path / ".kb.cache-build").exists()  # the shards are gone once the KB is written
+    from spacy_m3el.kb import create_kb_loader
+    from spacy_m3el.pipe import find_linker
+
+    nlp = spacy.load(linker_dir / "pipeline")
+    linker = find_linker(nlp)
+    linker.set_kb(create_kb_loader(tmp_path / "kb"))
+    saved = linker.kb.entity_cache
+    assert linker.entity_cache is saved  # valid for this pipeline's weights: used as it is
+
+
+def test_build_cache_resumes_a_killed_build(linker_dir, tmp_path):
+    from spacy_m3el.cache_build import BUILD_META
+
+    work = tmp_path / ".out.cache-build"
+    work.mkdir()
+    (work / BUILD_META).write_text('{"identity": {"fingerprint": "another"}, "done": false}')
+    result = CliRunner().invoke(app, ["build-cache", str(linker_dir / "pipeline"), str(tmp_path / "out")])
+    assert result.exit_code != 0 and "holds a cache build of another KB, model or settings" in str(result.exception)
+    (work / BUILD_META).unlink()
+    work.rmdir()
+    run("build-cache", linker_dir / "pipeline", tmp_path / "out")
+    assert (tmp_path / "out" / "m3el_linker" / "kb" / "cache" / "meta.json").is_file() and not work.exists()
+
+
 def test_link_writes_rows_and_reports_bad_ones(linker_dir, picture_dir, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
     rows = [

