@@ -79,9 +79,11 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def rss_mb() -> float:
+def rss_mb(kind: str = "VmRSS") -> float:
+    """This process's resident memory in MB: all of it (VmRSS), anonymous
+    memory only (RssAnon) or mapped file pages (RssFile, page cache)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{kind}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -227,15 +229,18 @@ def bench_build(args) -> None:
                       "cpu_ms_per_entity": 1000 * (cpu_seconds() - start_cpu) / len(kb),
                       "wall_ms_per_entity": 1000 * (time.perf_counter() - start) / len(kb)}
     linker.settings.inference_precision = "auto"
-    for workers in (0, 1):
-        linker.settings.image_workers = workers
+    variants = {"streamed_workers0": (1, 0, "0 image workers, all torch threads"),
+                "streamed_workers1": (1, 1, "1 image worker process, all torch threads"),
+                f"streamed_processes{os.cpu_count()}": (os.cpu_count(), 0, f"build_processes {os.cpu_count()}, "
+                                                        "one torch thread each")}
+    for name, (processes, workers, what) in variants.items():
+        linker.settings.build_processes, linker.settings.image_workers = processes, workers
         with tempfile.TemporaryDirectory() as folder:
             start_cpu, start = cpu_seconds(), time.perf_counter()
-            encoder.build_streamed(kb, Path(folder) / "cache", progress=False)
-            rows[f"streamed_workers{workers}"] = {
-                "path": f"streamed to disk, {workers} image worker(s), inference_precision auto",
-                "cpu_ms_per_entity": 1000 * (cpu_seconds() - start_cpu) / len(kb),
-                "wall_ms_per_entity": 1000 * (time.perf_counter() - start) / len(kb)}
+            encoder.build_streamed(kb, Path(folder) / "cache", progress=False, shard_size=256)
+            rows[name] = {"path": f"streamed to disk, {what}, inference_precision auto",
+                          "cpu_ms_per_entity": 1000 * (cpu_seconds() - start_cpu) / len(kb),
+                          "wall_ms_per_entity": 1000 * (time.perf_counter() - start) / len(kb)}
     before = rows["before"]
     for row in rows.values():
         row["cpu_speedup"] = before["cpu_ms_per_entity"] / row["cpu_ms_per_entity"]
@@ -254,6 +259,7 @@ def child_build(args) -> None:
     linker = find_linker(nlp)
     kb = photo_kb(nlp, args.entities, args.pictures, WORK / "photos")
     linker.set_kb(lambda vocab: kb)
+    linker.settings.build_processes = args.processes
     start_cpu, start = cpu_seconds(), time.perf_counter()
     cache = linker.entity_encoder.build_streamed(kb, Path(args.folder), progress=True,
                                                  shard_size=args.shard_size)
@@ -262,11 +268,65 @@ def child_build(args) -> None:
                       "wall_s": time.perf_counter() - start}), flush=True)
 
 
-def peak_of(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def tree_pss_mb(root: int) -> float:
+    """Proportional set size of a process and all its descendants (shared
+    pages split between the processes that map them), in MB."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier and pid not in tree]
+        tree.update(children)
+        frontier = children
+    total = 0
+    for pid in tree:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+def watch(command: List[str], folder: Path, stop_at_shards: int) -> Dict[str, Any]:
+    """Run a build, sampling its process tree's memory every second; kill it
+    (SIGKILL) once ``stop_at_shards`` shards are written (0: never)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    start, peak, killed = time.perf_counter(), 0.0, False
+    while process.poll() is None:
+        time.sleep(1)
+        peak = max(peak, tree_pss_mb(process.pid))
+        if stop_at_shards and len(list((folder / "shards").glob("*.npz"))) >= stop_at_shards:
+            for pid in sorted(_descendants(process.pid), reverse=True):
+                os.kill(pid, signal.SIGKILL)
+            process.send_signal(signal.SIGKILL)
+            killed = True
+            break
+    output = process.communicate()[0]
+    result = {"peak_tree_pss_mb": peak, "wall_s": time.perf_counter() - start, "killed": killed}
+    if not killed:
+        if process.returncode:
+            raise RuntimeError(f"the build failed (exit code {process.returncode})")
+        result.update(json.loads(output.strip().splitlines()[-1]))
+    return result
+
+
+def _descendants(root: int) -> List[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == root:
+                pid = int(stat.parent.name)
+                found += [pid] + _descendants(pid)
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
 
 
 def bench_memory(args) -> None:
@@ -276,28 +336,21 @@ def bench_memory(args) -> None:
 
         shutil.rmtree(folder)
     command = [sys.executable, __file__, "_child", "--entities", str(args.entities), "--pictures",
-               str(args.pictures), "--folder", str(folder), "--shard-size", str(args.shard_size)]
+               str(args.pictures), "--folder", str(folder), "--shard-size", str(args.shard_size),
+               "--processes", str(args.processes)]
     shards = -(-args.entities // args.shard_size)
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    start, peak = time.perf_counter(), 0.0
-    while first.poll() is None:
-        time.sleep(2)
-        peak = max(peak, peak_of(first.pid))
-        if len(list((folder / "shards").glob("*.npz"))) >= max(1, shards // 4):
-            first.send_signal(signal.SIGKILL)
-            break
-    first.wait()
-    killed_after = time.perf_counter() - start
-    kept = len(list((folder / "shards").glob("*.npz")))
-    second = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
-    resumed = json.loads(second.stdout.strip().splitlines()[-1])
+    killed = watch(command, folder, stop_at_shards=max(1, shards // 4))
+    killed["shards_kept"] = len(list((folder / "shards").glob("*.npz")))
+    killed["shards_total"] = shards
+    resumed = watch(command, folder, stop_at_shards=0)
     write("kb_build_memory.json", {
         **run_info(), "entities": args.entities, "pictures": args.pictures, "shard_size": args.shard_size,
+        "build_processes": args.processes,
         "inputs": "openclipart pictures on 500x400 noisy gradients (JPEG q90) cycled over the entities, "
                   "40+-token texts; every entity decoded and encoded",
-        "killed_run": {"peak_rss_mb": peak, "killed_after_s": killed_after, "shards_kept": kept,
-                       "shards_total": shards},
-        "resumed_run": resumed,
+        "memory": "peak over 1 s samples of the summed PSS of the build's process tree (the encoding processes "
+                  "included; shared pages split between them); peak_rss_mb: the main process alone",
+        "killed_run": killed, "resumed_run": resumed,
         "cache_bytes_on_disk": sum(f.stat().st_size for f in folder.glob("*.npy"))})
 
 
@@ -366,8 +419,8 @@ def bench_agreement(args) -> None:
     numpy.save(WORK / "kb8k_queries.npy", queries.numpy().astype(numpy.float32))
     result = {
         **run_info(), "entities": len(kb), "demo_entities": 300, "mentions": len(spans), "k": k,
-        "inputs": "demo KB + every other usable openclipart picture (real images and metadata); demo dev+test "
-                  "mentions with a KB entity",
+        "inputs": "demo KB + every other distinct openclipart picture + every Adwaita and Tango icon (real "
+                  "images and names); demo dev+test mentions with a KB entity",
         "build": build, "ann": {"factory": ann.factory, "recall": ann.meta["recall"]},
         "hits1": {name: float((rows == gold).float().mean()) for name, rows in top.items()},
         "agreement_with_exhaustive": {name: float((rows == top["exhaustive"]).float().mean())
@@ -449,6 +502,9 @@ def bench_retrieval(args) -> None:
                           "batch1_warm": timed(lambda q: ann.search(matrix, q, k), queries, 1, 256)})
             print(sweep[-1], flush=True)
     rss_end = rss_mb()
+    child = subprocess.run([sys.executable, __file__, "_ann_rss", "--folder", str(WORK), "--entities",
+                            str(args.entities)], check=True, capture_output=True, text=True)
+    ann_only = json.loads(child.stdout.strip().splitlines()[-1])
     write("retrieval_1m.json", {
         **run_info(), "entities": args.entities, "dim": int(matrix.shape[1]), "queries": len(queries), "k": k,
         "inputs": "synthetic fp16 vectors around the 8k-entity agreement KB's real retrieval vectors (see the "
@@ -458,24 +514,50 @@ def bench_retrieval(args) -> None:
                 "index_bytes_per_entity": ann.bytes_in_ram() / args.entities,
                 "index_file_bytes": index_file.stat().st_size, "sweep": sweep},
         "retrieval_matrix_bytes_per_entity_on_disk": int(matrix.shape[1]) * 2,
+        "ann_only_rss": ann_only,
         "rss_growth_mb": rss_end - rss_start,
         "rss_growth_bytes_per_entity": (rss_end - rss_start) * 2**20 / args.entities,
     })
 
 
+def ann_rss(args) -> None:
+    """In a fresh process: RSS growth from loading the saved index and the
+    memory map and answering every query with the default search settings."""
+    import faiss
+
+    from spacy_m3el.settings import LinkerSettings
+
+    folder = Path(args.folder)
+    queries = torch.from_numpy(numpy.load(folder / "kb8k_queries.npy"))
+    settings = LinkerSettings()
+    before = {kind: rss_mb(kind) for kind in ("VmRSS", "RssAnon", "RssFile")}
+    matrix = numpy.load(folder / f"synthetic{args.entities}.npy", mmap_mode="r")
+    ann = AnnIndex(faiss.read_index(str(folder / "synthetic.faiss")), {"factory": "saved", "nprobe": settings.ann_nprobe,
+                                                                       "shortlist": settings.ann_shortlist})
+    for first in range(0, len(queries), 32):
+        ann.search(matrix, queries[first : first + 32], 64)
+    growth = {kind: rss_mb(kind) - value for kind, value in before.items()}
+    print(json.dumps({"rss_growth_mb": growth["VmRSS"], "rss_growth_bytes_per_entity": growth["VmRSS"] * 2**20 / args.entities,
+                      "anon_growth_bytes_per_entity": growth["RssAnon"] * 2**20 / args.entities,
+                      "file_pages_growth_bytes_per_entity": growth["RssFile"] * 2**20 / args.entities,
+                      "nprobe": ann.nprobe, "shortlist": ann.shortlist, "queries": len(queries)}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["build", "memory", "agreement", "retrieval", "_child"])
+    parser.add_argument("what", choices=["build", "memory", "agreement", "retrieval", "_child", "_ann_rss"])
     parser.add_argument("--entities", type=int, default=None)
     parser.add_argument("--pictures", type=int, default=512)
     parser.add_argument("--shard-size", type=int, default=4096)
     parser.add_argument("--folder", default=None)
+    parser.add_argument("--processes", type=int, default=os.cpu_count(), help="build_processes (memory)")
     parser.add_argument("--factory", default=None, help="faiss index for `retrieval` (default: sized to the KB)")
     args = parser.parse_args()
-    defaults = {"build": 2048, "memory": 100_000, "retrieval": 1_000_000, "_child": 1000, "agreement": 0}
+    defaults = {"build": 2048, "memory": 100_000, "retrieval": 1_000_000, "_child": 1000, "agreement": 0,
+                "_ann_rss": 1_000_000}
     args.entities = args.entities or defaults[args.what]
     {"build": bench_build, "memory": bench_memory, "agreement": bench_agreement, "retrieval": bench_retrieval,
-     "_child": child_build}[args.what](args)
+     "_child": child_build, "_ann_rss": ann_rss}[args.what](args)
 
 
 if __name__ == "__main__":

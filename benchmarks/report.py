@@ -118,11 +118,12 @@ def build_section(data: dict) -> list:
 def build_memory_section(data: dict) -> list:
     killed, resumed = data["killed_run"], data["resumed_run"]
     return [f"## Streamed build of {data['entities']:,} entities ({where(data['machine'])})", "",
-            f"`python benchmarks/kb_scale.py memory` — {data['date']}; {data['inputs']}.", "",
-            f"- killed (SIGKILL) after {killed['killed_after_s']:.0f} s with {killed['shards_kept']} of "
-            f"{killed['shards_total']} shards written; peak RSS {killed['peak_rss_mb']:.0f} MB",
-            f"- the same command again: resumed from those shards and finished in {resumed['wall_s']:.0f} s "
-            f"({resumed['cpu_s']:.0f} CPU s), peak RSS {resumed['peak_rss_mb']:.0f} MB",
+            f"`python benchmarks/kb_scale.py memory` — {data['date']}; {data['inputs']}; build_processes "
+            f"{data['build_processes']}. Memory: {data['memory']}.", "",
+            f"- killed (SIGKILL) after {killed['wall_s']:.0f} s with {killed['shards_kept']} of "
+            f"{killed['shards_total']} shards written; peak memory {killed['peak_tree_pss_mb']:.0f} MB",
+            f"- the same command again: resumed from those shards and finished in {resumed['wall_s']:.0f} s; "
+            f"peak memory {resumed['peak_tree_pss_mb']:.0f} MB (main process alone {resumed['peak_rss_mb']:.0f} MB)",
             f"- cache on disk: {data['cache_bytes_on_disk'] / data['entities']:,.0f} bytes per entity", ""]
 
 
@@ -164,10 +165,11 @@ def retrieval_section(data: dict) -> list:
 def end_to_end_section(data: dict) -> list:
     lines = [f"## End to end on CPU ({where(data['machine'])})", "",
              f"`python benchmarks/end_to_end.py` — {data['date']}; KB of {data['entities']:,} entities; "
-             f"{data['inputs']}.", "", "| precision | nlp.pipe batch | docs/s | CPU ms/doc |", "|---|---|---|---|"]
+             f"{data['inputs']}.", "", "| precision | nlp.pipe batch | n_process | docs/s | CPU ms/doc |",
+             "|---|---|---|---|---|"]
     for row in data["rows"]:
-        lines.append(f"| {row['precision']} | {row['batch_size']} | {row['docs_per_s']:.1f} | "
-                     f"{row['cpu_ms_per_doc']:.1f} |")
+        lines.append(f"| {row['precision']} | {row['batch_size']} | {row.get('n_process', 1)} | "
+                     f"{row['docs_per_s']:.1f} | {row['cpu_ms_per_doc']:.1f} |")
     return lines + [""]
 
 

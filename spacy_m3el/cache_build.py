@@ -3,19 +3,23 @@
 KB images are decoded and resized by ``image_workers`` DataLoader worker
 processes while the main process runs the frozen backbone (under autocast in
 the linker's ``inference_precision``, channels-last images) and the matcher
-on one batch after another. Finished entities go to disk in shards of
-``shard_size`` rows; after a crash or a kill the same call finds the shards
-that are complete (written under a temporary name, then renamed) and encodes
-only the rest. At the end the shards are copied, in KB order, into the
-cache's ``.npy`` files with plain file writes, so memory stays bounded by
-one shard whatever the KB's size.
+on one batch after another; or, with ``build_processes`` > 1, that many
+forked processes with one torch thread each encode every N-th shard.
+Finished entities go to disk in shards of ``shard_size`` rows; after a
+crash or a kill the same call finds the shards that are complete (written
+under a temporary name, then renamed) and encodes only the rest. At the end
+the shards are copied, in KB order, into the cache's ``.npy`` files with
+plain file writes, so memory stays bounded by one shard (per process)
+whatever the KB's size.
 
 The backbone's feature cache is not used: it would keep every entity's
 features, which is what this path exists to avoid.
 """
+import dataclasses
 import hashlib
 import os
 import shutil
+import time
 import zlib
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -105,6 +109,8 @@ class StreamedCacheBuild:
         self.progress = progress
         self.unreadable: List[Tuple[str, str]] = []
         self.reused_shards = 0
+        #: True when the folder held this build, finished: it was loaded, not encoded.
+        self.loaded = False
 
     # ------------------------------------------------------------ bookkeeping
     def _identity(self) -> Dict[str, Any]:
@@ -154,6 +160,7 @@ class StreamedCacheBuild:
         (memory-mapped from ``folder``)."""
         if (self.folder / "meta.json").is_file() and read_json(self.folder / BUILD_META).get("done"):
             if read_json(self.folder / BUILD_META).get("identity") == self._identity():
+                self.loaded = True
                 return EntityCache.load(self.folder, n_entities=len(self.kb))
         self._prepare_folder()
         total = len(self.kb)
@@ -164,12 +171,71 @@ class StreamedCacheBuild:
         if finished:
             msg.info(f"Resuming the entity cache build in {self.folder}: {len(finished)} of {len(shards)} "
                      "shards are done")
-        for index, info in finished.items():
-            self.unreadable.extend(tuple(pair) for pair in info["unreadable"])
         if todo:
-            self._encode_shards([shards[i] for i in todo], todo, done=sum(e - s for i, (s, e) in enumerate(shards)
-                                                                         if i in finished))
+            done = sum(end - start for i, (start, end) in enumerate(shards) if i in finished)
+            processes = min(self.settings.build_processes, len(todo))
+            if processes > 1:
+                self._encode_in_processes([shards[i] for i in todo], todo, processes, done=done)
+            else:
+                self._encode_shards([shards[i] for i in todo], todo, done=done)
         return self._assemble(len(shards))
+
+    def _encode_in_processes(self, spans: List[Tuple[int, int]], indices: List[int], processes: int, *,
+                             done: int) -> None:
+        """Encode the shards on ``processes`` forked processes (one torch
+        thread each: on CPU that beats one process with many threads), each
+        writing its own shards; a failure keeps what the others finished."""
+        import multiprocessing
+
+        context = multiprocessing.get_context("fork")
+        self._warm_up()  # once here rather than once per process
+        jobs = list(zip(spans, indices))
+        workers = [context.Process(target=self._encode_group, daemon=True,
+                                   args=([s for s, _ in jobs[w::processes]], [i for _, i in jobs[w::processes]]))
+                   for w in range(processes)]
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(self.kb), initial=done, desc=f"Encoding KB entities ({processes} processes)",
+                       unit="entity", smoothing=0.1)
+        try:
+            for worker in workers:
+                worker.start()
+            while any(worker.is_alive() for worker in workers):
+                time.sleep(0.5)
+                if bar is not None:
+                    bar.update(done + sum(end - start for (start, end), index in jobs
+                                          if self._shard_path(index).is_file()) - bar.n)
+        finally:
+            for worker in workers:
+                if worker.is_alive():
+                    worker.terminate()
+                worker.join()
+            if bar is not None:
+                bar.close()
+        failed = [worker.exitcode for worker in workers if worker.exitcode]
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {processes} entity encoding processes failed (exit codes "
+                               f"{failed}; their errors are printed above). The finished shards are kept in "
+                               f"{self.folder / SHARDS}: run the same build again to resume")
+
+    def _warm_up(self) -> None:
+        """Run the image tower once on a blank image, so graphs it compiles
+        lazily (the bfloat16 TorchScript one) exist before the processes fork."""
+        encoder = self.network.encoder
+        device = encoder.device
+        blank = torch.zeros((1, 3, encoder.image_size, encoder.image_size), device=device)
+        with torch.inference_mode(), inference_autocast(self.settings.inference_precision, device):
+            encoder.encode_image(blank)
+
+    def _encode_group(self, spans: List[Tuple[int, int]], indices: List[int]) -> None:
+        """The body of one forked encoding process: one torch thread, images
+        decoded in the process itself."""
+        torch.set_num_threads(1)
+        self.progress = False
+        self.settings = dataclasses.replace(self.settings, image_workers=0)
+        self._encode_shards(spans, indices, done=0)
 
     def _loader(self, spans: Sequence[Tuple[int, int]]) -> Iterator[Dict[str, Any]]:
         encoder = self.network.encoder
@@ -178,6 +244,10 @@ class StreamedCacheBuild:
         dataset = _EntityBatches(encoder, kb_items(self.kb, encoder), batches,
                                  bool(self.settings.allow_image_urls))
         workers = self.settings.image_workers
+        if workers:
+            # A fast tokenizer that has run threads warns in every forked child; ours tokenize
+            # nothing (texts are tokenized here), and batches of 64 short texts need no threads.
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
             persistent_workers=False)
@@ -221,7 +291,6 @@ class StreamedCacheBuild:
                     arrays, meta = build_cache_arrays(network.matcher, sides,
                                                       max_queries=self.settings.max_cached_queries)
                     self._write_shard(current, arrays, meta, unreadable)
-                    self.unreadable.extend(unreadable)
 
     def _entity_side(self, batch: Dict[str, Any], device: torch.device) -> Dict[str, torch.Tensor]:
         """The matcher's entity side of one prepared batch."""
@@ -243,6 +312,7 @@ class StreamedCacheBuild:
         """Copy the shards, in order, into one ``.npy`` per array (padding the
         token axis to the widest shard), then write the meta and drop the shards."""
         infos = [read_json(self._shard_path(i).with_suffix(".json")) for i in range(count)]
+        self.unreadable = [tuple(pair) for info in infos for pair in info["unreadable"]]
         shapes: Dict[str, List[int]] = {}
         for info in infos:
             for name, shape in info["shapes"].items():

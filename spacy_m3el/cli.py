@@ -195,6 +195,9 @@ def build_kb(
                                            "after a kill)"),
     ann_index: Optional[str] = typer.Option(None, help="With --pipeline: also build this ANN index ('auto' or "
                                             "a faiss index_factory string; default: the pipeline's ann_index)"),
+    processes: Optional[int] = typer.Option(None, help="With --pipeline: encoding processes, one torch thread "
+                                            "each (default: the pipeline's build_processes; on CPU one per core "
+                                            "is the fastest)"),
 ) -> None:
     """Build a MultimodalKB directory (images copied in) from an entity file,
     and with --pipeline its entity cache for that pipeline."""
@@ -220,7 +223,7 @@ def build_kb(
 
         linker = find_linker(nlp)
         linker.set_kb(lambda _: kb)
-        _build_cache(linker, _work_dir(output), ann_index)
+        _build_cache(linker, _work_dir(output), ann_index, processes)
     kb.to_disk(output)
     missing = sum(len(v) for v in kb.missing_images.values())
     msg.good(f"KB written -> {output}" + (" (with its entity cache)" if pipeline else ""))
@@ -237,12 +240,16 @@ def _work_dir(output: Path) -> Path:
     return output.parent / f".{output.name}.cache-build"
 
 
-def _build_cache(linker, work_dir: Path, ann_index: Optional[str]) -> None:
+def _build_cache(linker, work_dir: Path, ann_index: Optional[str], processes: Optional[int]) -> None:
     """Stream the linker's entity cache into ``work_dir`` (resuming what a
     killed run left there), with the ANN index its settings (or
     ``ann_index``) ask for."""
     if ann_index is not None:
         linker.settings.ann_index = ann_index
+    if processes is not None:
+        if processes < 1:
+            raise typer.BadParameter(f"--processes must be >= 1, got {processes}")
+        linker.settings.build_processes = processes
     cache = linker.build_entity_cache(progress=True, folder=work_dir)
     built = f"{len(cache)} entities encoded ({cache.bytes_per_entity:,} bytes each on disk)"
     if cache.use_ann:
@@ -260,6 +267,8 @@ def build_cache(
     num_workers: int = typer.Option(2, help="With --ray: worker actors, each holding one loaded pipeline"),
     ann_index: Optional[str] = typer.Option(None, help="Also build this ANN index ('auto' or a faiss "
                                             "index_factory string; default: the pipeline's ann_index)"),
+    processes: Optional[int] = typer.Option(None, help="Encoding processes, one torch thread each (default: "
+                                            "the pipeline's build_processes; on CPU one per core is the fastest)"),
 ) -> None:
     """Encode every KB entity for the linker's current weights (the entity
     cache the two-stage linker searches) and save the pipeline with it. The
@@ -278,7 +287,7 @@ def build_cache(
     from .pipe import find_linker
 
     nlp = _load(pipeline, -1)
-    _build_cache(find_linker(nlp), _work_dir(output), ann_index)
+    _build_cache(find_linker(nlp), _work_dir(output), ann_index, processes)
     nlp.to_disk(output)
     shutil.rmtree(_work_dir(output), ignore_errors=True)
     msg.good(f"Pipeline with its entity cache -> {output}")

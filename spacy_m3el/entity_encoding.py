@@ -131,13 +131,17 @@ class EntityEncoder:
         cache = build.run()
         if temporary:
             weakref.finalize(cache, shutil.rmtree, folder, True)
-        self._report(kb, cache, [entity_id for entity_id, _ in build.unreadable])
+        for entity_id, reason in build.unreadable:
+            self.inputs.kb_images.failures[f"KB entity {entity_id}"] = reason
+        self._report(kb, cache, None if build.loaded else [entity_id for entity_id, _ in build.unreadable])
         return cache
 
-    def _report(self, kb: MultimodalKB, cache: EntityCache, unreadable: List[str]) -> None:
-        """Warn about KB entities encoded without their image; measure a
-        pooled cache's agreement with the exact score."""
-        cache.meta["unreadable_kb_images"] = {"count": len(unreadable), "ids": unreadable[:20]}
+    def _report(self, kb: MultimodalKB, cache: EntityCache, unreadable: Optional[List[str]]) -> None:
+        """Warn about KB entities encoded without their image (None: a saved
+        cache, whose meta already counts them); measure a pooled cache's
+        agreement with the exact score."""
+        if unreadable is not None:
+            cache.meta["unreadable_kb_images"] = {"count": len(unreadable), "ids": unreadable[:20]}
         if unreadable:
             warn(f"m3el_linker: {len(unreadable)} KB entities are linked without their image, which could not "
                  f"be read, e.g. {unreadable[:5]} (details: linker.inputs.kb_images.failures)", stacklevel=5)

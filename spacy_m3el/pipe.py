@@ -80,6 +80,7 @@ def make_m3el_linker(
     max_cached_queries: Optional[int],
     inference_precision: str,
     image_workers: int,
+    build_processes: int,
     ann_index: Optional[str],
     ann_nprobe: int,
     ann_shortlist: int,

@@ -63,9 +63,13 @@ class LinkerSettings:
                                                "\"bfloat16\" or \"float16\".")
     image_workers: int = _option(1, "Worker processes that decode and resize KB images while a streamed "
                                     "entity cache is built (0: in the main process).")
+    build_processes: int = _option(1, "Processes that encode a streamed entity cache build, each with one "
+                                      "torch thread and its own image decoding (1: this process, with "
+                                      "image_workers decoders and all torch threads). On CPU, one per core "
+                                      "is the fastest.")
     ann_index: Optional[str] = _option(None, "null: exact top-K search (the fp16 retrieval matrix scanned in "
                                              "chunks). \"auto\" or a faiss index_factory string (e.g. "
-                                             "\"IVF1024,PQ84\"): approximate search in an index built with "
+                                             "\"IVF1024,SQ8\"): approximate search in an index built with "
                                              "the entity cache and saved beside it, its shortlist rescored "
                                              "exactly; its recall@K is measured when built (needs "
                                              "spacy-m3el[ann]).")
@@ -99,6 +103,8 @@ class LinkerSettings:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.inference_precision not in PRECISIONS:
             raise ValueError(f"inference_precision must be one of {PRECISIONS}, got {self.inference_precision!r}")
+        if self.build_processes < 1:
+            raise ValueError(f"build_processes must be >= 1, got {self.build_processes}")
         for name in ("image_workers", "ann_nprobe", "ann_shortlist"):
             if getattr(self, name) < (0 if name == "image_workers" else 1):
                 raise ValueError(f"{name} must be >= {0 if name == 'image_workers' else 1}, got {getattr(self, name)}")

@@ -74,6 +74,43 @@ def test_a_killed_build_resumes_from_its_finished_shards(linker, tmp_path, monke
         assert numpy.array_equal(resumed.arrays[name], array), name
 
 
+def test_build_on_two_processes_equals_the_single_process_build(linker, tmp_path):
+    linker.settings.image_workers = 0
+    single = arrays_of(streamed(linker, tmp_path / "one").run())
+    linker.settings.build_processes = 2
+    try:
+        build = streamed(linker, tmp_path / "two")
+        parallel = build.run()
+    finally:
+        linker.settings.build_processes = 1
+    assert not build.loaded and len(parallel) == N_ENTITIES
+    for name, array in single.items():
+        # One torch thread per process: the sums inside the kernels may differ in the last bits.
+        assert numpy.allclose(parallel.arrays[name], array, atol=1e-2), name
+
+
+def test_a_failed_encoding_process_keeps_the_others_shards(linker, tmp_path, monkeypatch):
+    linker.settings.build_processes = 2
+    real_side = StreamedCacheBuild._entity_side
+
+    def fail_on_second_shard(self, batch, device):
+        if 8 <= batch["start"] < 16:
+            raise ValueError("a broken batch")
+        return real_side(self, batch, device)
+
+    monkeypatch.setattr(StreamedCacheBuild, "_entity_side", fail_on_second_shard)
+    try:
+        with pytest.raises(RuntimeError, match="1 of 2 entity encoding processes failed.*run the same build again"):
+            streamed(linker, tmp_path / "cache").run()
+    finally:
+        linker.settings.build_processes = 1
+    kept = sorted(p.name for p in (tmp_path / "cache" / "shards").glob("*.npz"))
+    assert kept == ["000000.npz", "000002.npz"]  # the other process finished its shards
+    monkeypatch.setattr(StreamedCacheBuild, "_entity_side", real_side)
+    build = streamed(linker, tmp_path / "cache")
+    assert len(build.run()) == N_ENTITIES and build.reused_shards == 2
+
+
 def test_a_folder_of_another_build_is_refused(linker, tmp_path):
     streamed(linker, tmp_path / "cache").run()
     linker.settings.max_cached_queries = 3
