@@ -21,6 +21,7 @@ everything is moved to the device once, at first use.
 fingerprint of the weights that built them), saving and loading them as
 ``.npy`` files, and deciding whether they are still valid.
 """
+import shutil
 import zlib
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -32,7 +33,7 @@ from .errors import KBError
 from .fileio import inside, read_json, write_json
 from .model import M3ELMatcher
 from .model.matching import Side
-from .retrieval import ANN_FILE, AnnIndex, exact_top_k
+from .retrieval import ANN_FILE, ANN_META, AnnIndex, exact_top_k
 
 CACHE_FORMAT = 2
 RETRIEVAL = "retrieval"
@@ -134,9 +135,11 @@ class EntityCache:
         for name, array in self.arrays.items():
             numpy.save(folder / f"{name}.npy", numpy.asarray(array), allow_pickle=False)
         write_json(folder / "meta.json", self.meta)
-        ann = self.ann_index()
-        if ann is not None:
-            ann.save(folder)
+        if self.ann is not None:
+            self.ann.save(folder)
+        elif self._ann_folder is not None:  # saved before and never read: copied as it is (no faiss needed)
+            for name in (ANN_FILE, ANN_META):
+                shutil.copyfile(self._ann_folder / name, folder / name)
 
     @classmethod
     def load(cls, folder: Path, *, n_entities: int) -> "EntityCache":

@@ -83,4 +83,6 @@ def test_cache_searches_with_its_index_only_when_asked(tmp_path):
     assert torch.equal(cache.retrieve(query, 5), cache.ann.search(matrix, query, 5))
     cache.save(tmp_path / "cache")
     loaded = EntityCache.load(tmp_path / "cache", n_entities=400)
+    loaded.save(tmp_path / "again")  # an index never read is copied as it is
+    assert (tmp_path / "again" / "ann.faiss").read_bytes() == (tmp_path / "cache" / "ann.faiss").read_bytes()
     assert loaded.ann is None and loaded.ann_index().factory == "IVF4,Flat"  # read at first use
