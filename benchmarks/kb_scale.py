@@ -271,20 +271,8 @@ def child_build(args) -> None:
 def tree_pss_mb(root: int) -> float:
     """Proportional set size of a process and all its descendants (shared
     pages split between the processes that map them), in MB."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            parents[int(stat.parent.name)] = int(fields[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    tree, frontier = {root}, [root]
-    while frontier:
-        children = [pid for pid, parent in parents.items() if parent in frontier and pid not in tree]
-        tree.update(children)
-        frontier = children
     total = 0
-    for pid in tree:
+    for pid in [root] + _descendants(root):
         try:
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):

@@ -42,8 +42,8 @@ class M3ELNetwork(nn.Module):
         self.feature_cache: Optional[FeatureCache] = (
             FeatureCache(encoder, shared=True, max_bytes=feature_cache_bytes) if encoder.frozen else None
         )
-        #: Backbone precision where it only infers (the linker sets it from its settings).
-        self.inference_precision = "float32"
+        #: The linker's settings (set by the linker): where ``inference_precision`` comes from.
+        self.settings: Optional[Any] = None
 
     def encode(
         self, texts: Union[Sequence[str], TextFeatures], images: Sequence[Optional[ImageRef]]
@@ -64,6 +64,11 @@ class M3ELNetwork(nn.Module):
                 image = self.encoder.encode_images([ref.load() if ref is not None else None for ref in images])
         items = join_features(text, image).to(device)
         return EncodedItems(**dict(zip(vars(items), float_features(*vars(items).values()))))
+
+    @property
+    def inference_precision(self) -> str:
+        """Backbone precision where it only infers: the linker's setting (float32 without a linker)."""
+        return self.settings.inference_precision if self.settings is not None else "float32"
 
     def backbone_autocast(self) -> ContextManager:
         """Autocast in ``inference_precision`` for the backbone where it only

@@ -59,7 +59,7 @@ class EntityEncoder:
             return cache
         return self.build(kb)
 
-    def configure_search(self, kb: MultimodalKB, cache: EntityCache) -> EntityCache:
+    def configure_search(self, kb: MultimodalKB, cache: EntityCache, *, progress: bool = False) -> EntityCache:
         """Exact search when ``ann_index`` is null; else the cache's ANN
         index, built (and its recall measured) when it has none of that kind."""
         wanted = self.settings.ann_index
@@ -68,7 +68,7 @@ class EntityEncoder:
             return cache
         ann = cache.ann_index()
         if ann is None or ann.meta.get("requested") != wanted:
-            ann = self.build_ann(kb, cache)
+            ann = self.build_ann(kb, cache, progress=progress)
         ann.nprobe, ann.shortlist = self.settings.ann_nprobe, self.settings.ann_shortlist
         return cache
 
@@ -80,7 +80,7 @@ class EntityEncoder:
         size = len(kb)
         rows = list(range(size)) if size <= RECALL_SAMPLE else [i * size // RECALL_SAMPLE
                                                                  for i in range(RECALL_SAMPLE)]
-        queries = self._stand_in_queries(kb, rows)
+        queries = self.network.matcher.mention_retrieval_vectors(self._stand_in_mentions(kb, rows))
         ann = AnnIndex.build(cache.arrays[RETRIEVAL], factory=None if wanted == "auto" else wanted,
                              nprobe=self.settings.ann_nprobe, shortlist=self.settings.ann_shortlist,
                              queries=queries, recall_k=max(self.settings.n_candidates, 1), progress=progress)
@@ -92,13 +92,12 @@ class EntityEncoder:
         cache.ann = ann
         return ann
 
-    def _stand_in_queries(self, kb: MultimodalKB, rows: Sequence[int]) -> torch.Tensor:
-        """Retrieval vectors of KB entities encoded as if they were mentions."""
+    def _stand_in_mentions(self, kb: MultimodalKB, rows: Sequence[int]) -> Dict[str, torch.Tensor]:
+        """The mention side of KB entities encoded as if they were mentions
+        (to check a pooled cache or an ANN index without real mentions)."""
         network = self.network
         network.eval()
-        network.inference_precision = self.settings.inference_precision
-        mention = network.matcher.mention_side(network.encode(*self.inputs.entities(kb, rows, training=False)))
-        return network.matcher.mention_retrieval_vectors(mention)
+        return network.matcher.mention_side(network.encode(*self.inputs.entities(kb, rows, training=False)))
 
     def _verify(self, cache: EntityCache) -> None:
         self.verified = cache
@@ -209,7 +208,6 @@ class EntityEncoder:
                                   zip(batch, refs, items.image_mask.tolist()) if ref is not None and not has)
                 yield network.matcher.entity_side(items)
 
-        network.inference_precision = self.settings.inference_precision
         cache = EntityCache.build(network.matcher, sides(), max_queries=max_queries,
                                   fingerprint=network.fingerprint())
         cache.meta["encode_precision"] = self.settings.inference_precision
@@ -226,9 +224,7 @@ class EntityEncoder:
         size = len(kb)
         rows = list(range(size)) if size <= AGREEMENT_SAMPLE else [
             i * size // AGREEMENT_SAMPLE for i in range(AGREEMENT_SAMPLE)]
-        network = self.network
-        network.inference_precision = self.settings.inference_precision
-        mention = matcher.mention_side(network.encode(*self.inputs.entities(kb, rows, training=False)))
+        mention = self._stand_in_mentions(kb, rows)
         k = max(self.settings.n_candidates, 1)
         candidates = linking.candidate_rows(pooled, matcher.mention_retrieval_vectors(mention), k=k)
         union = sorted({row for found in candidates for row in found})

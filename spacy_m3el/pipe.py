@@ -130,6 +130,7 @@ class M3ELLinker(TrainablePipe):
         #: True once training updates changed the weights since the last calibration.
         self.calibration_stale = False
         self._told_about_nil = False
+        self.network.settings = self.settings
         self.inputs = InputBuilder(self.network.encoder, ImageLoader(self.settings), self.settings)
         self.entity_encoder = EntityEncoder(self.network, self.inputs, self.settings)
 
@@ -304,9 +305,7 @@ class M3ELLinker(TrainablePipe):
         ``folder`` (and for large KBs) the build is streamed to disk there and
         resumes after a kill; an ``ann_index`` is built with the cache."""
         cache = self.entity_encoder.build(self.kb, progress=progress, folder=folder)
-        if self.settings.ann_index is not None:
-            self.entity_encoder.build_ann(self.kb, cache, progress=progress)
-        return self.entity_encoder.configure_search(self.kb, cache)
+        return self.entity_encoder.configure_search(self.kb, cache, progress=progress)
 
     def exact_entity_cache(self) -> EntityCache:
         """An entity cache with every G2L query, so reranking gives the exact
@@ -322,7 +321,6 @@ class M3ELLinker(TrainablePipe):
         "warn"``) are counted in ``bad_images``."""
         network = self.network
         network.eval()
-        network.inference_precision = self.settings.inference_precision
         texts, refs = self.inputs.mentions(spans, where=where)
         shared = self.shared_encoder
         if shared is not None:
