@@ -158,10 +158,11 @@ class StreamedCacheBuild:
     def run(self) -> EntityCache:
         """Encode what is not on disk yet, assemble the cache, and return it
         (memory-mapped from ``folder``)."""
-        if (self.folder / "meta.json").is_file() and read_json(self.folder / BUILD_META).get("done"):
-            if read_json(self.folder / BUILD_META).get("identity") == self._identity():
-                self.loaded = True
-                return EntityCache.load(self.folder, n_entities=len(self.kb))
+        build_meta = self.folder / BUILD_META
+        previous = read_json(build_meta) if build_meta.is_file() else {}
+        if previous.get("done") and previous.get("identity") == self._identity():
+            self.loaded = True
+            return EntityCache.load(self.folder, n_entities=len(self.kb))
         self._prepare_folder()
         total = len(self.kb)
         shards = [(start, min(start + self.shard_size, total)) for start in range(0, total, self.shard_size)]

@@ -103,11 +103,9 @@ class LinkerSettings:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.inference_precision not in PRECISIONS:
             raise ValueError(f"inference_precision must be one of {PRECISIONS}, got {self.inference_precision!r}")
-        if self.build_processes < 1:
-            raise ValueError(f"build_processes must be >= 1, got {self.build_processes}")
-        for name in ("image_workers", "ann_nprobe", "ann_shortlist"):
-            if getattr(self, name) < (0 if name == "image_workers" else 1):
-                raise ValueError(f"{name} must be >= {0 if name == 'image_workers' else 1}, got {getattr(self, name)}")
+        for name, least in (("image_workers", 0), ("build_processes", 1), ("ann_nprobe", 1), ("ann_shortlist", 1)):
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
         if self.ann_index is not None and not self.ann_index.strip():
             raise ValueError("ann_index must be null (exact search), \"auto\" or a faiss index_factory string")
         if self.entity_batch_size < 1:
