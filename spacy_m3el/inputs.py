@@ -24,11 +24,12 @@ def mention_context(span: Span, context_chars: int) -> str:
     doc = span.doc
     if doc.has_annotation("SENT_START"):
         return span.sent.text
-    if len(doc.text) <= context_chars:
-        return doc.text
+    text = doc.text  # joined from the tokens at every access
+    if len(text) <= context_chars:
+        return text
     half = context_chars // 2
     start = max(0, span.start_char - half)
-    return doc.text[start : start + context_chars]
+    return text[start : start + context_chars]
 
 
 class InputBuilder:

@@ -48,3 +48,15 @@ def test_rerank_pads_short_candidate_lists(exact_cache):
     assert ranking.best_rows()[1] == -1
     empty = linking.rerank(matcher, mention, cache, [[], [], []])
     assert empty.rows.shape == (3, 0) and empty.best_rows().tolist() == [-1, -1, -1]
+
+
+def test_rerank_in_passes_of_a_few_mentions_equals_one_pass(exact_cache, monkeypatch):
+    matcher, cache, mention = exact_cache
+    candidates = [[4, 9, 0], [], [1, 2, 3, 5, 11]]
+    whole = linking.rerank(matcher, mention, cache, candidates)
+    monkeypatch.setattr(linking, "CPU_RERANK_MENTIONS", 2)
+    passes = linking.rerank(matcher, mention, cache, candidates)
+    assert passes.rows.tolist() == whole.rows.tolist()
+    assert set(passes.scores) == set(whole.scores)
+    for name, value in whole.scores.items():
+        torch.testing.assert_close(passes.scores[name], value)

@@ -165,18 +165,19 @@ class MultimodalEncoder(nn.Module, ABC):
         A missing image becomes an all-zero input with a False mask.
         """
         size = self.image_size
-        pixels = torch.zeros((len(images), 3, size, size), dtype=torch.float32)
+        # Pixels are gathered as uint8 HxWxC and normalised in one pass; the
+        # result is channels-last in memory, the layout the CPU towers want.
+        raw = numpy.zeros((len(images), size, size, 3), dtype=numpy.uint8)
         mask = torch.zeros(len(images), dtype=torch.bool)
-        mean = torch.tensor(self.image_mean).view(3, 1, 1)
-        std = torch.tensor(self.image_std).view(3, 1, 1)
         for i, image in enumerate(images):
             if image is None:
                 continue
-            image = fit_square(image.convert("RGB") if image.mode != "RGB" else image, size)
-            array = numpy.asarray(image, dtype=numpy.float32) / 255.0
-            tensor = torch.from_numpy(array).permute(2, 0, 1)
-            pixels[i] = (tensor - mean) / std
+            raw[i] = numpy.asarray(fit_square(image.convert("RGB") if image.mode != "RGB" else image, size))
             mask[i] = True
+        mean = torch.tensor(self.image_mean).mul(255.0).view(1, 3, 1, 1)
+        scale = torch.tensor(self.image_std).mul(255.0).reciprocal().view(1, 3, 1, 1)
+        pixels = (torch.from_numpy(raw).permute(0, 3, 1, 2).float() - mean) * scale
+        pixels[~mask] = 0.0  # a missing image is an all-zero input
         return pixels, mask
 
     def encode_texts(self, texts: Sequence[str]) -> TextFeatures:
