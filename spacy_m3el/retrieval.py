@@ -24,8 +24,8 @@ import torch
 from .errors import KBError
 from .fileio import read_json, write_json
 
-#: Rows scored per step of the exact scan (float32 chunk: 16384 x D x 4 bytes).
-EXACT_CHUNK_ROWS = 16384
+#: Rows scored per step of the exact scan (float32 chunk: 4096 x D x 4 bytes).
+EXACT_CHUNK_ROWS = 4096
 ANN_FILE = "ann.faiss"
 ANN_META = "ann.json"
 #: Rows sampled (at least) to train the index's quantisers, and queries that measure its recall.
@@ -49,8 +49,13 @@ def exact_top_k(matrix: numpy.ndarray, query: torch.Tensor, k: int) -> Tuple[tor
     k = min(k, matrix.shape[0])
     best_scores = query.new_full((query.shape[0], 0), float("-inf"))
     best_rows = torch.zeros((query.shape[0], 0), dtype=torch.long)
+    # One float32 buffer for every chunk: a fresh one per chunk cost page
+    # faults that made a one-mention scan of 100k rows 6x slower.
+    buffer = torch.empty((min(EXACT_CHUNK_ROWS, matrix.shape[0]), matrix.shape[1]), dtype=torch.float32)
     for start in range(0, matrix.shape[0], EXACT_CHUNK_ROWS):
-        block = fp16_rows(matrix[start : start + EXACT_CHUNK_ROWS]).float()
+        rows16 = fp16_rows(matrix[start : start + EXACT_CHUNK_ROWS])
+        block = buffer[: rows16.shape[0]]
+        block.copy_(rows16)
         scores, rows = (query @ block.T).topk(min(k, block.shape[0]), dim=1)
         best_scores = torch.cat([best_scores, scores], dim=1)
         best_rows = torch.cat([best_rows, rows + start], dim=1)
