@@ -23,6 +23,8 @@ from .retrieval import AnnIndex
 AGREEMENT_SAMPLE = 64
 #: ... and when an ANN index's recall is measured.
 RECALL_SAMPLE = 256
+#: An ANN index whose measured recall@K is below this is reported with a warning.
+ANN_RECALL_WARNING = 0.95
 #: KBs above this size are streamed to disk when their cache is built: their
 #: backbone features would not stay in the feature cache anyway.
 STREAM_ABOVE = 20_000
@@ -89,6 +91,11 @@ class EntityEncoder:
         msg.info(f"m3el_linker: ANN index {ann.factory} over {size} entities: recall@{recall['k']} "
                  f"{recall['recall']:.3f} against exact search ({recall['queries']} KB entities standing in "
                  f"for mentions, nprobe {recall['nprobe']}, shortlist {recall['shortlist']})")
+        if recall["recall"] < ANN_RECALL_WARNING:
+            warn(f"m3el_linker: the ANN index {ann.factory} finds only {recall['recall']:.1%} of exact search's "
+                 f"top {recall['k']} candidates (KB entities standing in for mentions; real mentions lie further "
+                 f"from the entities and fare worse). Raise ann_nprobe (now {recall['nprobe']}) or ann_shortlist, "
+                 f"or keep exact search (ann_index = null), which is fast up to a few 100,000 entities.")
         cache.ann = ann
         return ann
 

@@ -5,6 +5,7 @@ import pytest
 import spacy
 import torch
 
+from spacy_m3el import M3ELWarning
 from spacy_m3el.cache_build import StreamedCacheBuild
 from spacy_m3el.errors import KBError
 from spacy_m3el.pipe import find_linker
@@ -176,3 +177,12 @@ def test_ann_index_is_built_with_the_cache_and_saved_with_the_pipeline(picture_d
     doc._.image = str(picture_dir / "item7_alt.png")
     doc.ents = [doc.char_span(12, 16, label="THING")]
     assert loaded(doc).ents[0].kb_id_  # linked through the index
+
+
+def test_an_ann_index_with_low_recall_is_reported(picture_dir):
+    nlp, _ = train_pipeline(picture_dir, epochs=1)
+    linker = find_linker(nlp)
+    linker.settings.ann_index, linker.settings.ann_nprobe = "IVF4,Flat", 1  # one of four lists visited
+    with pytest.warns(M3ELWarning, match=r"finds only .*Raise ann_nprobe \(now 1\)"):
+        cache = linker.build_entity_cache()
+    assert cache.ann.meta["recall"]["recall"] < 0.95
