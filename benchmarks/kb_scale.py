@@ -383,7 +383,11 @@ def bench_agreement(args) -> None:
             spans.extend(ent for ent in eg.reference.ents if ent.kb_id_ in kb)
     matcher, k = linker.network.matcher, linker.settings.n_candidates
     gold = torch.tensor([kb.row(span.kb_id_) for span in spans])
-    queries, tops = [], {"exhaustive": [], "two_stage_exact": [], "two_stage_ann": []}
+    # The ANN rows: the default nprobe, then 2x and 4x (same index, more lists visited).
+    nprobes = [linker.settings.ann_nprobe * factor for factor in (1, 2, 4)]
+    ann_names = {nprobe: "two_stage_ann" if nprobe == nprobes[0] else f"two_stage_ann_nprobe{nprobe}"
+                 for nprobe in nprobes}
+    queries, tops = [], {"exhaustive": [], "two_stage_exact": [], **{name: [] for name in ann_names.values()}}
     ann = AnnIndex.build(cache.arrays[RETRIEVAL], nprobe=linker.settings.ann_nprobe,
                          shortlist=linker.settings.ann_shortlist, recall_k=k)
     for start in range(0, len(spans), 32):
@@ -397,11 +401,16 @@ def bench_agreement(args) -> None:
         cache.use_ann = False
         tops["two_stage_exact"].append(linking.two_stage(matcher, mention, cache, k=k, alias_rows=alias).best_rows())
         cache.ann, cache.use_ann = ann, True
-        tops["two_stage_ann"].append(linking.two_stage(matcher, mention, cache, k=k, alias_rows=alias).best_rows())
-        cache.use_ann = False
+        for nprobe, name in ann_names.items():
+            ann.nprobe = nprobe
+            tops[name].append(linking.two_stage(matcher, mention, cache, k=k, alias_rows=alias).best_rows())
+        ann.nprobe, cache.use_ann = nprobes[0], False
     top = {name: torch.cat(rows) for name, rows in tops.items()}
     queries = torch.cat(queries).detach()
-    ann.meta["recall"] = ann.recall(cache.arrays[RETRIEVAL], queries, k)
+    recall_by_nprobe = {}
+    for nprobe in reversed(nprobes):  # the default last: its recall is the one kept in the meta
+        ann.nprobe = nprobe
+        ann.meta["recall"] = recall_by_nprobe[nprobe] = ann.recall(cache.arrays[RETRIEVAL], queries, k)
     WORK.mkdir(parents=True, exist_ok=True)
     numpy.save(WORK / "kb8k_retrieval.npy", numpy.asarray(cache.arrays[RETRIEVAL]))
     numpy.save(WORK / "kb8k_queries.npy", queries.numpy().astype(numpy.float32))
@@ -409,7 +418,8 @@ def bench_agreement(args) -> None:
         **run_info(), "entities": len(kb), "demo_entities": 300, "mentions": len(spans), "k": k,
         "inputs": "demo KB + every other distinct openclipart picture + every Adwaita and Tango icon (real "
                   "images and names); demo dev+test mentions with a KB entity",
-        "build": build, "ann": {"factory": ann.factory, "recall": ann.meta["recall"]},
+        "build": build, "ann": {"factory": ann.factory, "recall": ann.meta["recall"],
+                                "recall_by_nprobe": {str(n): recall_by_nprobe[n]["recall"] for n in nprobes}},
         "hits1": {name: float((rows == gold).float().mean()) for name, rows in top.items()},
         "agreement_with_exhaustive": {name: float((rows == top["exhaustive"]).float().mean())
                                       for name, rows in top.items() if name != "exhaustive"},
