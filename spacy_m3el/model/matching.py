@@ -54,7 +54,7 @@ class IntraModalMatching(nn.Module):
 
         The weighted mean over the entity's queries is taken of the attention
         weights before they meet the values (the same sum, reordered), so no
-        [B, K, Le, h] context is ever built: 2.7x less CPU time per rerank.
+        [B, K, Le, h] context is ever built: 2.7x less CPU time for this score.
         """
         query, query_weight, cls = entity["query"], entity["query_weight"], entity["cls"]
         if pairwise:
