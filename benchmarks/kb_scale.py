@@ -408,9 +408,10 @@ def bench_agreement(args) -> None:
     top = {name: torch.cat(rows) for name, rows in tops.items()}
     queries = torch.cat(queries).detach()
     recall_by_nprobe = {}
-    for nprobe in reversed(nprobes):  # the default last: its recall is the one kept in the meta
+    for nprobe in nprobes:
         ann.nprobe = nprobe
-        ann.meta["recall"] = recall_by_nprobe[nprobe] = ann.recall(cache.arrays[RETRIEVAL], queries, k)
+        recall_by_nprobe[nprobe] = ann.recall(cache.arrays[RETRIEVAL], queries, k)
+    ann.nprobe, ann.meta["recall"] = nprobes[0], recall_by_nprobe[nprobes[0]]
     WORK.mkdir(parents=True, exist_ok=True)
     numpy.save(WORK / "kb8k_retrieval.npy", numpy.asarray(cache.arrays[RETRIEVAL]))
     numpy.save(WORK / "kb8k_queries.npy", queries.numpy().astype(numpy.float32))

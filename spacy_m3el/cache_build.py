@@ -22,7 +22,7 @@ import shutil
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy
 import torch
@@ -118,13 +118,12 @@ class StreamedCacheBuild:
                 "n_entities": len(self.kb), "kb": kb_digest(self.kb), "shard_size": self.shard_size,
                 "entity_batch_size": self.settings.entity_batch_size}
 
-    def _prepare_folder(self) -> None:
-        """Start or resume: shards of an identical earlier build are kept,
-        anything else in the folder is an error (never deleted silently)."""
-        identity = self._identity()
+    def _prepare_folder(self, identity: Dict[str, Any], previous: Optional[Dict[str, Any]]) -> None:
+        """Start or resume: shards of an identical earlier build (``previous``
+        is its ``build.json``) are kept, anything else in the folder is an
+        error (never deleted silently)."""
         meta_path = self.folder / BUILD_META
-        if meta_path.is_file():
-            previous = read_json(meta_path)
+        if previous is not None:
             if previous.get("identity") != identity:
                 raise KBError(f"{self.folder} holds a cache build of another KB, model or settings "
                               f"({meta_path}); delete it or choose another folder")
@@ -146,24 +145,22 @@ class StreamedCacheBuild:
                                                "shapes": {k: list(v.shape) for k, v in arrays.items()}})
         os.replace(temporary, path)  # a shard exists only once it is complete
 
-    def _finished_shards(self, count: int) -> Dict[int, Dict[str, Any]]:
-        done = {}
-        for index in range(count):
-            path = self._shard_path(index)
-            if path.is_file() and path.with_suffix(".json").is_file():
-                done[index] = read_json(path.with_suffix(".json"))
-        return done
+    def _finished_shards(self, count: int) -> Set[int]:
+        """Shards complete on disk (their JSON is read once, at assembly)."""
+        return {index for index in range(count)
+                if self._shard_path(index).is_file() and self._shard_path(index).with_suffix(".json").is_file()}
 
     # ------------------------------------------------------------ the build
     def run(self) -> EntityCache:
         """Encode what is not on disk yet, assemble the cache, and return it
         (memory-mapped from ``folder``)."""
         build_meta = self.folder / BUILD_META
-        previous = read_json(build_meta) if build_meta.is_file() else {}
-        if previous.get("done") and previous.get("identity") == self._identity():
+        previous = read_json(build_meta) if build_meta.is_file() else None
+        identity = self._identity()
+        if previous is not None and previous.get("done") and previous.get("identity") == identity:
             self.loaded = True
             return EntityCache.load(self.folder, n_entities=len(self.kb))
-        self._prepare_folder()
+        self._prepare_folder(identity, previous)
         total = len(self.kb)
         shards = [(start, min(start + self.shard_size, total)) for start in range(0, total, self.shard_size)]
         finished = self._finished_shards(len(shards))
@@ -179,7 +176,7 @@ class StreamedCacheBuild:
                 self._encode_in_processes([shards[i] for i in todo], todo, processes, done=done)
             else:
                 self._encode_shards([shards[i] for i in todo], todo, done=done)
-        return self._assemble(len(shards))
+        return self._assemble(len(shards), identity)
 
     def _encode_in_processes(self, spans: List[Tuple[int, int]], indices: List[int], processes: int, *,
                              done: int) -> None:
@@ -309,7 +306,7 @@ class StreamedCacheBuild:
         return matcher.entity_side(items.to(next(matcher.parameters()).device))
 
     # ------------------------------------------------------------ assembling
-    def _assemble(self, count: int) -> EntityCache:
+    def _assemble(self, count: int, identity: Dict[str, Any]) -> EntityCache:
         """Copy the shards, in order, into one ``.npy`` per array (padding the
         token axis to the widest shard), then write the meta and drop the shards."""
         infos = [read_json(self._shard_path(i).with_suffix(".json")) for i in range(count)]
@@ -324,15 +321,14 @@ class StreamedCacheBuild:
         checksums = {}
         for name, shape in shapes.items():
             checksums[name] = self._write_array(name, shape, count)
-        meta = {**infos[0]["meta"], "fingerprint": self.network.fingerprint(),
+        meta = {**infos[0]["meta"], "fingerprint": identity["fingerprint"],
                 "unreadable_kb_images": {"count": len(self.unreadable),
                                          "ids": [entity_id for entity_id, _ in self.unreadable[:20]]},
                 "encode_precision": self.settings.inference_precision,
                 "n_entities": len(self.kb), "arrays": sorted(shapes), "checksums": checksums}
         write_json(self.folder / "meta.json", meta)
         shutil.rmtree(self.folder / SHARDS)
-        build = read_json(self.folder / BUILD_META)
-        write_json(self.folder / BUILD_META, {**build, "done": True})
+        write_json(self.folder / BUILD_META, {"identity": identity, "done": True})
         return EntityCache.load(self.folder, n_entities=len(self.kb))
 
     def _write_array(self, name: str, shape: List[int], count: int) -> int:
