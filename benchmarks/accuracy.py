@@ -1,6 +1,8 @@
 """Accuracy of M3EL and its ablations on a MIMIC-format dataset (default:
 Clipart-MEL), plus spaCy's built-in ``entity_linker`` as the text-only
-baseline users would otherwise pick. Several seeds; mean and spread.
+baseline users would otherwise pick. Several seeds; mean and spread. Every
+M3EL variant is scored on the test split under the four picture conditions
+(given, none, half, shuffled; seeded), keys ``<condition>/<metric>``.
 
     python benchmarks/accuracy.py [--data assets/clipart_mel] [--seeds 0 1 2]
 
@@ -26,11 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common import run_info  # noqa: E402
+from spacy_m3el.evaluation import evaluate_pipeline  # noqa: E402
 from spacy_m3el.mimic import ConversionReport, load_mimic_kb, read_mimic_docs  # noqa: E402
+from spacy_m3el.pictures import CONDITIONS  # noqa: E402
 from spacy_m3el.readers import MultimodalCorpus  # noqa: E402
 from spacy_m3el.scoring import HITS_AT  # noqa: E402
 
 MODEL = "components.m3el_linker.model."
+LINKER = "components.m3el_linker."
 VARIANTS = {
     "full": {},
     "no_contrastive": {MODEL + "use_contrastive": False},
@@ -40,8 +45,12 @@ VARIANTS = {
     "no_v2t": {MODEL + "use_v2t": False},
     "text_only": {MODEL + "use_image": False, MODEL + "use_t2v": False, MODEL + "use_v2t": False},
     "image_only": {MODEL + "use_text": False, MODEL + "use_t2v": False, MODEL + "use_v2t": False},
+    "no_picture_gate": {LINKER + "picture_gate": False},
+    "no_picture_variation": {LINKER + "picture_dropout": 0.0, LINKER + "picture_mismatch": 0.0},
 }
-METRICS = [f"m3el_hits{k}" for k in HITS_AT] + ["m3el_mrr", "nel_micro_f"]
+BASE_METRICS = [f"m3el_hits{k}" for k in HITS_AT] + ["m3el_mrr", "nel_micro_f"]
+ANSWER_METRICS = ["m3el_accuracy", "m3el_ece", "m3el_nil_f", "m3el_nil_on_linkable"]
+METRICS = BASE_METRICS + [f"{c}/{m}" for c in CONDITIONS for m in ("m3el_hits1", "m3el_mrr", *ANSWER_METRICS)]
 
 
 def convert(data: Path, out: Path) -> None:
@@ -71,8 +80,12 @@ def train_m3el(config: Path, corpus: Path, data: Path, output: Path, seed: int, 
         },
     )
     nlp = spacy.load(output / "model-best")
-    scores = nlp.evaluate(list(MultimodalCorpus(corpus / "test.spacy", image_dir=data)(nlp)))
-    return {key: scores[key] for key in METRICS}
+    examples = list(MultimodalCorpus(corpus / "test.spacy", image_dir=data)(nlp))
+    scores = evaluate_pipeline(nlp, examples, pictures="all")
+    out = {key: scores[key] for key in BASE_METRICS}
+    for condition, figures in scores["pictures"].items():
+        out.update({f"{condition}/{key}": figures[key] for key in ("m3el_hits1", "m3el_mrr", *ANSWER_METRICS)})
+    return out
 
 
 def train_spacy_entity_linker(corpus: Path, data: Path, seed: int, epochs: int) -> dict:
@@ -165,6 +178,28 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
     results = {}
+
+    def save() -> None:
+        """Written after every variant, so a long run that is stopped keeps what it measured."""
+        payload = {
+            **run_info(),
+            "data": str(args.data.relative_to(ROOT) if args.data.is_relative_to(ROOT) else args.data),
+            "config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
+            "seeds": args.seeds,
+            "split": "test",
+            "results": dict(results),
+        }
+        if args.merge and args.out.exists():
+            previous = json.loads(args.out.read_text())
+            previous["results"].update(results)
+            updates = [u for u in previous.get("updated", []) if u.get("started") != started]
+            previous["updated"] = updates + [{"date": payload["date"], "started": started, "variants": list(results)}]
+            payload = previous
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"Wrote {args.out}", flush=True)
+
+    started = run_info()["date"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         corpus = tmp / "corpus"
@@ -184,22 +219,7 @@ def main() -> None:
                 runs.append(run)
                 print(f"{variant} seed {seed}: Hits@1 {100 * run['m3el_hits1']:.2f} ({run['seconds']} s)", flush=True)
             results[variant] = {"runs": runs, "summary": summarise(runs)}
-    payload = {
-        **run_info(),
-        "data": str(args.data.relative_to(ROOT) if args.data.is_relative_to(ROOT) else args.data),
-        "config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
-        "seeds": args.seeds,
-        "split": "test",
-        "results": results,
-    }
-    if args.merge and args.out.exists():
-        previous = json.loads(args.out.read_text())
-        previous["results"].update(results)
-        previous.setdefault("updated", []).append({"date": payload["date"], "variants": list(results)})
-        payload = previous
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"Wrote {args.out}")
+            save()
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ LINKER = "components.m3el_linker."
 VARIANTS = {
     "m3el_features": {},
     "m3el_alone": {LINKER + "incl_prior": False, LINKER + "incl_name_match": False,
-                   LINKER + "reweight_branches": False},
+                   LINKER + "reweight_branches": False, LINKER + "picture_gate": False},
 }
 METRICS = ("m3el_hits1", "m3el_mrr", "m3el_accuracy", "m3el_ece", "m3el_nil_p", "m3el_nil_r", "m3el_nil_f",
            "m3el_n_nil", "m3el_n_mentions")

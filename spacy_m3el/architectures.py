@@ -87,9 +87,17 @@ class M3ELNetwork(nn.Module):
         lexical: Optional[torch.Tensor] = None,
         feature_mask: Optional[torch.Tensor] = None,
         use_branches: bool = False,
+        use_gate: bool = False,
+        varied_mention_images: Optional[List[Optional[ImageRef]]] = None,
     ) -> Dict[str, torch.Tensor]:
         """M3EL's losses; with ``lexical`` ([B, E, F] candidate features) also
-        the candidate scorer's, so M3EL learns beside the KB's features."""
+        the candidate scorer's, so M3EL learns beside the KB's features (and,
+        with ``use_gate``, the picture gate learns which pictures to trust).
+
+        ``varied_mention_images`` (some removed, some another mention's) train
+        the candidate scorer only, on scores computed without gradients: a
+        mismatched picture must teach the gate to distrust it, not teach
+        the image branches a wrong label."""
         mentions = self.encode(mention_texts, mention_images)
         entities = self.encode(entity_texts, entity_images)
         device = mentions.text_global.device
@@ -97,9 +105,19 @@ class M3ELNetwork(nn.Module):
         losses, scores = self.matcher.loss_and_scores(mentions, entities, labels)
         if lexical is not None:
             mask = feature_mask.to(device) if feature_mask is not None else torch.ones(lexical.shape[-1], device=device)
+            has_image = mentions.image_mask.to(device) if use_gate else None
             losses["scorer"] = self.scorer.training_loss(scores, lexical.to(device), labels,
-                                                         feature_mask=mask, use_branches=use_branches)
+                                                         feature_mask=mask, use_branches=use_branches,
+                                                         has_image=has_image)
             losses["loss"] = losses["loss"] + losses["scorer"]
+            if use_gate and varied_mention_images is not None:
+                with torch.no_grad():
+                    varied = self.encode(mention_texts, varied_mention_images)
+                    varied_scores = self.matcher.pair_scores(varied, entities)
+                losses["scorer_varied"] = self.scorer.training_loss(
+                    varied_scores, lexical.to(device), labels, feature_mask=mask, use_branches=use_branches,
+                    has_image=varied.image_mask.to(device))
+                losses["loss"] = losses["loss"] + losses["scorer_varied"]
         return losses
 
     def trainable_state(self) -> Dict[str, torch.Tensor]:

@@ -5,10 +5,15 @@ where each candidate keeps its raw M3EL ``score``, its ``branches`` and its
 lexical ``features``: the probabilities can be recomputed from results alone
 (after a fit, without running the model again). ``fit`` is a multinomial
 logistic regression over each mention's candidates plus NIL, solved with
-L-BFGS: it sets the inverse temperature, the feature and branch weights and
-the NIL option, then picks the NIL threshold that maximises accuracy.
+L-BFGS: it sets the inverse temperature, the feature and branch weights,
+the picture gate and the NIL option, then picks the NIL threshold that
+maximises accuracy. ``calibrate_scorer`` does the same with cross-fitting:
+every mention also gets probabilities from a scorer fitted without it, the
+threshold is chosen on those, and the figures it reports are out of sample.
 """
+import copy
 import math
+import random
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -21,6 +26,10 @@ Result = Dict[str, Any]
 #: L2 penalty on every fitted weight except the scale and the NIL bias.
 L2 = 1e-3
 ECE_BINS = 10
+#: Folds of the cross-fit that gives out-of-sample probabilities.
+FOLDS = 5
+#: NIL features read from a result (the picture gate gives the last one).
+RESULT_NIL_FEATURES = NIL_FEATURES[:3]
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,7 @@ class ScorerOptions:
     prior: bool = True
     name: bool = True
     branches: bool = True
+    gate: bool = True
 
 
 @dataclass
@@ -38,15 +48,16 @@ class CandidateTensors:
     branches: torch.Tensor  # [B, K, n_branches]
     lexical: torch.Tensor  # [B, K, F]
     valid: torch.Tensor  # [B, K] bool
-    nil: torch.Tensor  # [B, len(NIL_FEATURES)]
+    nil: torch.Tensor  # [B, len(RESULT_NIL_FEATURES)]
+    has_image: torch.Tensor  # [B] bool
 
 
 def nil_features(result: Result) -> List[float]:
-    """bias, no alias-table candidate, no image: in ``NIL_FEATURES`` order."""
+    """bias, no alias-table candidate, no image: in ``RESULT_NIL_FEATURES`` order."""
     no_alias = not any(c["features"]["from_alias"] for c in result["candidates"])
     no_image = "image" not in (result.get("modalities") or [])
     values = {"bias": 1.0, "no_alias_candidates": float(no_alias), "no_image": float(no_image)}
-    return [values[name] for name in NIL_FEATURES]
+    return [values[name] for name in RESULT_NIL_FEATURES]
 
 
 def to_tensors(results: Sequence[Result], branches: Sequence[str]) -> CandidateTensors:
@@ -67,16 +78,20 @@ def to_tensors(results: Sequence[Result], branches: Sequence[str]) -> CandidateT
             branch[i, :count] = torch.tensor([[c["branches"].get(b, 0.0) for b in branches] for c in candidates])
         lexical[i, :count] = torch.tensor([[c["features"][f] for f in LEXICAL_FEATURES] for c in candidates])
         valid[i, :count] = True
-    nil = torch.tensor([nil_features(r) for r in results], dtype=torch.float32).reshape(batch, len(NIL_FEATURES))
-    return CandidateTensors(m3el, branch, lexical, valid, nil)
+    nil = torch.tensor([nil_features(r) for r in results],
+                       dtype=torch.float32).reshape(batch, len(RESULT_NIL_FEATURES))
+    has_image = torch.tensor(["image" in (r.get("modalities") or []) for r in results], dtype=torch.bool)
+    return CandidateTensors(m3el, branch, lexical, valid, nil, has_image)
 
 
 def _logits(scorer: CandidateScorer, tensors: CandidateTensors, options: ScorerOptions):
     mask = scorer.feature_mask(prior=options.prior, name=options.name)
     device = scorer.log_scale.device
-    logits = scorer.logits(tensors.m3el.to(device), tensors.branches.to(device), tensors.lexical.to(device),
-                           feature_mask=mask, use_branches=options.branches)
-    return logits, scorer.nil_logits(tensors.nil.to(device))
+    branches, valid = tensors.branches.to(device), tensors.valid.to(device)
+    gate = scorer.gate(branches, valid, tensors.has_image.to(device)) if options.gate else None
+    logits = scorer.logits(tensors.m3el.to(device), branches, tensors.lexical.to(device),
+                           feature_mask=mask, use_branches=options.branches, gate=gate)
+    return logits, scorer.nil_logits(tensors.nil.to(device), gate)
 
 
 def effective_threshold(scorer: CandidateScorer, threshold: Optional[float]) -> float:
@@ -107,11 +122,19 @@ def apply_scorer(
             candidate["prob"] = prob
         candidates.sort(key=lambda c: -c["prob"])
         result["nil_prob"] = nil_prob
-        best = candidates[0] if candidates else None
-        if best is not None and best["prob"] >= nil_prob and best["prob"] >= cutoff:
-            result["id"], result["score"] = best["id"], best["prob"]
-        else:
-            result["id"], result["score"] = NIL, nil_prob
+        decide(result, cutoff)
+
+
+def decide(result: Result, cutoff: float) -> None:
+    """The answer of a result whose candidates carry probabilities (best
+    first): the best candidate when its probability is at least NIL's and
+    ``cutoff``, else NIL."""
+    candidates = result["candidates"]
+    best = candidates[0] if candidates else None
+    if best is not None and best["prob"] >= result["nil_prob"] and best["prob"] >= cutoff:
+        result["id"], result["score"] = best["id"], best["prob"]
+    else:
+        result["id"], result["score"] = NIL, result["nil_prob"]
 
 
 def _labels(results: Sequence[Result], gold_ids: Sequence[str]) -> List[Optional[int]]:
@@ -127,7 +150,7 @@ def _labels(results: Sequence[Result], gold_ids: Sequence[str]) -> List[Optional
     return labels
 
 
-def fit(
+def fit_weights(
     scorer: CandidateScorer,
     results: Sequence[Result],
     gold_ids: Sequence[str],
@@ -135,8 +158,8 @@ def fit(
     options: ScorerOptions,
     max_iter: int = 200,
 ) -> Dict[str, Any]:
-    """Fit the scorer to held-out mentions (their results and gold ids, NIL
-    included) and choose the NIL threshold; returns a report. Without NIL
+    """Fit the scorer's weights to held-out mentions (their results and gold
+    ids, NIL included) by L-BFGS; the threshold is left alone. Without NIL
     mentions the NIL option stays off."""
     labels = _labels(results, gold_ids)
     kept = [i for i, label in enumerate(labels) if label is not None]
@@ -153,7 +176,12 @@ def fit(
     params = [scorer.log_scale, scorer.feature_weights]
     if options.branches and scorer.branches:
         params.append(scorer.branch_weights)
+    if options.gate:
+        params += [scorer.gate_weights, scorer.text_boost]
     with torch.no_grad():
+        # A weight kept >= 0 that went below 0 would get no gradient.
+        scorer.feature_weights.copy_(torch.where(scorer.nonnegative, scorer.feature_weights.clamp(min=0.0),
+                                                 scorer.feature_weights))
         if has_nil:
             params.append(scorer.nil_weights)
             scorer.nil_weights.copy_(torch.tensor([0.0] * len(NIL_FEATURES)))
@@ -170,6 +198,8 @@ def fit(
         joint = torch.cat([logits.masked_fill(~valid, float("-inf")), nil_logits[:, None]], dim=1)
         loss = torch.nn.functional.cross_entropy(joint, target)
         penalty = scorer.feature_weights.pow(2).sum() + scorer.branch_weights.pow(2).sum()
+        if options.gate:
+            penalty = penalty + scorer.gate_weights[1:].pow(2).sum() + scorer.text_boost.pow(2).sum()
         if has_nil:
             penalty = penalty + scorer.nil_weights[1:].pow(2).sum()
         loss = loss + L2 * penalty
@@ -181,21 +211,146 @@ def fit(
     after = float(objective().detach())
     for param in scorer.parameters():
         param.grad = None  # else the next training step would apply the fit's gradients
+    return {"mentions": len(results), "fitted_on": len(kept), "nil_option": has_nil,
+            "nil_mentions": int(sum(1 for g in gold_ids if g == NIL)), "nll_before": before, "nll_after": after}
+
+
+def fit(
+    scorer: CandidateScorer,
+    results: Sequence[Result],
+    gold_ids: Sequence[str],
+    *,
+    options: ScorerOptions,
+    max_iter: int = 200,
+) -> Dict[str, Any]:
+    """Fit the scorer to held-out mentions and choose the NIL threshold on
+    the same mentions (in sample; :func:`calibrate_scorer` cross-fits);
+    returns a report."""
+    report = fit_weights(scorer, results, gold_ids, options=options, max_iter=max_iter)
     apply_scorer(scorer, list(results), options=options, threshold=0.0)
     threshold, accuracy = choose_threshold(results, gold_ids)
     with torch.no_grad():
         scorer.fitted_threshold.fill_(threshold)
     apply_scorer(scorer, list(results), options=options, threshold=None)
+    return {**report, "temperature": float(1.0 / scorer.scale.item()), "threshold": threshold,
+            "accuracy": accuracy}
+
+
+def answer_figures(results: Sequence[Result], gold_ids: Sequence[str]) -> Dict[str, float]:
+    """Accuracy (NIL included), ECE of the answers' probabilities, the mean
+    negative log-probability of the gold answer, and the share of linkable
+    mentions answered NIL."""
+    correct = [r["id"] == g for r, g in zip(results, gold_ids)]
+    nll = []
+    for result, gold in zip(results, gold_ids):
+        prob = result["nil_prob"] if gold == NIL else next(
+            (c["prob"] for c in result["candidates"] if c["id"] == gold), 0.0)
+        nll.append(-math.log(max(prob, 1e-12)))
+    linkable = [r["id"] == NIL for r, g in zip(results, gold_ids) if g != NIL]
     return {
-        "mentions": len(results),
-        "fitted_on": len(kept),
-        "nil_mentions": int(sum(1 for g in gold_ids if g == NIL)),
-        "nll_before": before,
-        "nll_after": after,
+        "accuracy": sum(correct) / len(correct) if correct else 0.0,
+        "ece": expected_calibration_error([r["score"] for r in results], correct),
+        "nll": sum(nll) / len(nll) if nll else 0.0,
+        "nil_on_linkable": sum(linkable) / len(linkable) if linkable else 0.0,
+    }
+
+
+def _folds(groups: Sequence[Any], folds: int, seed: int) -> List[int]:
+    """A fold number per item; items of one group share their fold."""
+    unique = list(dict.fromkeys(groups))
+    random.Random(seed).shuffle(unique)
+    fold_of = {group: i % folds for i, group in enumerate(unique)}
+    return [fold_of[group] for group in groups]
+
+
+def cross_fit(
+    scorer: CandidateScorer,
+    results: Sequence[Result],
+    gold_ids: Sequence[str],
+    groups: Sequence[Any],
+    *,
+    options: ScorerOptions,
+    folds: int = FOLDS,
+    seed: int = 0,
+) -> List[Result]:
+    """Out-of-fold copies of ``results``: each scored (threshold 0) by the
+    scorer fitted on the other folds, starting from its current weights.
+    Items of one group (the same mention under several picture conditions)
+    stay in one fold. The scorer is left as it was."""
+    initial = {name: value.detach().clone() for name, value in scorer.state_dict().items()}
+    fold_of = _folds(groups, folds, seed)
+    out: List[Optional[Result]] = [None] * len(results)
+    for fold in range(folds):
+        inside = [i for i, f in enumerate(fold_of) if f != fold]
+        outside = [i for i, f in enumerate(fold_of) if f == fold]
+        if not outside:
+            continue
+        scorer.load_state_dict(initial)
+        try:
+            fit_weights(scorer, [results[i] for i in inside], [gold_ids[i] for i in inside], options=options)
+        except ValueError:
+            pass  # no usable mention in the other folds: scored by the weights it started with
+        held_out = [copy.deepcopy(results[i]) for i in outside]
+        apply_scorer(scorer, held_out, options=options, threshold=0.0)
+        for i, result in zip(outside, held_out):
+            out[i] = result
+    scorer.load_state_dict(initial)
+    return out  # type: ignore[return-value]
+
+
+def calibrate_scorer(
+    scorer: CandidateScorer,
+    results: Sequence[Result],
+    gold_ids: Sequence[str],
+    groups: Sequence[Any],
+    *,
+    options: ScorerOptions,
+    folds: int = FOLDS,
+    seed: int = 0,
+) -> Tuple[Dict[str, Any], List[Result]]:
+    """Cross-fit, choose the NIL threshold on the out-of-fold probabilities,
+    then fit on everything. Returns the report (``before``: the scorer as it
+    came; ``out_of_fold``: every mention scored by a fit that did not see
+    it) and the out-of-fold results, answered with the chosen threshold.
+    ``results`` end up scored by the final fit."""
+    before = [copy.deepcopy(r) for r in results]
+    apply_scorer(scorer, before, options=options, threshold=None)
+    groups_count = len(set(groups))
+    folds = max(2, min(folds, groups_count)) if groups_count >= 2 else 0
+    held_out = cross_fit(scorer, results, gold_ids, groups, options=options, folds=folds, seed=seed) if folds \
+        else [copy.deepcopy(r) for r in results]
+    if not folds:
+        fit_weights(scorer, results, gold_ids, options=options)
+        apply_scorer(scorer, held_out, options=options, threshold=0.0)
+    threshold, _ = choose_threshold(held_out, gold_ids)
+    for result in held_out:
+        decide(result, threshold)
+    report = fit_weights(scorer, results, gold_ids, options=options)
+    with torch.no_grad():
+        scorer.fitted_threshold.fill_(threshold)
+    apply_scorer(scorer, list(results), options=options, threshold=None)
+    report.update({
+        "folds": folds,
         "temperature": float(1.0 / scorer.scale.item()),
         "threshold": threshold,
-        "accuracy": accuracy,
-        "nil_option": has_nil,
+        "before": answer_figures(before, gold_ids),
+        "out_of_fold": answer_figures(held_out, gold_ids),
+        "in_sample": answer_figures(results, gold_ids),
+        "weights": scorer_weights(scorer),
+    })
+    return report, held_out
+
+
+def scorer_weights(scorer: CandidateScorer) -> Dict[str, Any]:
+    """The fitted weights by name, for reports."""
+    lexical = scorer.lexical_weights(torch.ones_like(scorer.feature_weights)).tolist()
+    return {
+        "scale": float(scorer.scale.item()),
+        "lexical": dict(zip(LEXICAL_FEATURES, lexical)),
+        "branches": dict(zip(scorer.branches, scorer.branch_weights.tolist())),
+        "nil": dict(zip(NIL_FEATURES, scorer.nil_weights.tolist())),
+        "gate": scorer.gate_weights.tolist(),
+        "text_boost": float(scorer.text_boost.item()),
     }
 
 

@@ -47,6 +47,9 @@ def convert_mimic(
             "unlocated": len(report.unlocated),
             "unknown_answers": len(report.unknown_answers),
             "missing_mention_images": len(report.missing_mention_images),
+            "aligned_to_tokens": len(report.alignment.moved),
+            "unaligned_skipped": len(report.alignment.unaligned),
+            "alignment_examples": report.alignment.to_dict()["moved_examples"],
         }
         msg.good(f"{split}: {report.mentions} mentions -> {output_dir / f'{split}.spacy'}")
     kb.to_disk(output_dir / "kb")
@@ -63,23 +66,37 @@ def evaluate(
     protocol: str = typer.Option("two-stage", help="two-stage (the linker's candidates), exhaustive (the "
                                  "paper's: every KB entity, exact score) or both (with their top-1 agreement)"),
     gpu_id: int = typer.Option(-1, help="GPU to use (-1: CPU)"),
+    pictures: str = typer.Option("given", help="given (as the data has them), none, half (a seeded half "
+                                 "removed), shuffled (each mention gets another mention's picture, seeded) or "
+                                 "all (every condition; the exhaustive protocol runs on 'given')"),
+    seed: int = typer.Option(0, help="Seed of the half and shuffled conditions"),
 ) -> None:
     """Hits@1/3/5/10/20, MRR and nel_micro_p/r/f of a pipeline on a corpus,
     given the gold mentions, by the two-stage and/or the exhaustive protocol;
-    accuracy, calibration error (ECE) and NIL precision/recall/F of its answers."""
+    accuracy, calibration error (ECE) and NIL precision/recall/F of its
+    answers; under one or every picture condition."""
     from .evaluation import PROTOCOLS, evaluate_pipeline
+    from .pictures import CONDITIONS
     from .readers import MultimodalCorpus
 
     if protocol not in PROTOCOLS:
         raise typer.BadParameter(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if pictures not in CONDITIONS + ("all",):
+        raise typer.BadParameter(f"--pictures must be one of {CONDITIONS + ('all',)}, got {pictures!r}")
     nlp = _load(pipeline, gpu_id)
-    examples = list(MultimodalCorpus(data, image_dir=image_dir)(nlp))
-    result = evaluate_pipeline(nlp, examples, protocol=protocol, progress=True)
+    corpus = MultimodalCorpus(data, image_dir=image_dir)
+    examples = list(corpus(nlp))
+    result = evaluate_pipeline(nlp, examples, protocol=protocol, progress=True, pictures=pictures, seed=seed)
+    result["alignment"] = corpus.alignment.to_dict()
     rows = [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in result.items() if not isinstance(v, dict)]
     rows += [(f"exhaustive {k}", f"{v:.4f}") for k, v in result.get("exhaustive", {}).items()]
     rows += [(f"end to end {k}", f"{v:.4f}" if isinstance(v, float) else v)
              for k, v in result.get("end_to_end", {}).items()]
     msg.table(rows, header=("metric", "value"))
+    if "pictures" in result:
+        shown = ["m3el_hits1", "m3el_mrr", "m3el_accuracy", "m3el_ece", "m3el_nil_f", "m3el_nil_on_linkable"]
+        msg.table([(condition, *(f"{figures[k]:.4f}" for k in shown))
+                   for condition, figures in result["pictures"].items()], header=("pictures", *shown))
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=2) + "\n")
@@ -108,8 +125,13 @@ def calibrate(
     for eg, doc in zip(examples, nlp.pipe(eg.predicted for eg in examples)):
         eg.predicted = doc
     report = linker.calibrate(examples)
-    msg.table([(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in report.items()],
+    msg.table([(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in report.items() if not isinstance(v, dict)],
               header=("calibration", "value"))
+    shown = ["accuracy", "ece", "nll", "nil_on_linkable"]
+    msg.table([(what, *(f"{report[what][k]:.4f}" for k in shown)) for what in ("before", "out_of_fold", "in_sample")],
+              header=("fit", *shown))
+    msg.table([(condition, *(f"{figures[k]:.4f}" for k in shown))
+               for condition, figures in report["conditions"].items()], header=("out of fold, pictures", *shown))
     save_pipeline(nlp, output)
     msg.good(f"Calibrated pipeline saved to {output}")
 
@@ -144,6 +166,7 @@ def link(
     file and the job goes on; an undecodable image is linked on text alone
     and reported. With --ray the rows are linked by Ray Data workers (rows
     written as they come back, not in input order)."""
+    from .alignment import AlignmentReport
     from .pipe import find_linker
     from .rows import link_rows, read_rows
 
@@ -171,12 +194,15 @@ def link(
             counts["errors"] += 1
             bad.write(json.dumps(row, ensure_ascii=False) + "\n")
 
+        alignment = AlignmentReport()
         rows = link_rows(nlp, read_rows(input_path), on_error, image_dir=image_dir or input_path.parent,
-                         n_process=n_process, batch_size=batch_size, top_k=top_k)
+                         n_process=n_process, batch_size=batch_size, top_k=top_k, alignment=alignment)
         for row in tqdm(rows, total=total, desc="Linking", unit="row"):
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
             counts["linked"] += 1
     msg.good(f"{counts['linked']} rows linked -> {output}")
+    for line in alignment.lines():
+        msg.warn(line)
     if counts["errors"]:
         msg.warn(f"{counts['errors']} problem row(s) -> {errors}")
 

@@ -96,19 +96,45 @@ def end_to_end_scores(nlp: Language, examples: Sequence[Example], keys: Sequence
 
 
 def evaluate_pipeline(nlp: Language, examples: Sequence[Example], *, protocol: str = "two-stage",
-                      progress: bool = False) -> Dict[str, Any]:
+                      progress: bool = False, pictures: str = "given", seed: int = 0) -> Dict[str, Any]:
     """Linking given the gold mentions (components that would replace them
     are left out), by the two-stage and/or the exhaustive protocol; and,
     when the pipeline finds mentions itself, the same end to end
-    (``end_to_end``). The examples' predicted docs are replaced by the linked ones."""
+    (``end_to_end``). The examples' predicted docs are replaced by the linked ones.
+
+    ``pictures``: "given" (as the data has them), "none", "half" (a seeded
+    half removed), "shuffled" (each mention gets another's picture, seeded),
+    or "all": the top-level figures are then those with the pictures given,
+    and ``pictures`` holds the two-stage figures of every condition."""
     from .pipe import find_linker
+    from .pictures import CONDITIONS, check_condition, examples_with_pictures
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    check_condition(pictures, allow_all=True)
     linker = find_linker(nlp)
     examples = list(examples)
+    if pictures not in ("given", "all"):
+        examples = examples_with_pictures(examples, pictures, seed=seed)
+    result = _evaluate_examples(nlp, linker, examples, protocol=protocol, progress=progress)
+    if pictures == "all":
+        result["pictures"] = {"given": {k: v for k, v in result.items() if not isinstance(v, dict)}}
+        for condition in CONDITIONS[1:]:
+            if progress:
+                msg.info(f"Pictures: {condition}")
+            varied = examples_with_pictures(examples, condition, seed=seed)
+            figures = _evaluate_examples(nlp, linker, varied, protocol="two-stage", progress=False)
+            result["pictures"][condition] = {k: v for k, v in figures.items() if not isinstance(v, dict)}
+    else:
+        result["pictures_condition"] = pictures
+    return result
+
+
+def _evaluate_examples(nlp: Language, linker, examples: List[Example], *, protocol: str,
+                       progress: bool) -> Dict[str, Any]:
     keys = [f"m3el_hits{k}" for k in HITS_AT] + ["m3el_mrr", "m3el_n_mentions"]
-    answers = ["m3el_accuracy", "m3el_ece", "m3el_nil_p", "m3el_nil_r", "m3el_nil_f", "m3el_n_nil"]
+    answers = ["m3el_accuracy", "m3el_ece", "m3el_nil_p", "m3el_nil_r", "m3el_nil_f", "m3el_n_nil",
+               "m3el_nil_on_linkable"]
     links = ["nel_micro_p", "nel_micro_r", "nel_micro_f"]
     finders = mention_finders(nlp, linker.name)
     with nlp.select_pipes(disable=finders):

@@ -5,15 +5,17 @@ from typing import Any, Optional, Union
 from spacy.tokens import Doc, Span
 
 
-
 def register_extensions() -> None:
     """Register ``Doc._.image``, ``Span._.image``, ``Span._.m3el_score``,
-    ``Span._.m3el_nil_prob``, ``Span._.m3el_candidates`` and
-    ``Span._.m3el_modalities`` (idempotent)."""
+    ``Span._.m3el_nil_prob``, ``Span._.m3el_candidates``,
+    ``Span._.m3el_modalities`` and ``Span._.m3el_original_chars`` (a
+    mention's offsets as written in its source, where they had to be aligned
+    to the tokens); idempotent."""
     for cls in (Doc, Span):
         if not cls.has_extension("image"):
             cls.set_extension("image", default=None)
-    for name in ("m3el_score", "m3el_nil_prob", "m3el_candidates", "m3el_modalities"):
+    for name in ("m3el_score", "m3el_nil_prob", "m3el_candidates", "m3el_modalities",
+                 "m3el_original_chars"):
         if not Span.has_extension(name):
             Span.set_extension(name, default=None)
 

@@ -87,12 +87,42 @@ class TrainingBatch:
         position = {row: i for i, row in enumerate(self.entity_rows)}
         return torch.tensor([position[row] for row in self.gold_rows])
 
-    def model_inputs(self, inputs: InputBuilder, kb: MultimodalKB) -> Dict[str, object]:
-        """The keyword arguments of the network's training forward pass."""
+    def model_inputs(
+        self, inputs: InputBuilder, kb: MultimodalKB, *, picture_dropout: float = 0.0, picture_mismatch: float = 0.0
+    ) -> Dict[str, object]:
+        """The keyword arguments of the network's training forward pass; with
+        a ``picture_dropout`` or ``picture_mismatch`` share, also the mention
+        pictures varied as :func:`vary_pictures` does (for the candidate scorer)."""
         mention_texts, mention_images = inputs.mentions(self.spans)
         entity_texts, entity_images = inputs.entities(kb, self.entity_rows, training=True)
-        return {"mention_texts": mention_texts, "mention_images": mention_images,
-                "entity_texts": entity_texts, "entity_images": entity_images, "labels": self.labels}
+        out = {"mention_texts": mention_texts, "mention_images": mention_images,
+               "entity_texts": entity_texts, "entity_images": entity_images, "labels": self.labels}
+        if picture_dropout or picture_mismatch:
+            out["varied_mention_images"] = vary_pictures(mention_images, self.gold_rows, dropout=picture_dropout,
+                                                         mismatch=picture_mismatch)
+        return out
+
+
+def vary_pictures(
+    images: Sequence[Optional[ImageRef]], gold_rows: Sequence[int], *, dropout: float, mismatch: float
+) -> List[Optional[ImageRef]]:
+    """Mention pictures as real documents give them: each picture is removed
+    with probability ``dropout``, or with probability ``mismatch`` replaced
+    by the picture of a batch mention of another entity (kept when there is
+    none). Draws from ``random``, which spaCy seeds."""
+    out = list(images)
+    for i, image in enumerate(images):
+        if image is None:
+            continue
+        draw = random.random()
+        if draw < dropout:
+            out[i] = None
+        elif draw < dropout + mismatch:
+            others = [j for j, other in enumerate(images)
+                      if other is not None and gold_rows[j] != gold_rows[i] and other is not image]
+            if others:
+                out[i] = images[random.choice(others)]
+    return out
 
 
 def gold_mentions(

@@ -26,6 +26,7 @@ from spacy.training import Example
 from spacy.vocab import Vocab
 
 from .aliases import AliasPriors
+from .alignment import AlignmentReport, align_entities
 from .errors import MIMICFormatError, warn
 from .extensions import register_extensions
 from .fileio import read_json
@@ -46,10 +47,12 @@ class ConversionReport:
     unlocated: List[str] = field(default_factory=list)
     missing_mention_images: List[str] = field(default_factory=list)
     unknown_answers: List[str] = field(default_factory=list)
+    #: Mentions aligned to the tokens, or skipped because no token holds them.
+    alignment: AlignmentReport = field(default_factory=AlignmentReport)
 
     def problems(self) -> List[str]:
         """One line per kind of problem, with a count and example ids."""
-        lines = []
+        lines = list(self.alignment.lines())
         for items, what in (
             (self.unlocated, "mention(s) not found on word boundaries in their sentence (kept: the mention "
                              "is appended to the sentence, as context)"),
@@ -68,6 +71,12 @@ class ConversionReport:
     def check(self, where: str) -> None:
         """Refuse a split where most answers are unknown: the data and the KB
         do not fit (for example ids that need qid2id.json)."""
+        unaligned = len(self.alignment.unaligned)
+        if unaligned and unaligned > self.alignment.mentions / 2:
+            raise MIMICFormatError(
+                f"{where}: {unaligned} of {self.alignment.mentions} mentions could not be aligned to any token "
+                f"of their sentence, e.g. {self.alignment.unaligned[:3]}: check the 'mentions' and 'sentence' fields"
+            )
         linkable = self.mentions - self.nil
         if linkable and len(self.unknown_answers) > linkable / 2:
             raise MIMICFormatError(
@@ -174,32 +183,23 @@ def _add_aliases(kb: MultimodalKB, root: Path, alias_splits: Iterable[str]) -> N
 def locate_mention(sentence: str, mention: str) -> Optional[Tuple[int, int]]:
     """Character offsets of ``mention`` in ``sentence`` on word boundaries:
     the first exact occurrence, else the first ignoring case (after Unicode
-    NFC), never inside a longer word. None when it is not there."""
-    if not mention.strip():
+    NFC), else the first that differs only in whitespace (the releases write
+    ``Washington,D.C`` for "Washington, D.C."), never inside a longer word.
+    Surrounding whitespace of the mention is ignored. None when it is not there."""
+    mention = mention.strip()
+    if not mention:
         return None
-    for text, target, flags in ((sentence, mention, 0), (sentence, mention, re.IGNORECASE),
-                                (unicodedata.normalize("NFC", sentence), unicodedata.normalize("NFC", mention),
-                                 re.IGNORECASE)):
+    flexible = r"\s*".join(re.escape(char) for char in mention if not char.isspace())
+    for text, target, flags in ((sentence, re.escape(mention), 0), (sentence, re.escape(mention), re.IGNORECASE),
+                                (unicodedata.normalize("NFC", sentence),
+                                 re.escape(unicodedata.normalize("NFC", mention)), re.IGNORECASE),
+                                (sentence, flexible, re.IGNORECASE)):
         if len(text) != len(sentence):
             continue  # normalising moved the offsets
-        found = re.search(rf"(?<!\w){re.escape(target)}(?!\w)", text, flags)
+        found = re.search(rf"(?<!\w){target}(?!\w)", text, flags)
         if found:
             return found.span()
     return None
-
-
-def doc_with_mention(nlp: Language, text: str, start: int, end: int) -> Doc:
-    """``nlp.make_doc(text)``, re-cut at ``start``/``end`` where the tokenizer
-    does not put a token boundary there, so the mention is exactly a span."""
-    doc = nlp.make_doc(text)
-    if doc.char_span(start, end) is not None:
-        return doc
-    words, spaces = [], []
-    for part in (text[:start], text[start:end], text[end:]):
-        for token in nlp.make_doc(part):
-            words.append(token.text)
-            spaces.append(bool(token.whitespace_))
-    return Doc(nlp.vocab, words=words, spaces=spaces)
 
 
 def _mention_image(root: Path, image_path: str) -> Optional[str]:
@@ -237,16 +237,18 @@ def read_mimic_docs(
         for key in ("sentence", "mentions", "answer"):
             if not isinstance(sample, dict) or key not in sample:
                 raise MIMICFormatError(f"{path}: sample '{sample_id}' has no '{key}'")
-        doc = _sample_doc(nlp, sample, sample_id, report)
         answer = str(sample["answer"])
         if answer.lower() == "nil":
             answer = NIL
-            report.nil += 1
         elif known is not None and answer not in known:
+            answer = None
+        doc = _sample_doc(nlp, sample, sample_id, answer or NIL, report)
+        if doc is None:
+            continue  # reported: no token holds the mention
+        if answer == NIL:
+            report.nil += 1
+        elif answer is None:
             report.unknown_answers.append(sample_id)
-            answer = NIL
-        mention = doc.ents[0]
-        doc.ents = [doc.char_span(mention.start_char, mention.end_char, label="MENTION", kb_id=answer)]
         image = _mention_image(root, str(sample.get("imgPath") or ""))
         if image == "":
             report.missing_mention_images.append(sample_id)
@@ -257,19 +259,30 @@ def read_mimic_docs(
         yield doc
 
 
-def _sample_doc(nlp: Language, sample: dict, sample_id: str, report: ConversionReport) -> Doc:
-    """The sample's sentence with its mention as the one entity. A mention
-    not found in its sentence is kept, as the official code keeps it: it is
-    appended to the sentence, so the sentence stays its context."""
+def _sample_doc(nlp: Language, sample: dict, sample_id: str, answer: str,
+                report: ConversionReport) -> Optional[Doc]:
+    """The sample's sentence, tokenised as the pipeline will tokenise it,
+    with its mention as the one entity (aligned to the tokens when it cuts
+    one). A mention not found in its sentence is kept, as the official code
+    keeps it: it is appended to the sentence, so the sentence stays its
+    context. None (reported) when the mention is empty."""
     sentence = str(sample["sentence"])
-    mention = unquote(str(sample["mentions"]))
+    mention = unquote(str(sample["mentions"])).strip()
+    where = f"id {sample_id}"
+    if not mention:
+        report.alignment.mentions += 1
+        report.alignment.unaligned.append((where, "the mention is empty"))
+        return None
     offsets = locate_mention(sentence, mention)
     if offsets is None:
         report.unlocated.append(sample_id)
         sentence = f"{sentence} ({mention})"
         offsets = (len(sentence) - len(mention) - 1, len(sentence) - 1)
-    doc = doc_with_mention(nlp, sentence, *offsets)
-    doc.ents = [doc.char_span(*offsets, label="MENTION")]
+    doc = nlp.make_doc(sentence)
+    spans = align_entities(doc, [(*offsets, "MENTION", answer)], report.alignment, where=where)
+    if not spans:
+        return None
+    doc.ents = spans
     return doc
 
 
@@ -287,7 +300,7 @@ class MIMICCorpus:
         for count, reference in enumerate(read_mimic_docs(nlp, self.data_dir, self.split, report=report)):
             if self.limit and count >= self.limit:
                 break
-            yield example_with_images(nlp, reference, image_dir=self.data_dir)
+            yield example_with_images(nlp, reference, image_dir=self.data_dir, report=AlignmentReport())
         report.warn(f"{self.data_dir} ({self.split})")
 
 

@@ -1,5 +1,6 @@
 """The ``m3el_linker`` pipeline component."""
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -16,10 +17,10 @@ from thinc.api import Model, Optimizer
 
 from . import linking
 from .architectures import M3ELNetwork, get_network
-from .calibration import ScorerOptions, apply_scorer, fit
+from .calibration import ScorerOptions, answer_figures, apply_scorer, calibrate_scorer
 from .entity_cache import EntityCache
 from .entity_encoding import EntityEncoder
-from .errors import warn
+from .errors import M3ELWarning, warn
 from .encoders import SharedTextEncoder
 from .evaluation import evaluate_exhaustive
 from .extensions import register_extensions
@@ -28,6 +29,7 @@ from .images import ImageLoader
 from .inputs import InputBuilder, TrainingBatch, training_batch
 from .kb import NIL, MultimodalKB, create_empty_kb
 from .model.matching import Side
+from .pictures import CALIBRATION_MIX, with_pictures
 from .results import annotate, link_result, ranking_results
 from .scoring import aligned_mentions, score_linking
 from .settings import LinkerSettings
@@ -69,6 +71,9 @@ def make_m3el_linker(
     incl_prior: bool,
     incl_name_match: bool,
     reweight_branches: bool,
+    picture_gate: bool,
+    picture_dropout: float,
+    picture_mismatch: float,
     calibrate_on_score: bool,
     labels_discard: List[str],
     use_gold_ents: bool,
@@ -144,7 +149,8 @@ class M3ELLinker(TrainablePipe):
         """The candidate scorer's feature groups, from the settings."""
         settings = self.settings
         return ScorerOptions(prior=settings.incl_prior, name=settings.incl_name_match,
-                             branches=settings.reweight_branches)
+                             branches=settings.reweight_branches,
+                             gate=settings.picture_gate and self.network.matcher.uses_image)
 
     @property
     def network(self) -> M3ELNetwork:
@@ -227,7 +233,11 @@ class M3ELLinker(TrainablePipe):
             if upstream is not None:  # the upstream's step waits for every listener's gradient
                 upstream.send_gradients()
             return losses  # nothing to contrast in this batch
-        inputs = {**batch.model_inputs(self.inputs, self.kb), **self._scorer_inputs(batch)}
+        scorer_inputs = self._scorer_inputs(batch)
+        varied = scorer_inputs.get("use_gate", False)
+        inputs = {**batch.model_inputs(self.inputs, self.kb, picture_dropout=settings.picture_dropout if varied else 0.0,
+                                       picture_mismatch=settings.picture_mismatch if varied else 0.0),
+                  **scorer_inputs}
         if upstream is not None:
             inputs["mention_texts"] = upstream.mention_texts(batch.spans)
         with upstream.training() if upstream is not None else contextlib.nullcontext():
@@ -265,13 +275,14 @@ class M3ELLinker(TrainablePipe):
         """The candidate scorer's training inputs: lexical features of every
         mention against the in-batch entities (none for the paper's score)."""
         options = self.scorer_options
-        if not (options.prior or options.name or options.branches):
+        if not (options.prior or options.name or options.branches or options.gate):
             return {}
         names = [self.kb.name(row) for row in batch.entity_rows]
         priors = [dict(self.kb.alias_rows(span.text)) for span in batch.spans]
         lexical = in_batch_features([span.text for span in batch.spans], names, priors, batch.entity_rows)
         mask = self.network.scorer.feature_mask(prior=options.prior, name=options.name)
-        return {"lexical": lexical, "feature_mask": mask, "use_branches": options.branches}
+        return {"lexical": lexical, "feature_mask": mask, "use_branches": options.branches,
+                "use_gate": options.gate}
 
     def _tell_about_nil(self, examples: List[Example]) -> None:
         if self._told_about_nil:
@@ -377,35 +388,69 @@ class M3ELLinker(TrainablePipe):
     # ------------------------------------------------------------------ calibration
     def calibrate(self, examples: Iterable[Example]) -> Dict[str, Any]:
         """Fit the candidate scorer (temperature, feature and branch weights,
-        NIL option) and the NIL threshold on held-out examples with gold
-        links (NIL included), and re-annotate their predicted docs. The
-        predicted docs are linked first unless they already are."""
+        picture gate, NIL option) and the NIL threshold on held-out examples
+        with gold links (NIL included), each mention with its picture,
+        without one and with another mention's picture (seeded), so that
+        none of these gets answers fitted to the other. The fit is
+        cross-validated: the threshold is chosen, and the report's
+        ``out_of_fold`` figures computed, on probabilities from fits that
+        did not see the mention; the predicted docs are annotated with those
+        out-of-fold answers, so scores computed on them are out of sample."""
         examples = list(examples)
         validate_examples(examples, "M3ELLinker.calibrate")
         docs = [eg.predicted for eg in examples]
         if any(ent._.m3el_candidates is None for doc in docs for ent in self._linkable(doc)):
             self.set_annotations(docs, self.predict(docs))
-        per_doc = [[self._result_of(ent) for ent in self._linkable(doc)] for doc in docs]
-        by_span = {(id(doc), e.start_char, e.end_char): result for doc, doc_results in zip(docs, per_doc)
-                   for e, result in zip(self._linkable(doc), doc_results)}
-        results, gold = [], []
+        pairs = []  # (gold, span) of every gold-linked mention the linker linked
         for reference, span in aligned_mentions(examples):
-            result = by_span.get((id(span.doc), span.start_char, span.end_char)) if span is not None else None
-            if reference.kb_id_ and result is not None:
-                results.append(result)
-                gold.append(reference.kb_id_)
-        if not results:
+            if reference.kb_id_ and span is not None and span.label_ not in self.settings.labels_discard \
+                    and span._.m3el_candidates is not None:
+                pairs.append((reference.kb_id_, span))
+        if not pairs:
             raise ValueError("M3ELLinker.calibrate: none of the examples has a gold-linked mention (a KB id or "
                              f"'{NIL}') among the predicted entities: pass held-out examples whose reference "
                              "entities carry kb_id and whose predicted docs have the same entity spans (the "
                              "spacy-m3el.Corpus.v1 reader with gold_ents = true gives both)")
-        report = fit(self.network.scorer, results, gold, options=self.scorer_options)
-        everything = [r for doc_results in per_doc for r in doc_results]
+        results, gold, groups, conditions = [], [], [], []
+        for condition in CALIBRATION_MIX if self.network.matcher.uses_image else ("given",):
+            linked = self._linked_under(docs, condition)
+            for group, (kb_id, span) in enumerate(pairs):
+                doc = linked[id(span.doc)]
+                ent = doc.char_span(span.start_char, span.end_char)
+                results.append(self._result_of(ent))
+                gold.append(kb_id)
+                groups.append(group)
+                conditions.append(condition)
+        report, held_out = calibrate_scorer(self.network.scorer, results, gold, groups, options=self.scorer_options)
+        # Mentions, not (mention, picture condition) pairs; fitted_on counts the pairs.
+        report["mentions"] = len(pairs)
+        report["nil_mentions"] = sum(kb_id == NIL for kb_id, _ in pairs)
+        report["conditions"] = {
+            condition: answer_figures([r for r, c in zip(held_out, conditions) if c == condition],
+                                      [g for g, c in zip(gold, conditions) if c == condition])
+            for condition in dict.fromkeys(conditions)
+        }
+        everything = [self._result_of(ent) for doc in docs for ent in self._linkable(doc)]
         apply_scorer(self.network.scorer, everything, options=self.scorer_options, threshold=self.settings.threshold)
-        for doc, doc_results in zip(docs, per_doc):
-            annotate(doc, self._linkable(doc), doc_results, overwrite=True)
+        position = 0
+        for doc in docs:
+            spans = self._linkable(doc)
+            annotate(doc, spans, everything[position : position + len(spans)], overwrite=True)
+            position += len(spans)
+        for (_, span), result in zip(pairs, held_out):  # the given condition comes first
+            annotate(span.doc, [span], [result], overwrite=True)
         self.calibration_stale = False
         return report
+
+    def _linked_under(self, docs: List[Doc], condition: str) -> Dict[int, Doc]:
+        """The docs (by id) linked with their pictures under ``condition``."""
+        if condition == "given":
+            return {id(doc): doc for doc in docs}
+        copies = with_pictures(docs, condition, seed=0)
+        with warnings.catch_warnings():  # pictures missing on purpose: no "linked on text alone" warning
+            warnings.filterwarnings("ignore", message=".*have no image", category=M3ELWarning)
+            self.set_annotations(copies, self.predict(copies))
+        return {id(doc): copy for doc, copy in zip(docs, copies)}
 
     @staticmethod
     def _result_of(ent: Span) -> Dict[str, Any]:

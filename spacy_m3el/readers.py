@@ -1,7 +1,9 @@
 """Training corpora that keep images on the predicted docs.
 
 ``spacy.Corpus.v1`` rebuilds ``eg.predicted`` with ``nlp.make_doc(text)``, which
-drops ``doc._.image``; this reader copies it.
+drops ``doc._.image``; this reader copies it. Gold mentions that cut a token
+of the pipeline's tokenizer are aligned to its tokens and reported once per
+corpus, never a crash.
 """
 import random
 from pathlib import Path
@@ -11,28 +13,30 @@ from spacy.language import Language
 from spacy.tokens import Doc, DocBin
 from spacy.training import Example
 
+from .alignment import AlignmentReport, retokenized_reference
 from .extensions import copy_images, register_extensions, resolve_images
 
 
 def example_with_images(
-    nlp: Language, reference: Doc, *, image_dir: Optional[Path] = None, gold_ents: bool = True
+    nlp: Language,
+    reference: Doc,
+    *,
+    image_dir: Optional[Path] = None,
+    gold_ents: bool = True,
+    report: Optional[AlignmentReport] = None,
+    where: str = "",
 ) -> Example:
     """An Example whose predicted doc keeps the reference's images (relative
     paths resolved against ``image_dir``) and, with ``gold_ents``, its entity
-    spans without their KB ids."""
+    spans without their KB ids. Gold mentions that do not fall on the
+    pipeline's tokens are aligned to them (counted in ``report``)."""
+    report = report if report is not None else AlignmentReport()
     resolve_images(reference, image_dir)
+    reference = retokenized_reference(nlp, reference, report, where=where or repr(reference.text[:60]))
     predicted = nlp.make_doc(reference.text)
     if gold_ents:
-        spans = []
-        for ent in reference.ents:
-            span = predicted.char_span(ent.start_char, ent.end_char, label=ent.label_)
-            if span is None:
-                raise ValueError(
-                    f"Entity '{ent.text}' ({ent.start_char}-{ent.end_char}) in doc '{reference.text[:60]}' "
-                    "does not align with the tokenizer's tokens"
-                )
-            spans.append(span)
-        predicted.ents = spans
+        predicted.ents = [predicted.char_span(ent.start_char, ent.end_char, label=ent.label_)
+                          for ent in reference.ents]
     copy_images(reference, predicted)
     return Example(predicted, reference)
 
@@ -62,6 +66,9 @@ class MultimodalCorpus:
         self.gold_ents = gold_ents
         self.limit = limit
         self.shuffle = shuffle
+        #: What the last full pass had to align (see :mod:`spacy_m3el.alignment`).
+        self.alignment = AlignmentReport()
+        self._reported = False
 
     def _files(self) -> list:
         if self.path.is_dir():
@@ -74,13 +81,22 @@ class MultimodalCorpus:
     def __call__(self, nlp: Language) -> Iterator[Example]:
         docs = []
         for file in self._files():
-            docs.extend(DocBin().from_disk(file).get_docs(nlp.vocab))
+            docs.extend((file, position, doc) for position, doc in
+                        enumerate(DocBin().from_disk(file).get_docs(nlp.vocab)))
         if self.shuffle:
             random.shuffle(docs)
         if self.limit:
             docs = docs[: self.limit]
-        for reference in docs:
-            yield example_with_images(nlp, reference, image_dir=self.image_dir, gold_ents=self.gold_ents)
+        report = AlignmentReport()
+        for file, position, reference in docs:
+            where = f"{file.name} doc {position}" + (f" (id {reference.user_data['mimic_id']})"
+                                                     if "mimic_id" in reference.user_data else "")
+            yield example_with_images(nlp, reference, image_dir=self.image_dir, gold_ents=self.gold_ents,
+                                      report=report, where=where)
+        self.alignment = report
+        if not self._reported:  # once per corpus, not once per epoch
+            self._reported = True
+            report.warn(str(self.path))
 
 
 def create_docbin_reader(

@@ -12,10 +12,12 @@ Output, one object per input row::
      "label": "PERSON", "kb_id": "Q41421", "score": 0.93, "modalities": ["text", "image"],
      "candidates": [{"id": "Q41421", "score": 0.93}, ...]}]}
 
-A row that cannot be used (bad JSON, no text, spans that do not fit the text,
-an image file that does not exist) goes to the errors file with its line and
+A row that cannot be used (bad JSON, no text, spans of the wrong shape, an
+image file that does not exist) goes to the errors file with its line and
 the reason, and the job goes on; so does a row whose image could not be
-decoded (it is linked on text alone and also reported).
+decoded (it is linked on text alone and also reported). A span that cuts a
+token is aligned to the tokens (its ``original`` offsets kept in the output);
+a span outside the text is left out and reported.
 """
 import json
 from collections import deque
@@ -35,6 +37,7 @@ from typing import (
 from spacy.language import Language
 from spacy.tokens import Doc
 
+from .alignment import AlignmentReport, align_entities
 from .extensions import image_source, make_doc
 
 Row = Dict[str, Any]
@@ -59,9 +62,14 @@ def read_rows(path: Union[str, Path]) -> Iterator[Tuple[int, Optional[Row], Opti
                 yield (line_no, *parse_line(line))
 
 
-def row_doc(nlp: Language, row: Row, *, image_dir: Optional[Path] = None) -> Doc:
+def row_doc(
+    nlp: Language, row: Row, *, image_dir: Optional[Path] = None, alignment: Optional[AlignmentReport] = None,
+    where: str = "",
+) -> Doc:
     """The doc of a row, with its image and, if given, its spans; a
-    ``ValueError`` says what is wrong with the row."""
+    ``ValueError`` says what is wrong with the row. Spans that cut a token
+    are aligned to the tokens, and spans no token holds are left out; both
+    are recorded in ``alignment``."""
     text = row.get("text")
     if not isinstance(text, str):
         raise ValueError("'text' must be a string")
@@ -75,17 +83,19 @@ def row_doc(nlp: Language, row: Row, *, image_dir: Optional[Path] = None) -> Doc
         image = str(path)
     doc = make_doc(nlp, text, image)
     if row.get("spans") is not None:
-        doc.ents = [_span(doc, span) for span in row["spans"]]
+        spans = row["spans"]
+        if not isinstance(spans, list):
+            raise ValueError(f"'spans' must be a list of [start, end] or [start, end, label], got {spans!r}")
+        report = alignment if alignment is not None else AlignmentReport()
+        doc.ents = align_entities(doc, [_span(span) for span in spans], report, where=where or "row")
     return doc
 
 
-def _span(doc: Doc, span: Any):
-    if not (isinstance(span, (list, tuple)) and len(span) in (2, 3) and all(isinstance(x, int) for x in span[:2])):
+def _span(span: Any) -> Tuple[int, int, str, str]:
+    if not (isinstance(span, (list, tuple)) and len(span) in (2, 3)
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in span[:2])):
         raise ValueError(f"a span must be [start, end] or [start, end, label], got {span!r}")
-    made = doc.char_span(span[0], span[1], label=str(span[2]) if len(span) == 3 else "ENTITY")
-    if made is None:
-        raise ValueError(f"span {list(span)} does not fall on token boundaries of the text")
-    return made
+    return span[0], span[1], str(span[2]) if len(span) == 3 else "ENTITY", ""
 
 
 def doc_row(doc: Doc, row_id: Any, *, top_k: int = 5) -> Row:
@@ -97,6 +107,7 @@ def doc_row(doc: Doc, row_id: Any, *, top_k: int = 5) -> Row:
             "start": ent.start_char, "end": ent.end_char, "text": ent.text, "label": ent.label_,
             "kb_id": ent.kb_id_, "score": ent._.m3el_score, "nil_prob": ent._.m3el_nil_prob,
             "modalities": ent._.m3el_modalities,
+            **({"original": ent._.m3el_original_chars} if ent._.m3el_original_chars else {}),
             "candidates": [{"id": c["id"], "prob": c.get("prob"), "score": c["score"]} for c in candidates[:top_k]],
         })
     return {"id": row_id, "text": doc.text, "ents": ents}
@@ -111,20 +122,29 @@ def link_rows(
     n_process: int = 1,
     batch_size: int = 32,
     top_k: int = 5,
+    alignment: Optional[AlignmentReport] = None,
 ) -> Iterator[Row]:
     """Output rows, in input order, streaming; ``on_error({"line", "id",
-    "error"})`` for every unusable row, and for a row whose image could not
-    be decoded (that row is still linked, on text alone)."""
+    "error"})`` for every unusable row, for a span no token holds (the row
+    is linked without it) and for a row whose image could not be decoded
+    (that row is still linked, on text alone). Spans aligned to the tokens
+    keep their ``original`` offsets in the output and are counted in
+    ``alignment``."""
     pending: Deque[Tuple[int, Any]] = deque()
+    alignment = alignment if alignment is not None else AlignmentReport()
 
     def docs() -> Iterator[Doc]:
         for line, row, error in rows:
             if error is None:
+                row_report = AlignmentReport()
                 try:
-                    doc = row_doc(nlp, row, image_dir=image_dir)
+                    doc = row_doc(nlp, row, image_dir=image_dir, alignment=row_report, where=f"line {line}")
                 except ValueError as err:
                     error = str(err)
                 else:
+                    alignment.merge(row_report)
+                    for _, reason in row_report.unaligned:
+                        on_error({"line": line, "id": row.get("id", line), "error": f"span left out: {reason}"})
                     pending.append((line, row.get("id", line)))
                     yield doc
                     continue

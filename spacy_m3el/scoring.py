@@ -84,7 +84,8 @@ def check_evaluation_inputs(examples: Sequence[Example], *, nil: str = NIL) -> N
 def answer_scores(examples: Iterable[Example], *, nil: str = NIL, prefix: str = "m3el_") -> Dict[str, float]:
     """Of the answers (KB id or NIL) given to gold mentions, NIL included:
     accuracy, expected calibration error of ``ent._.m3el_score`` (the
-    probability of the answer given) and NIL precision/recall/F."""
+    probability of the answer given), NIL precision/recall/F and the share
+    of mentions with a KB entity that were answered NIL."""
     confidences, correct, nil_gold, nil_predicted = [], [], [], []
     for gold, span in aligned_mentions(examples):
         if not gold.kb_id_ or span is None or span._.m3el_score is None:
@@ -98,11 +99,13 @@ def answer_scores(examples: Iterable[Example], *, nil: str = NIL, prefix: str = 
     precision = both / sum(nil_predicted) if any(nil_predicted) else 0.0
     recall = both / sum(nil_gold) if any(nil_gold) else 0.0
     f_score = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    nil_on_linkable = [p for g, p in zip(nil_gold, nil_predicted) if not g]
     return {
         f"{prefix}accuracy": sum(correct) / len(correct) if correct else 0.0,
         f"{prefix}ece": expected_calibration_error(confidences, correct),
         f"{prefix}nil_p": precision, f"{prefix}nil_r": recall, f"{prefix}nil_f": f_score,
         f"{prefix}n_nil": float(sum(nil_gold)),
+        f"{prefix}nil_on_linkable": sum(nil_on_linkable) / len(nil_on_linkable) if nil_on_linkable else 0.0,
     }
 
 

@@ -34,11 +34,22 @@ class LinkerSettings:
     incl_name_match: bool = _option(True, "Candidate scorer: use whether the mention text is the "
                                           "candidate's name (exactly, or after normalisation).")
     reweight_branches: bool = _option(True, "Candidate scorer: learn a weight per M3EL branch score on "
-                                            "top of their mean (all three incl_/reweight_ off: the paper's "
-                                            "M3EL score alone, still calibrated).")
+                                            "top of their mean (with incl_prior, incl_name_match and picture_gate "
+                                            "also off: the paper's M3EL score alone, still calibrated).")
+    picture_gate: bool = _option(True, "Candidate scorer: weigh the branches that read the mention's picture "
+                                       "(image, T2V, V2T) per mention by a learned gate on how well the picture "
+                                       "agrees with the text over the candidates; a mention without a picture "
+                                       "is scored by its text alone (off: the branches' fixed mean).")
+    picture_dropout: float = _option(0.2, "Training: share of mentions whose picture is removed in the batch "
+                                          "copy the candidate scorer trains on (M3EL's own losses see the "
+                                          "pictures as given), for mentions without a picture.")
+    picture_mismatch: float = _option(0.2, "Training: share of mentions given another batch mention's picture "
+                                           "(of another entity) in that copy, so the gate learns when not to "
+                                           "trust a picture.")
     calibrate_on_score: bool = _option(True, "After training updates, the next score() first fits the "
-                                             "temperature, feature weights, NIL option and NIL threshold on "
-                                             "its examples (the dev set during spacy train).")
+                                             "temperature, feature weights, picture gate, NIL option and NIL "
+                                             "threshold on its examples (the dev set during spacy train) with "
+                                             "their pictures, without and shuffled, and reports out-of-fold figures.")
     labels_discard: List[str] = _option([], "Entity labels the linker leaves alone.")
     use_gold_ents: bool = _option(True, "Train on the gold entity spans even where the predicted doc "
                                         "has no such entity.")
@@ -98,6 +109,13 @@ class LinkerSettings:
             raise ValueError(
                 f"threshold is a probability: it must be in [0, 1] or null, got {self.threshold}"
             )
+        for name in ("picture_dropout", "picture_mismatch"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a share of the training mentions: it must be in [0, 1], "
+                                 f"got {getattr(self, name)}")
+        if self.picture_dropout + self.picture_mismatch > 1.0:
+            raise ValueError("picture_dropout + picture_mismatch must be at most 1 (shares of the same mentions), "
+                             f"got {self.picture_dropout} + {self.picture_mismatch}")
         for name in ("hard_negatives", "context_chars"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -16,7 +16,7 @@ from spacy_m3el.model import CandidateScorer
 from spacy_m3el.settings import LinkerSettings
 
 BRANCHES = ("text", "image", "t2v", "v2t")
-PAPER = ScorerOptions(prior=False, name=False, branches=False)
+PAPER = ScorerOptions(prior=False, name=False, branches=False, gate=False)
 
 
 def mention(rng, *, gold, n=6, prior_decides=True, with_alias=True, image=True):
@@ -146,3 +146,41 @@ def test_fit_says_what_to_do_when_no_gold_is_among_the_candidates():
     results, _ = data(7, 3)
     with pytest.raises(ValueError, match="none of the 3 is: check that the examples' KB ids"):
         fit(CandidateScorer(BRANCHES), results, ["Q-elsewhere"] * 3, options=ScorerOptions())
+
+
+def test_cross_fitting_reports_out_of_sample_figures_and_keeps_groups_together():
+    from spacy_m3el.calibration import _folds, calibrate_scorer
+
+    results, gold = data(5, 200)
+    groups = [i // 2 for i in range(200)]  # pairs of the same mention
+    folds = _folds(groups, 5, 0)
+    assert all(folds[i] == folds[i + 1] for i in range(0, 200, 2)) and set(folds) == set(range(5))
+    scorer = CandidateScorer(BRANCHES)
+    report, held_out = calibrate_scorer(scorer, results, gold, groups, options=ScorerOptions())
+    assert report["folds"] == 5 and len(held_out) == 200
+    # Out of sample is no better than in sample, and both beat the uncalibrated scorer's NLL.
+    assert report["out_of_fold"]["nll"] >= report["in_sample"]["nll"] - 1e-6
+    assert report["out_of_fold"]["nll"] < report["before"]["nll"]
+    assert report["out_of_fold"]["accuracy"] > 0.8
+    assert report["weights"]["lexical"]["log_prior"] >= 0.0 and "gate" in report["weights"]
+    # held-out results were scored by other folds' fits: not the final fit's probabilities
+    assert any(abs(h["candidates"][0]["prob"] - r["candidates"][0]["prob"]) > 1e-6
+               for h, r in zip(held_out, results))
+
+
+def test_a_fit_on_mentions_without_pictures_keeps_them_linkable():
+    """The NIL option learns "no image" from mentions without a picture, not
+    from a dev set where every mention had one."""
+    train, train_gold = data(6, 200)
+    without, without_gold = data(7, 200, image=False)
+    for result in without:  # text-only evidence is weaker: smaller spreads of the M3EL score
+        for candidate in result["candidates"]:
+            candidate["score"] = candidate["score"] / 4
+    scorer = CandidateScorer(BRANCHES)
+    fit(scorer, train + without, train_gold + without_gold, options=ScorerOptions())
+    test, test_gold = data(8, 100, image=False)
+    for result in test:
+        for candidate in result["candidates"]:
+            candidate["score"] = candidate["score"] / 4
+    apply_scorer(scorer, test, options=ScorerOptions(), threshold=None)
+    assert sum(r["id"] == NIL for r in test) == 0 and accuracy(test, test_gold) > 0.8

@@ -91,22 +91,28 @@ def test_link_writes_rows_and_reports_bad_ones(linker_dir, picture_dir, tmp_path
         {"id": "gone", "text": "The item again.", "image": "missing.png"},
         {"id": "given-span", "text": "Look at the item.", "spans": [[12, 16, "THING"]],
          "image": str(picture_dir / "item3_alt.png")},
-        {"id": "bad-span", "text": "Look at the item.", "spans": [[13, 16, "THING"]]},
+        {"id": "cut-span", "text": "Look at the item.", "spans": [[13, 16, "THING"]]},
+        {"id": "off-span", "text": "Look at the item.", "spans": [[12, 16, "THING"], [40, 44, "THING"]]},
         {"id": "undecodable", "text": "Another item here.", "image": "broken.png"},
     ]
     lines = [row if isinstance(row, str) else json.dumps(row) for row in rows]
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     run("link", linker_dir / "ruled", tmp_path / "in.jsonl", tmp_path / "out.jsonl")
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert [row["id"] for row in out] == ["ok-1", "given-span", "undecodable"]
+    assert [row["id"] for row in out] == ["ok-1", "given-span", "cut-span", "off-span", "undecodable"]
+    # A span that cuts a token is aligned to it, its original offsets kept; one outside the text is left out.
+    cut = out[2]["ents"][0]
+    assert (cut["start"], cut["end"], cut["text"], cut["original"]) == (12, 16, "item", [13, 16])
+    assert [e["text"] for e in out[3]["ents"]] == ["item"] and "original" not in out[3]["ents"][0]
     first = out[0]["ents"][0]
     assert first["text"] == "item" and first["kb_id"].startswith("E") and first["modalities"] == ["text", "image"]
     assert len(first["candidates"]) == 5 and first["candidates"][0]["id"] == first["kb_id"]
-    assert out[2]["ents"][0]["modalities"] == ["text"]
+    assert out[4]["ents"][0]["modalities"] == ["text"]
     errors = {e["id"] or e["line"]: e["error"]
               for e in map(json.loads, (tmp_path / "out.jsonl.errors.jsonl").read_text().splitlines())}
     assert "not valid JSON" in errors[2] and "'text' must be a string" in errors["no-text"]
-    assert "missing.png' not found" in errors["gone"] and "token boundaries" in errors["bad-span"]
+    assert "missing.png' not found" in errors["gone"] and "outside the text" in errors["off-span"]
+    assert "cut-span" not in errors
     assert "linked on text alone" in errors["undecodable"]
     # Two worker processes give the same rows (scores up to float rounding across batch sizes).
     run("link", linker_dir / "ruled", tmp_path / "in.jsonl", tmp_path / "out2.jsonl", "--n-process", 2,
@@ -160,6 +166,9 @@ def test_calibrate_fits_on_held_out_data_and_saves(linker_dir, picture_dir, tmp_
     DocBin(docs=docs, store_user_data=True).to_disk(tmp_path / "dev.spacy")
     result = run("calibrate", linker_dir / "pipeline", tmp_path / "dev.spacy", tmp_path / "calibrated")
     assert re.search(r"nil_mentions\s+8", result.output) and re.search(r"nil_option\s+True", result.output)
+    # Fitted on each mention with its picture, without and shuffled; figures out of fold per condition.
+    assert re.search(r"mentions\s+48", result.output) and re.search(r"fitted_on\s+144", result.output)
+    assert re.search(r"out_of_fold\s+[01]\.\d+", result.output) and re.search(r"\nshuffled\s+[01]\.\d+", result.output)
     scorer = find_linker(spacy.load(tmp_path / "calibrated")).network.scorer
     assert not math.isnan(float(scorer.fitted_threshold))
     result = run("evaluate", tmp_path / "calibrated", tmp_path / "dev.spacy", "--output", tmp_path / "m.json")

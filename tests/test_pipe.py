@@ -309,3 +309,37 @@ def test_calibrated_linker_gives_probabilities_and_says_nil(picture_dir):
     doc2 = restored(doc2)
     assert doc2.ents[0].kb_id_ == NIL
     assert doc2.ents[0]._.m3el_nil_prob == pytest.approx(doc.ents[0]._.m3el_nil_prob, abs=1e-5)
+
+
+def alias_examples(nlp, picture_dir, *, image=True):
+    """Mentions that name their entity (a one-entity alias), with or without its picture."""
+    docs = []
+    for k in range(N_ENTITIES):
+        text = f"They showed me the thing{k} at the fair."
+        doc = nlp.make_doc(text)
+        start = text.index("thing")
+        doc.ents = [doc.char_span(start, start + len(f"thing{k}"), label="THING", kb_id=f"E{k}")]
+        doc._.image = str(picture_dir / f"item{k}_alt.png") if image else None
+        docs.append(doc)
+    return examples_for(nlp, docs)
+
+
+@pytest.mark.slow
+def test_a_mention_without_a_picture_in_a_mixed_batch_is_linked_by_its_text(picture_dir):
+    """Calibrated on mentions with their picture, without and shuffled, the
+    NIL option does not learn "no picture = NIL": a mention that its text
+    identifies is linked without its picture, next to one with a picture."""
+    nlp, examples = train_pipeline(picture_dir, epochs=30)
+    linker = nlp.get_pipe("m3el_linker")
+    for k in range(N_ENTITIES):
+        linker.kb.add_alias(f"thing{k}", [f"E{k}"], [1.0])
+    report = linker.calibrate(examples + alias_examples(nlp, picture_dir) + nil_examples(nlp, picture_dir))
+    assert set(report["conditions"]) == {"given", "none", "shuffled"}
+    assert report["conditions"]["none"]["nil_on_linkable"] < 0.1
+    batch = [eg.predicted.copy() for eg in alias_examples(nlp, picture_dir)[3:5]]
+    batch[1]._.image = None
+    docs = list(nlp.pipe(batch))
+    with_picture, without = docs[0].ents[0], docs[1].ents[0]
+    assert with_picture.kb_id_ == "E3" and with_picture._.m3el_modalities == ["text", "image"]
+    assert without.kb_id_ == "E4" and without._.m3el_modalities == ["text"]
+    assert without._.m3el_nil_prob < 0.5 and without._.m3el_score > 0.5

@@ -178,6 +178,10 @@ class M3ELMatcher(nn.Module):
             return self._scores(mention, entity, pairwise=True)
         return self._scores(mention, _gather(entity, candidates), pairwise=False)
 
+    def pair_scores(self, mention_items: EncodedItems, entity_items: EncodedItems) -> Dict[str, torch.Tensor]:
+        """[B, E] scores of every mention against every entity, from encoder outputs."""
+        return self.scores(self.mention_side(mention_items), self.entity_side(entity_items))
+
     def candidate_scores(self, mention: Side, candidates: Side) -> Dict[str, torch.Tensor]:
         """Scores [B, K] against an entity side already gathered per mention
         ([B, K, ...], e.g. read from a memory-mapped cache)."""

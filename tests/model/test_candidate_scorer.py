@@ -82,3 +82,44 @@ def test_a_new_scorer_is_unfitted_and_fits_thinc():
     scorer = CandidateScorer(BRANCHES)
     assert NIL_FEATURES[0] == "bias" and math.isnan(float(scorer.fitted_threshold))
     assert scorer.log_scale.shape == (1,)  # thinc's optimizer takes len() of every parameter
+
+
+def test_the_picture_gate_trusts_an_agreeing_picture_and_drops_a_missing_one():
+    scorer = CandidateScorer(BRANCHES)
+    with torch.no_grad():
+        scorer.gate_weights.copy_(torch.tensor([0.0, 3.0, 0.0, 0.0]))
+    text = torch.tensor([[5.0, 1.0, 0.0, -1.0]] * 3)
+    agreeing = torch.stack([text, text, text, text], dim=-1)  # the picture ranks as the text does
+    against = torch.stack([text, -text, -text, -text], dim=-1)
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    has_image = torch.tensor([True, True, False])
+    inputs_ = scorer.gate_inputs(agreeing, valid)
+    assert torch.allclose(inputs_[:, 0], torch.ones(3), atol=1e-5)  # correlation 1
+    trust, distrust = scorer.gate(agreeing, valid, has_image), scorer.gate(against, valid, has_image)
+    assert float(trust[0]) > 0.9 and float(distrust[0]) < 0.1 and float(trust[2]) == 0.0
+    # Without a picture (gate 0) the picture branches do not count: the text alone ranks.
+    mask = scorer.feature_mask(prior=False, name=False)
+    lexical = torch.zeros(3, 4, len(LEXICAL_FEATURES))
+    m3el = against.mean(dim=-1)
+    gated = scorer.logits(m3el, against, lexical, feature_mask=mask, use_branches=False,
+                          gate=torch.zeros(3))
+    assert torch.allclose(gated, scorer.scale * text / 4, atol=1e-5)
+    assert gated[0].argmax() == 0 and m3el[0].argmax() != 0
+
+
+def test_the_alias_prior_weight_is_never_negative():
+    scorer = CandidateScorer(BRANCHES)
+    with torch.no_grad():
+        scorer.feature_weights.copy_(torch.tensor([-2.0, -1.0, -3.0, 0.5]))
+    weights = scorer.lexical_weights(torch.ones(len(LEXICAL_FEATURES)))
+    assert weights.tolist() == [0.0, 0.0, -3.0, 0.5]  # log_prior, from_alias kept >= 0; name features free
+
+
+def test_the_nil_option_reads_a_distrusted_picture():
+    scorer = CandidateScorer(BRANCHES)
+    with torch.no_grad():
+        scorer.nil_weights.copy_(torch.tensor([0.0, 0.0, 1.0, 2.0]))
+    features = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 1.0]])  # with a picture, without one
+    gate = torch.tensor([0.25, 0.0])
+    assert scorer.nil_logits(features, gate).tolist() == [1.5, 1.0]
+    assert scorer.nil_logits(features).tolist() == [0.0, 1.0]
