@@ -194,6 +194,7 @@ def main() -> None:
             previous["results"].update(results)
             updates = [u for u in previous.get("updated", []) if u.get("started") != started]
             previous["updated"] = updates + [{"date": payload["date"], "started": started, "variants": list(results)}]
+            previous["date"] = payload["date"]  # of the newest rows; "updated" says which rows are how old
             payload = previous
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(payload, indent=2) + "\n")

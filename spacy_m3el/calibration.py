@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .errors import warn
 from .kb import NIL
 from .model.candidate_scorer import LEXICAL_FEATURES, NIL_FEATURES, NIL_OFF, CandidateScorer
 
@@ -206,9 +207,18 @@ def fit_weights(
         loss.backward()
         return loss
 
+    start = {name: value.detach().clone() for name, value in scorer.named_parameters()}
     before = float(objective().detach())
     optimizer.step(objective)
     after = float(objective().detach())
+    if not math.isfinite(after) or not all(bool(torch.isfinite(value).all()) for value in scorer.parameters()):
+        # A diverged line search must not leave NaN weights behind (they would poison training too).
+        with torch.no_grad():
+            for name, value in scorer.named_parameters():
+                value.copy_(start[name])
+        warn(f"calibration: the fit diverged on {len(kept)} mentions; the scorer keeps the weights it had",
+             stacklevel=3)
+        after = before
     for param in scorer.parameters():
         param.grad = None  # else the next training step would apply the fit's gradients
     return {"mentions": len(results), "fitted_on": len(kept), "nil_option": has_nil,

@@ -300,7 +300,7 @@ class MIMICCorpus:
         for count, reference in enumerate(read_mimic_docs(nlp, self.data_dir, self.split, report=report)):
             if self.limit and count >= self.limit:
                 break
-            yield example_with_images(nlp, reference, image_dir=self.data_dir, report=AlignmentReport())
+            yield example_with_images(nlp, reference, image_dir=self.data_dir)
         report.warn(f"{self.data_dir} ({self.split})")
 
 

@@ -184,3 +184,33 @@ def test_a_fit_on_mentions_without_pictures_keeps_them_linkable():
             candidate["score"] = candidate["score"] / 4
     apply_scorer(scorer, test, options=ScorerOptions(), threshold=None)
     assert sum(r["id"] == NIL for r in test) == 0 and accuracy(test, test_gold) > 0.8
+
+
+def test_a_diverged_fit_leaves_the_weights_as_they_were(monkeypatch):
+    from spacy_m3el.calibration import fit_weights
+
+    results, gold = data(9, 50)
+    scorer = CandidateScorer(BRANCHES)
+    start = {name: value.detach().clone() for name, value in scorer.named_parameters()}
+
+    def diverge(self, closure):
+        with torch.no_grad():
+            for group in self.param_groups:
+                for param in group["params"]:
+                    param.fill_(float("nan"))
+
+    monkeypatch.setattr(torch.optim.LBFGS, "step", diverge)
+    with pytest.warns(UserWarning, match="the fit diverged"):
+        report = fit_weights(scorer, results, gold, options=ScorerOptions())
+    for name, value in scorer.named_parameters():
+        if name != "nil_weights":  # reset for the NIL option before the fit, then restored to that
+            assert torch.equal(value.detach(), start[name]), name
+    assert all(bool(torch.isfinite(v).all()) for v in scorer.parameters())
+    assert report["nll_after"] == report["nll_before"]
+
+
+def test_the_scale_cannot_overflow():
+    scorer = CandidateScorer(BRANCHES)
+    with torch.no_grad():
+        scorer.log_scale.fill_(500.0)
+    assert bool(torch.isfinite(scorer.scale).all())

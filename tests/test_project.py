@@ -3,6 +3,7 @@ import ast
 import json
 import re
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -39,8 +40,13 @@ def test_project_all_runs_end_to_end(tmp_path):
     wheels = [next((project / "packages").glob("spacy_m3el-*.whl")),
               next((project / "packages").rglob("en_m3el_demo-*.whl"))]
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
+    # The new venv sees this interpreter's packages (a venv's, a conda env's or the system's: what
+    # --system-site-packages would miss from inside a venv), after its own: the wheels win.
+    own = subprocess.run([python, "-c", "import site; print(site.getsitepackages()[0])"], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    Path(own, "_outer_site.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     subprocess.run([python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--force-reinstall",
                     *map(str, wheels)], check=True)
     readme = (ROOT / "README.md").read_text()
@@ -51,7 +57,8 @@ def test_project_all_runs_end_to_end(tmp_path):
     user = tmp_path / "user"  # somewhere else than the sources, with the demo's pictures at hand
     user.mkdir()
     (user / "assets").symlink_to(project / "assets")
-    out = subprocess.run([python, "-c", code], check=True, capture_output=True, text=True, cwd=user)
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=user)
+    assert out.returncode == 0, f"the quick start failed:\n{out.stderr[-3000:]}"
     linked, location = out.stdout.strip().splitlines()
     assert location.startswith(str(venv))  # the wheel's copy, not the repository's
     entities = ast.literal_eval(linked)
@@ -65,8 +72,9 @@ def test_project_all_runs_end_to_end(tmp_path):
     rows.write_text(json.dumps({"id": 1, "text": "The clock on the poster caught everyone's eye.",
                                 "image": str(project / "assets/clipart_mel/mention_image/CA00213-m2.jpg")})
                     + "\n{not json\n")
-    subprocess.run([python, "-m", "spacy_m3el", "link", "en_m3el_demo", str(rows), str(tmp_path / "out.jsonl")],
-                   check=True, cwd=tmp_path)
+    linking = subprocess.run([python, "-m", "spacy_m3el", "link", "en_m3el_demo", str(rows),
+                              str(tmp_path / "out.jsonl")], capture_output=True, text=True, cwd=tmp_path)
+    assert linking.returncode == 0, f"link failed:\n{linking.stderr[-3000:]}"
     (row,) = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [e["text"] for e in row["ents"]] == ["clock", "eye"]
     assert "not valid JSON" in (tmp_path / "out.jsonl.errors.jsonl").read_text()

@@ -53,6 +53,8 @@ GATE_OPEN = 4.0
 NONNEGATIVE_FEATURES = ("log_prior", "from_alias")
 #: The NIL logit before any fit: NIL is never chosen until data says otherwise.
 NIL_OFF = -50.0
+#: Largest log inverse temperature (a scale of about 4.8e8).
+MAX_LOG_SCALE = 20.0
 #: Floor of the log prior of a candidate that is in the alias table.
 MIN_LOG_PRIOR = math.log(1e-4)
 
@@ -78,7 +80,8 @@ class CandidateScorer(nn.Module):
 
     @property
     def scale(self) -> torch.Tensor:
-        return self.log_scale.exp()
+        # Bounded so that no fit can overflow it to inf (and the logits to NaN).
+        return self.log_scale.clamp(max=MAX_LOG_SCALE).exp()
 
     def feature_mask(self, *, prior: bool, name: bool) -> torch.Tensor:
         """[F] 1 for the lexical features of the enabled groups."""
