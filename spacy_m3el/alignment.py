@@ -11,7 +11,6 @@ original character offsets stay on the span (``span._.m3el_original_chars``).
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from spacy.language import Language
 from spacy.tokens import Doc, Span
 
 from .errors import warn
@@ -131,15 +130,15 @@ def _same_tokens(a: Doc, b: Doc) -> bool:
     return len(a) == len(b) and all(x.idx == y.idx and x.text == y.text for x, y in zip(a, b))
 
 
-def retokenized_reference(nlp: Language, reference: Doc, report: AlignmentReport, *, where: str) -> Doc:
-    """``reference`` itself when ``nlp.make_doc`` reproduces its tokens, else
-    the same text, entities, KB ids, images and original offsets on the
-    tokens the pipeline makes (the entities aligned to them), so the gold
-    spans are spans of the docs the pipeline will see."""
-    made = nlp.make_doc(reference.text)
+def retokenized_reference(made: Doc, reference: Doc, report: AlignmentReport, *, where: str) -> Doc:
+    """``reference`` itself when ``made`` (``nlp.make_doc`` of its text, left
+    untouched) has its tokens, else the same text, entities, KB ids, images
+    and original offsets on ``made``'s tokens (the entities aligned to them),
+    so the gold spans are spans of the docs the pipeline will see."""
     if _same_tokens(made, reference):
         report.mentions += len(reference.ents)
         return reference
+    made = made.copy()
     made.user_data.update({k: v for k, v in reference.user_data.items()
                            if not (isinstance(k, tuple) and k[:1] == ("._.",) and k[2] is not None)})
     entities = list(reference.ents)

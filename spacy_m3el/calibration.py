@@ -325,17 +325,17 @@ def calibrate_scorer(
     ``results`` end up scored by the final fit."""
     before = [copy.deepcopy(r) for r in results]
     apply_scorer(scorer, before, options=options, threshold=None)
-    groups_count = len(set(groups))
-    folds = max(2, min(folds, groups_count)) if groups_count >= 2 else 0
-    held_out = cross_fit(scorer, results, gold_ids, groups, options=options, folds=folds, seed=seed) if folds \
-        else [copy.deepcopy(r) for r in results]
-    if not folds:
-        fit_weights(scorer, results, gold_ids, options=options)
+    folds = min(folds, len(set(groups)))
+    if folds >= 2:
+        held_out = cross_fit(scorer, results, gold_ids, groups, options=options, folds=folds, seed=seed)
+    report = fit_weights(scorer, results, gold_ids, options=options)
+    if folds < 2:  # one mention: nothing to hold out, the figures are in sample
+        folds = 0
+        held_out = [copy.deepcopy(r) for r in results]
         apply_scorer(scorer, held_out, options=options, threshold=0.0)
     threshold, _ = choose_threshold(held_out, gold_ids)
     for result in held_out:
         decide(result, threshold)
-    report = fit_weights(scorer, results, gold_ids, options=options)
     with torch.no_grad():
         scorer.fitted_threshold.fill_(threshold)
     apply_scorer(scorer, list(results), options=options, threshold=None)

@@ -76,13 +76,15 @@ def evaluate(
     accuracy, calibration error (ECE) and NIL precision/recall/F of its
     answers; under one or every picture condition."""
     from .evaluation import PROTOCOLS, evaluate_pipeline
-    from .pictures import CONDITIONS
+    from .pictures import check_condition
     from .readers import MultimodalCorpus
 
     if protocol not in PROTOCOLS:
         raise typer.BadParameter(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    if pictures not in CONDITIONS + ("all",):
-        raise typer.BadParameter(f"--pictures must be one of {CONDITIONS + ('all',)}, got {pictures!r}")
+    try:
+        check_condition(pictures, allow_all=True)
+    except ValueError as err:
+        raise typer.BadParameter(f"--{err}") from None
     nlp = _load(pipeline, gpu_id)
     corpus = MultimodalCorpus(data, image_dir=image_dir)
     examples = list(corpus(nlp))

@@ -116,14 +116,17 @@ def evaluate_pipeline(nlp: Language, examples: Sequence[Example], *, protocol: s
     examples = list(examples)
     if pictures not in ("given", "all"):
         examples = examples_with_pictures(examples, pictures, seed=seed)
+    # Made before linking: linking annotates the docs in place, and a copy of
+    # a linked doc would keep its KB ids under overwrite = false.
+    varied = {condition: examples_with_pictures(examples, condition, seed=seed)
+              for condition in (CONDITIONS[1:] if pictures == "all" else ())}
     result = _evaluate_examples(nlp, linker, examples, protocol=protocol, progress=progress)
     if pictures == "all":
         result["pictures"] = {"given": {k: v for k, v in result.items() if not isinstance(v, dict)}}
-        for condition in CONDITIONS[1:]:
+        for condition, condition_examples in varied.items():
             if progress:
                 msg.info(f"Pictures: {condition}")
-            varied = examples_with_pictures(examples, condition, seed=seed)
-            figures = _evaluate_examples(nlp, linker, varied, protocol="two-stage", progress=False)
+            figures = _evaluate_examples(nlp, linker, condition_examples, protocol="two-stage", progress=False)
             result["pictures"][condition] = {k: v for k, v in figures.items() if not isinstance(v, dict)}
     else:
         result["pictures_condition"] = pictures

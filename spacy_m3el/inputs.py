@@ -118,8 +118,9 @@ def vary_pictures(
         if draw < dropout:
             out[i] = None
         elif draw < dropout + mismatch:
+            # Another picture: one picture often serves several mentions of a doc.
             others = [j for j, other in enumerate(images)
-                      if other is not None and gold_rows[j] != gold_rows[i] and other is not image]
+                      if other is not None and gold_rows[j] != gold_rows[i] and other.key != image.key]
             if others:
                 out[i] = images[random.choice(others)]
     return out

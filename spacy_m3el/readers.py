@@ -32,8 +32,8 @@ def example_with_images(
     pipeline's tokens are aligned to them (counted in ``report``)."""
     report = report if report is not None else AlignmentReport()
     resolve_images(reference, image_dir)
-    reference = retokenized_reference(nlp, reference, report, where=where or repr(reference.text[:60]))
-    predicted = nlp.make_doc(reference.text)
+    predicted = nlp.make_doc(reference.text)  # once: it also tells whether the reference needs re-tokenising
+    reference = retokenized_reference(predicted, reference, report, where=where or repr(reference.text[:60]))
     if gold_ents:
         predicted.ents = [predicted.char_span(ent.start_char, ent.end_char, label=ent.label_)
                           for ent in reference.ents]

@@ -63,13 +63,18 @@ def test_unknown_condition_is_named(docs):
 def test_training_pictures_are_dropped_and_mismatched_at_the_asked_rates():
     import random
 
+    from spacy_m3el.images import ImageRef
+
     random.seed(0)
-    images = [f"p{i}" for i in range(1000)]
+    images = [ImageRef(f"p{i}", None) for i in range(1000)]
     gold = list(range(1000))
     varied = vary_pictures(images, gold, dropout=0.2, mismatch=0.3)
     dropped = sum(v is None for v in varied)
-    swapped = sum(v is not None and v != i for v, i in zip(varied, images))
+    swapped = sum(v is not None and v.key != i.key for v, i in zip(varied, images))
     assert 150 < dropped < 250 and 250 < swapped < 350
     # Only mentions of another entity lend their picture: one entity's batch keeps its pictures.
     assert vary_pictures(images[:3], [7, 7, 7], dropout=0.0, mismatch=1.0) == images[:3]
-    assert vary_pictures([None, "a"], [1, 2], dropout=0.0, mismatch=1.0)[0] is None
+    assert vary_pictures([None, images[0]], [1, 2], dropout=0.0, mismatch=1.0)[0] is None
+    # One picture shared by two mentions (two refs, one key) is no mismatch for either.
+    shared = [ImageRef("doc.jpg", None), ImageRef("doc.jpg", None)]
+    assert [v.key for v in vary_pictures(shared, [1, 2], dropout=0.0, mismatch=1.0)] == ["doc.jpg", "doc.jpg"]
