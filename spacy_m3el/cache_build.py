@@ -193,10 +193,10 @@ class StreamedCacheBuild:
                    for w in range(processes)]
         bar = None
         if self.progress:
-            from tqdm import tqdm
+            from .progress import progress_bar
 
-            bar = tqdm(total=len(self.kb), initial=done, desc=f"Encoding KB entities ({processes} processes)",
-                       unit="entity", smoothing=0.1)
+            bar = progress_bar(total=len(self.kb), initial=done, desc=f"Encoding KB entities ({processes} processes)",
+                               unit="entity", smoothing=0.1)
         try:
             for worker in workers:
                 worker.start()
@@ -256,10 +256,10 @@ class StreamedCacheBuild:
         network.eval()
         bar = None
         if self.progress:
-            from tqdm import tqdm
+            from .progress import progress_bar
 
-            bar = tqdm(total=len(self.kb), initial=done, desc="Encoding KB entities", unit="entity",
-                       smoothing=0.1)
+            bar = progress_bar(total=len(self.kb), initial=done, desc="Encoding KB entities", unit="entity",
+                               smoothing=0.1)
         shard_of = {start: index for (start, _), index in zip(spans, indices)}
         ends = {index: end for (_, end), index in zip(spans, indices)}
         # torch keeps all its threads: the image workers' decoding takes a

@@ -15,13 +15,14 @@ import copy
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .errors import warn
 from .kb import NIL
 from .model.candidate_scorer import LEXICAL_FEATURES, NIL_FEATURES, NIL_OFF, CandidateScorer
+from .progress import progress_bar
 
 Result = Dict[str, Any]
 #: L2 penalty on every fitted weight except the scale and the NIL bias.
@@ -282,6 +283,7 @@ def cross_fit(
     options: ScorerOptions,
     folds: int = FOLDS,
     seed: int = 0,
+    on_fold: Optional[Callable[[], None]] = None,
 ) -> List[Result]:
     """Out-of-fold copies of ``results``: each scored (threshold 0) by the
     scorer fitted on the other folds, starting from its current weights.
@@ -304,6 +306,8 @@ def cross_fit(
         apply_scorer(scorer, held_out, options=options, threshold=0.0)
         for i, result in zip(outside, held_out):
             out[i] = result
+        if on_fold is not None:
+            on_fold()
     scorer.load_state_dict(initial)
     return out  # type: ignore[return-value]
 
@@ -317,18 +321,24 @@ def calibrate_scorer(
     options: ScorerOptions,
     folds: int = FOLDS,
     seed: int = 0,
+    progress: bool = False,
 ) -> Tuple[Dict[str, Any], List[Result]]:
     """Cross-fit, choose the NIL threshold on the out-of-fold probabilities,
     then fit on everything. Returns the report (``before``: the scorer as it
     came; ``out_of_fold``: every mention scored by a fit that did not see
     it) and the out-of-fold results, answered with the chosen threshold.
-    ``results`` end up scored by the final fit."""
+    ``results`` end up scored by the final fit. ``progress``: a line per fit."""
     before = [copy.deepcopy(r) for r in results]
     apply_scorer(scorer, before, options=options, threshold=None)
     folds = min(folds, len(set(groups)))
-    if folds >= 2:
-        held_out = cross_fit(scorer, results, gold_ids, groups, options=options, folds=folds, seed=seed)
-    report = fit_weights(scorer, results, gold_ids, options=options)
+    bar = progress_bar(total=(folds if folds >= 2 else 0) + 1, desc=f"Calibration: fits on {len(results)} items",
+                       unit="fit", disable=not progress)
+    with bar:
+        if folds >= 2:
+            held_out = cross_fit(scorer, results, gold_ids, groups, options=options, folds=folds, seed=seed,
+                                 on_fold=lambda: bar.update(1))
+        report = fit_weights(scorer, results, gold_ids, options=options)
+        bar.update(1)
     if folds < 2:  # one mention: nothing to hold out, the figures are in sample
         folds = 0
         held_out = [copy.deepcopy(r) for r in results]

@@ -6,8 +6,9 @@ from typing import Optional
 import spacy
 import typer
 from spacy.tokens import DocBin
-from tqdm import tqdm
 from wasabi import msg
+
+from .progress import progress_bar
 
 app = typer.Typer(help="spacy-m3el: multimodal entity linking for spaCy", no_args_is_help=True)
 
@@ -32,7 +33,7 @@ def convert_mimic(
         report = ConversionReport()
         docs = read_mimic_docs(nlp, data_dir, split, known_entities=kb.entity_ids, report=report)
         bin_ = DocBin(store_user_data=True)
-        for doc in tqdm(docs, desc=f"{split}", unit="mention"):
+        for doc in progress_bar(docs, desc=f"{split}", unit="mention"):
             bin_.add(doc)
         for line in report.problems():
             msg.warn(f"{split}: {line}")
@@ -117,6 +118,7 @@ def calibrate(
     """Fit the linker's temperature, feature weights, NIL option and NIL
     threshold on held-out data and save the pipeline (spacy train already
     does this on the dev set unless calibrate_on_score is off)."""
+    from .evaluation import link_gold_mentions
     from .fileio import save_pipeline
     from .pipe import find_linker
     from .readers import MultimodalCorpus
@@ -124,14 +126,16 @@ def calibrate(
     nlp = _load(pipeline, gpu_id)
     linker = find_linker(nlp)
     examples = list(MultimodalCorpus(data, image_dir=image_dir)(nlp))
-    for eg, doc in zip(examples, nlp.pipe(eg.predicted for eg in examples)):
-        eg.predicted = doc
-    report = linker.calibrate(examples)
+    link_gold_mentions(nlp, linker, examples, progress=True)
+    report = linker.calibrate(examples, progress=True)
     msg.table([(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in report.items() if not isinstance(v, dict)],
               header=("calibration", "value"))
     shown = ["accuracy", "ece", "nll", "nil_on_linkable"]
-    msg.table([(what, *(f"{report[what][k]:.4f}" for k in shown)) for what in ("before", "out_of_fold", "in_sample")],
-              header=("fit", *shown))
+    fits = {"before": "before (as it came)",
+            "out_of_fold": f"after (held out: {report['folds']}-fold, each mention by a fit without it)",
+            "in_sample": "in sample (the final fit, on what it fitted)"}
+    msg.table([(label, *(f"{report[what][k]:.4f}" for k in shown)) for what, label in fits.items()],
+              header=(f"{report['mentions']} mentions x pictures {list(report['conditions'])}", *shown))
     msg.table([(condition, *(f"{figures[k]:.4f}" for k in shown))
                for condition, figures in report["conditions"].items()], header=("out of fold, pictures", *shown))
     save_pipeline(nlp, output)
@@ -190,18 +194,22 @@ def link(
     total = sum(1 for line in input_path.open(encoding="utf8") if line.strip())
     output.parent.mkdir(parents=True, exist_ok=True)
     counts = {"linked": 0, "errors": 0}
-    with output.open("w", encoding="utf8") as out, errors.open("w", encoding="utf8") as bad:
+    bar = progress_bar(total=total, desc="Linking", unit="row")
+    with output.open("w", encoding="utf8") as out, errors.open("w", encoding="utf8") as bad, bar:
 
         def on_error(row) -> None:
             counts["errors"] += 1
             bad.write(json.dumps(row, ensure_ascii=False) + "\n")
+            if row.get("skipped"):  # a row left out counts as done; a linked row counts when written
+                bar.update(1)
 
         alignment = AlignmentReport()
         rows = link_rows(nlp, read_rows(input_path), on_error, image_dir=image_dir or input_path.parent,
                          n_process=n_process, batch_size=batch_size, top_k=top_k, alignment=alignment)
-        for row in tqdm(rows, total=total, desc="Linking", unit="row"):
+        for row in rows:
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
             counts["linked"] += 1
+            bar.update(1)
     msg.good(f"{counts['linked']} rows linked -> {output}")
     for line in alignment.lines():
         msg.warn(line)
@@ -229,8 +237,6 @@ def build_kb(
 ) -> None:
     """Build a MultimodalKB directory (images copied in) from an entity file,
     and with --pipeline its entity cache for that pipeline."""
-    from tqdm import tqdm as progress
-
     from .kb import MultimodalKB
     from .kb_files import csv_records, jsonl_records, read_kb_records
 
@@ -243,7 +249,7 @@ def build_kb(
             kb = load_mimic_kb(vocab, entities)
     else:
         records = csv_records(entities) if entities.suffix.lower() == ".csv" else jsonl_records(entities)
-        kb = read_kb_records(MultimodalKB(vocab), progress(records, desc="Entities", unit="entity"),
+        kb = read_kb_records(MultimodalKB(vocab), progress_bar(records, desc="Entities", unit="entity"),
                              image_dir=image_dir or entities.parent, name_as_alias=name_as_alias)
     msg.good(f"KB: {len(kb)} entities, {kb.get_size_aliases()} aliases")
     if pipeline:
@@ -326,15 +332,78 @@ def add_alias_ruler_command(
     pipeline: str = typer.Argument(..., help="Pipeline with an m3el_linker: a directory or a package name"),
     output: Path = typer.Argument(..., help="Where to save the pipeline with the ruler"),
     label: str = typer.Option("ENTITY", help="Label of the spans the ruler marks"),
+    name: str = typer.Option("alias_ruler", help="Name of the ruler component"),
+    replace: bool = typer.Option(False, "--replace", help="The pipeline has a ruler of that name already: "
+                                 "replace its patterns with the KB's aliases"),
 ) -> None:
     """Put an entity_ruler built from the KB's aliases in front of the
     linker, so the pipeline links raw text."""
     from .fileio import save_pipeline
     from .ruler import add_alias_ruler
 
-    nlp = add_alias_ruler(spacy.load(pipeline), label=label)
+    try:
+        nlp = add_alias_ruler(spacy.load(pipeline), label=label, name=name, replace=replace)
+    except ValueError as err:
+        msg.fail(str(err), exits=1)
     save_pipeline(nlp, output)
     msg.good(f"{nlp.pipe_names} -> {output}")
+
+
+@app.command("swap-kb")
+def swap_kb(
+    pipeline: str = typer.Argument(..., help="Pipeline with an m3el_linker: a directory or a package name"),
+    kb_dir: Path = typer.Argument(..., help="A MultimodalKB directory (build-kb's output)", exists=True,
+                                  file_okay=False),
+    output: Path = typer.Argument(..., help="Where to save the pipeline with the new KB"),
+    ann_index: Optional[str] = typer.Option(None, help="Also build this ANN index ('auto' or a faiss "
+                                            "index_factory string; default: the pipeline's ann_index)"),
+    processes: Optional[int] = typer.Option(None, help="Encoding processes, one torch thread each (default: "
+                                            "the pipeline's build_processes)"),
+    ruler: Optional[str] = typer.Option(None, help="The alias ruler whose patterns become the new KB's aliases "
+                                        "(default: the entity_ruler made of KB aliases, if any)"),
+) -> None:
+    """Link against another KB: the pipeline's linker gets the KB in KB_DIR,
+    with its entity cache for the linker's weights (reused when build-kb
+    --pipeline made it for these weights, else encoded, streamed and
+    resumable), the ANN index the pipeline (or --ann-index) asks for, and
+    the alias ruler's patterns replaced by the new KB's aliases; saved to
+    OUTPUT in one step."""
+    import shutil
+
+    from .fileio import save_pipeline
+    from .kb import MultimodalKB
+    from .pipe import find_linker
+    from .ruler import find_alias_ruler, set_alias_patterns
+
+    nlp = _load(pipeline, -1)
+    linker = find_linker(nlp)
+    try:
+        ruler_name = find_alias_ruler(nlp, ruler)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    kb = MultimodalKB(nlp.vocab).from_disk(kb_dir)
+    cache = kb.entity_cache
+    if cache is not None and cache.meta.get("fingerprint") != linker.network.fingerprint():
+        msg.info(f"The entity cache in {kb_dir} was built for other weights: the KB is encoded again")
+        kb.clear_entity_cache()
+    linker.set_kb(lambda _: kb)
+    linker.entity_encoder.adopt_loaded(kb)
+    if kb.entity_cache is None:
+        _build_cache(linker, _work_dir(output), ann_index, processes)
+    else:
+        msg.good(f"Entity cache in {kb_dir} reused: built for these weights")
+        if ann_index is not None:
+            linker.settings.ann_index = ann_index
+        linker.entity_encoder.configure_search(kb, kb.entity_cache, progress=True)
+    if ruler_name is not None:
+        count = set_alias_patterns(nlp.get_pipe(ruler_name), kb)
+        msg.good(f"{ruler_name}: {count} alias patterns from the new KB")
+    else:
+        msg.warn("No alias ruler in the pipeline: its mentions come from "
+                 f"{[n for n in nlp.pipe_names if n != linker.name] or 'the docs you give it'}")
+    save_pipeline(nlp, output)
+    shutil.rmtree(_work_dir(output), ignore_errors=True)
+    msg.good(f"{linker.name} links against {len(kb)} entities ({kb.get_size_aliases()} aliases) -> {output}")
 
 
 @app.command("visualize")

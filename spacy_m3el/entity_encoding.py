@@ -17,6 +17,7 @@ from .entity_cache import RETRIEVAL, EntityCache
 from .errors import KBError, warn
 from .inputs import InputBuilder
 from .kb import MultimodalKB
+from .progress import progress_bar
 from .retrieval import AnnIndex
 
 #: KB entities that stand in for mentions when a pooled cache is checked.
@@ -202,9 +203,7 @@ class EntityEncoder:
         rows = list(range(len(kb))) if rows is None else list(rows)
         batches = [rows[i : i + size] for i in range(0, len(rows), size)]
         if progress or len(rows) > 5000:
-            from tqdm import tqdm
-
-            batches = tqdm(batches, desc="Encoding KB entities", unit="batch")
+            batches = progress_bar(batches, desc=f"Encoding {len(rows)} KB entities", unit="batch")
         unreadable: List[str] = []
 
         def sides():

@@ -1,5 +1,6 @@
 """The paper's protocol: every mention ranked against every KB entity with
 the exact M3EL score, next to the two-stage ranking the component uses."""
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -11,7 +12,9 @@ from wasabi import msg
 
 from . import linking
 from .extensions import copy_images
+from .errors import M3ELWarning, warn
 from .kb import NIL
+from .progress import progress_bar
 from .scoring import HITS_AT, aligned_mentions, ranking_scores
 
 PROTOCOLS = ("two-stage", "exhaustive", "both")
@@ -41,21 +44,21 @@ def exhaustive_ranks(
     matcher = linker.network.matcher
     batches = range(0, len(spans), batch_size)
     if progress:
-        from tqdm import tqdm
-
-        batches = tqdm(batches, desc="Exhaustive ranking", unit="batch")
+        batches = progress_bar(batches, desc=f"Exhaustive ranking of {len(spans)} mentions against "
+                               f"{len(linker.kb)} entities", unit="batch")
     ranks: List[Optional[int]] = []
     top: List[str] = []
-    for start in batches:
-        mention = linker.encode_mentions(spans[start : start + batch_size])
-        scores = linking.exhaustive_scores(matcher, mention, cache)
-        for row_scores, gold in zip(scores, gold_ids[start : start + batch_size]):
-            top.append(linker.kb.entity_id(int(row_scores.argmax())))
-            if gold not in linker.kb:
-                ranks.append(None)
-                continue
-            gold_score = row_scores[linker.kb.row(gold)]
-            ranks.append(int((row_scores > gold_score).sum()) + 1)
+    with linker.linking_run():  # one warning for the mentions without a picture, not one per batch
+        for start in batches:
+            mention = linker.encode_mentions(spans[start : start + batch_size])
+            scores = linking.exhaustive_scores(matcher, mention, cache)
+            for row_scores, gold in zip(scores, gold_ids[start : start + batch_size]):
+                top.append(linker.kb.entity_id(int(row_scores.argmax())))
+                if gold not in linker.kb:
+                    ranks.append(None)
+                    continue
+                gold_score = row_scores[linker.kb.row(gold)]
+                ranks.append(int((row_scores > gold_score).sum()) + 1)
     return ranks, top
 
 
@@ -81,18 +84,74 @@ def mention_finders(nlp: Language, linker_name: str) -> List[str]:
             if name != linker_name and "doc.ents" in nlp.get_pipe_meta(name).assigns]
 
 
-def end_to_end_scores(nlp: Language, examples: Sequence[Example], keys: Sequence[str]) -> Dict[str, Any]:
+def end_to_end_scores(nlp: Language, examples: Sequence[Example], keys: Sequence[str], *,
+                      progress: bool = False) -> Dict[str, Any]:
     """The pipeline finds the mentions itself, from the raw text and image:
-    ents_p/r/f of its mentions and the linking scores ``keys`` over them."""
+    ``mentions_p/r/f`` of its mentions by their offsets (whatever their
+    labels), ``ents_p/r/f`` by offsets and label where the pipeline's labels
+    are the gold ones (a warning, and None, where they are not), and the
+    linking scores ``keys`` over its mentions."""
     raw = []
     for eg in examples:
         doc = nlp.make_doc(eg.reference.text)
         copy_images(eg.reference, doc)
         raw.append(Example(doc, eg.reference))
-    for eg, doc in zip(raw, nlp.pipe(eg.predicted for eg in raw)):
+    linked = _pipe(nlp, [eg.predicted for eg in raw], progress=progress, desc="End to end: linking raw texts")
+    for eg, doc in zip(raw, linked):
         eg.predicted = doc
     scores = Scorer(nlp=nlp).score(raw)
-    return {key: scores.get(key) for key in ["ents_p", "ents_r", "ents_f", *keys]}
+    result = {**mention_scores(raw), **{key: scores.get(key) for key in ["ents_p", "ents_r", "ents_f", *keys]}}
+    predicted = {ent.label_ for eg in raw for ent in eg.predicted.ents}
+    gold = {ent.label_ for eg in raw for ent in eg.reference.ents}
+    if predicted and gold and predicted != gold:
+        shared = predicted & gold
+        warn(f"end to end: the pipeline labels its mentions {sorted(predicted)}, the gold mentions are labelled "
+             f"{sorted(gold)}: mentions_p/r/f score the offsets alone"
+             + (f"; ents_p/r/f score the offsets and the labels {sorted(shared)}" if shared else
+                "; ents_p/r/f (offsets and label) are left out, as no label is shared"), stacklevel=3)
+        if not shared:
+            result.update(ents_p=None, ents_r=None, ents_f=None)
+    return result
+
+
+def mention_scores(examples: Sequence[Example]) -> Dict[str, float]:
+    """Precision, recall and F of the predicted mentions against the gold
+    ones by character offsets, labels aside."""
+    found = expected = correct = 0
+    for eg in examples:
+        gold = {(ent.start_char, ent.end_char) for ent in eg.reference.ents}
+        predicted = {(ent.start_char, ent.end_char) for ent in eg.predicted.ents}
+        found += len(predicted)
+        expected += len(gold)
+        correct += len(gold & predicted)
+    precision = correct / found if found else 0.0
+    recall = correct / expected if expected else 0.0
+    f_score = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"mentions_p": precision, "mentions_r": recall, "mentions_f": f_score}
+
+
+def link_gold_mentions(nlp: Language, linker, examples: Sequence[Example], *, progress: bool = False) -> List[str]:
+    """Run the pipeline on the examples' predicted docs without the
+    components that find mentions (the gold ones are linked), as
+    ``nlp.evaluate`` does but keeping the linked docs on the examples;
+    returns the names of the components left out."""
+    finders = mention_finders(nlp, linker.name)
+    with nlp.select_pipes(disable=finders):
+        linked = _pipe(nlp, [eg.predicted for eg in examples], progress=progress, desc="Linking the gold mentions")
+    for eg, doc in zip(examples, linked):
+        eg.predicted = doc
+    return finders
+
+
+def _pipe(nlp: Language, docs: List[Any], *, progress: bool, desc: str) -> List[Any]:
+    """``nlp.pipe`` over ``docs``, with a progress bar when asked."""
+    bar = progress_bar(total=len(docs), desc=desc, unit="doc", disable=not progress)
+    out = []
+    with bar:
+        for doc in nlp.pipe(docs):
+            out.append(doc)
+            bar.update(1)
+    return out
 
 
 def evaluate_pipeline(nlp: Language, examples: Sequence[Example], *, protocol: str = "two-stage",
@@ -120,13 +179,19 @@ def evaluate_pipeline(nlp: Language, examples: Sequence[Example], *, protocol: s
     # a linked doc would keep its KB ids under overwrite = false.
     varied = {condition: examples_with_pictures(examples, condition, seed=seed)
               for condition in (CONDITIONS[1:] if pictures == "all" else ())}
-    result = _evaluate_examples(nlp, linker, examples, protocol=protocol, progress=progress)
+    with warnings.catch_warnings():
+        if pictures not in ("given", "all"):  # pictures removed on purpose: no "linked on text alone" warning
+            warnings.filterwarnings("ignore", message=".*have no image", category=M3ELWarning)
+        result = _evaluate_examples(nlp, linker, examples, protocol=protocol, progress=progress)
     if pictures == "all":
         result["pictures"] = {"given": {k: v for k, v in result.items() if not isinstance(v, dict)}}
         for condition, condition_examples in varied.items():
             if progress:
                 msg.info(f"Pictures: {condition}")
-            figures = _evaluate_examples(nlp, linker, condition_examples, protocol="two-stage", progress=False)
+            with warnings.catch_warnings():  # pictures removed on purpose: no "linked on text alone" warning
+                warnings.filterwarnings("ignore", message=".*have no image", category=M3ELWarning)
+                figures = _evaluate_examples(nlp, linker, condition_examples, protocol="two-stage",
+                                             progress=progress)
             result["pictures"][condition] = {k: v for k, v in figures.items() if not isinstance(v, dict)}
     else:
         result["pictures_condition"] = pictures
@@ -139,11 +204,8 @@ def _evaluate_examples(nlp: Language, linker, examples: List[Example], *, protoc
     answers = ["m3el_accuracy", "m3el_ece", "m3el_nil_p", "m3el_nil_r", "m3el_nil_f", "m3el_n_nil",
                "m3el_nil_on_linkable"]
     links = ["nel_micro_p", "nel_micro_r", "nel_micro_f"]
-    finders = mention_finders(nlp, linker.name)
+    finders = link_gold_mentions(nlp, linker, examples, progress=progress)
     with nlp.select_pipes(disable=finders):
-        # As nlp.evaluate does, but the linked docs stay on the examples for the exhaustive comparison.
-        for eg, doc in zip(examples, nlp.pipe(eg.predicted for eg in examples)):
-            eg.predicted = doc
         scores = Scorer(nlp=nlp).score(examples)
     result: Dict[str, Any] = {key: scores.get(key) for key in keys + links + answers}
     if protocol != "two-stage":
@@ -152,9 +214,9 @@ def _evaluate_examples(nlp: Language, linker, examples: List[Example], *, protoc
         result["exhaustive"] = {key: exhaustive[key] for key in keys}
         result["top1_agreement"] = exhaustive["top1_agreement"]
     if finders:
-        result["end_to_end"] = end_to_end_scores(nlp, examples, links + answers)
         if progress:
             msg.info(f"End to end, mentions found by {finders}")
+        result["end_to_end"] = end_to_end_scores(nlp, examples, links + answers, progress=progress)
     unreadable = linker.kb.entity_cache.meta.get("unreadable_kb_images") if linker.kb.entity_cache else None
     result["unreadable_kb_images"] = unreadable["count"] if unreadable else 0
     return result

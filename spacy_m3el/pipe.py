@@ -2,9 +2,10 @@
 import contextlib
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import numpy
+import srsly
 import torch
 from spacy import util
 from spacy.language import Language
@@ -30,6 +31,7 @@ from .inputs import InputBuilder, TrainingBatch, training_batch
 from .kb import NIL, MultimodalKB, create_empty_kb
 from .model.matching import Side
 from .pictures import CALIBRATION_MIX, with_pictures
+from .progress import LinkingRun, progress_bar
 from .results import annotate, link_result, ranking_results
 from .scoring import aligned_mentions, score_linking
 from .settings import LinkerSettings
@@ -134,6 +136,12 @@ class M3ELLinker(TrainablePipe):
         self.bad_images = 0
         #: True once training updates changed the weights since the last calibration.
         self.calibration_stale = False
+        #: Training updates the weights have had (saved with the pipeline; None: not known, as
+        #: for pipelines saved before it was recorded).
+        self.updates: Optional[int] = 0
+        # Said once, on the first call after loading: an untrained or uncalibrated linker.
+        self._state_warning: Optional[str] = None
+        self._run: Optional[LinkingRun] = None
         self._told_about_nil = False
         self.network.settings = self.settings
         self.inputs = InputBuilder(self.network.encoder, ImageLoader(self.settings), self.settings)
@@ -206,6 +214,7 @@ class M3ELLinker(TrainablePipe):
             )
         self.model.initialize()
         self.calibration_stale = True
+        self.updates = 0
 
     # ------------------------------------------------------------------ training
     def update(
@@ -256,6 +265,7 @@ class M3ELLinker(TrainablePipe):
             self.finish_update(sgd)
         self.kb.clear_entity_cache()  # built by the old weights
         self.calibration_stale = True
+        self.updates = (self.updates or 0) + 1
         losses[self.name] += loss
         return losses
 
@@ -342,14 +352,65 @@ class M3ELLinker(TrainablePipe):
         with torch.no_grad():
             items = network.encode(texts, refs)
         self.bad_images += sum(ref is not None and not has for ref, has in zip(refs, items.image_mask.tolist()))
-        missing = sum(ref is None for ref in refs)
-        if missing and network.matcher.uses_image:
-            warn(f"m3el_linker: {missing} of {len(refs)} mentions have no image (set doc._.image or "
-                 "span._.image): linked on text alone (see ent._.m3el_modalities)", stacklevel=4)
+        run = self._run if self._run is not None else LinkingRun(self.name, warn_missing=network.matcher.uses_image)
+        run.count(mentions=len(refs), without_picture=sum(ref is None for ref in refs))
+        if self._run is None:  # called on its own: said now, not at the end of a call
+            run.finish()
         return network.matcher.mention_side(items)
+
+    def __call__(self, doc: Doc) -> Doc:
+        """Link one doc (one warning for its mentions without a picture)."""
+        with self.linking_run() as run:
+            doc = super().__call__(doc)
+            run.doc_done()
+        return doc
+
+    def pipe(self, stream: Iterable[Doc], *, batch_size: int = 128) -> Iterator[Doc]:
+        """Link a stream of docs in batches: one warning when the stream
+        ends for all its mentions linked without a picture, and progress
+        lines on long streams."""
+        run = LinkingRun(self.name, warn_missing=self.network.matcher.uses_image)
+        error_handler = self.get_error_handler()
+        try:
+            for docs in util.minibatch(stream, size=batch_size):
+                try:
+                    with self._counted_by(run):  # only while linking: the stream may wait between batches
+                        self.set_annotations(docs, self.predict(docs))
+                except Exception as error:
+                    error_handler(self.name, self, docs, error)
+                    continue
+                for doc in docs:
+                    run.doc_done()
+                    yield doc
+        finally:
+            run.finish()
+
+    @contextlib.contextmanager
+    def linking_run(self) -> Iterator[LinkingRun]:
+        """Count the mentions linked inside the block, and warn once at its
+        end about those without a picture (a block inside another is
+        counted by the outer one)."""
+        if self._run is not None:
+            yield self._run
+            return
+        run = LinkingRun(self.name, warn_missing=self.network.matcher.uses_image)
+        with self._counted_by(run):
+            yield run
+        run.finish()
+
+    @contextlib.contextmanager
+    def _counted_by(self, run: LinkingRun) -> Iterator[None]:
+        outer, self._run = self._run, run
+        try:
+            yield
+        finally:
+            self._run = outer
 
     def predict(self, docs: Iterable[Doc]) -> List[List[Dict[str, Any]]]:
         """Per doc, per linkable entity: ``{"id", "score", "candidates", "modalities"}``."""
+        if self._state_warning is not None:
+            warn(self._state_warning, stacklevel=3)
+            self._state_warning = None
         docs = list(docs)
         per_doc = [self._linkable(doc) for doc in docs]
         spans = [span for doc_spans in per_doc for span in doc_spans]
@@ -386,7 +447,7 @@ class M3ELLinker(TrainablePipe):
             annotate(doc, self._linkable(doc), results, overwrite=self.settings.overwrite)
 
     # ------------------------------------------------------------------ calibration
-    def calibrate(self, examples: Iterable[Example]) -> Dict[str, Any]:
+    def calibrate(self, examples: Iterable[Example], *, progress: bool = False) -> Dict[str, Any]:
         """Fit the candidate scorer (temperature, feature and branch weights,
         picture gate, NIL option) and the NIL threshold on held-out examples
         with gold links (NIL included), each mention with its picture,
@@ -395,12 +456,13 @@ class M3ELLinker(TrainablePipe):
         cross-validated: the threshold is chosen, and the report's
         ``out_of_fold`` figures computed, on probabilities from fits that
         did not see the mention; the predicted docs are annotated with those
-        out-of-fold answers, so scores computed on them are out of sample."""
+        out-of-fold answers, so scores computed on them are out of sample.
+        ``progress``: progress lines for the linking and the fits."""
         examples = list(examples)
         validate_examples(examples, "M3ELLinker.calibrate")
         docs = [eg.predicted for eg in examples]
         if any(ent._.m3el_candidates is None for doc in docs for ent in self._linkable(doc)):
-            self.set_annotations(docs, self.predict(docs))
+            self._annotate_in_batches(docs, progress=progress, desc="Calibration: linking")
         pairs = []  # (gold, span) of every gold-linked mention the linker linked
         for reference, span in aligned_mentions(examples):
             if reference.kb_id_ and span is not None and span.label_ not in self.settings.labels_discard \
@@ -413,7 +475,7 @@ class M3ELLinker(TrainablePipe):
                              "spacy-m3el.Corpus.v1 reader with gold_ents = true gives both)")
         results, gold, groups, conditions = [], [], [], []
         for condition in CALIBRATION_MIX if self.network.matcher.uses_image else ("given",):
-            linked = self._linked_under(docs, condition)
+            linked = self._linked_under(docs, condition, progress=progress)
             for group, (kb_id, span) in enumerate(pairs):
                 doc = linked[id(span.doc)]
                 ent = doc.char_span(span.start_char, span.end_char)
@@ -421,7 +483,8 @@ class M3ELLinker(TrainablePipe):
                 gold.append(kb_id)
                 groups.append(group)
                 conditions.append(condition)
-        report, held_out = calibrate_scorer(self.network.scorer, results, gold, groups, options=self.scorer_options)
+        report, held_out = calibrate_scorer(self.network.scorer, results, gold, groups, options=self.scorer_options,
+                                            progress=progress)
         # Mentions, not (mention, picture condition) pairs; fitted_on counts the pairs.
         report["mentions"] = len(pairs)
         report["nil_mentions"] = sum(kb_id == NIL for kb_id, _ in pairs)
@@ -442,15 +505,22 @@ class M3ELLinker(TrainablePipe):
         self.calibration_stale = False
         return report
 
-    def _linked_under(self, docs: List[Doc], condition: str) -> Dict[int, Doc]:
+    def _linked_under(self, docs: List[Doc], condition: str, *, progress: bool = False) -> Dict[int, Doc]:
         """The docs (by id) linked with their pictures under ``condition``."""
         if condition == "given":
             return {id(doc): doc for doc in docs}
         copies = with_pictures(docs, condition, seed=0)
         with warnings.catch_warnings():  # pictures missing on purpose: no "linked on text alone" warning
             warnings.filterwarnings("ignore", message=".*have no image", category=M3ELWarning)
-            self.set_annotations(copies, self.predict(copies))
+            self._annotate_in_batches(copies, progress=progress, desc=f"Calibration: linking, pictures {condition}")
         return {id(doc): copy for doc, copy in zip(docs, copies)}
+
+    def _annotate_in_batches(self, docs: List[Doc], *, progress: bool, desc: str, batch_size: int = 64) -> None:
+        with self.linking_run(), progress_bar(total=len(docs), desc=desc, unit="doc", disable=not progress) as bar:
+            for start in range(0, len(docs), batch_size):
+                batch = docs[start : start + batch_size]
+                self.set_annotations(batch, self.predict(batch))
+                bar.update(len(batch))
 
     @staticmethod
     def _result_of(ent: Span) -> Dict[str, Any]:
@@ -469,12 +539,12 @@ class M3ELLinker(TrainablePipe):
         validate_examples(examples, "M3ELLinker.score")
         if self.calibration_stale and self.settings.calibrate_on_score and len(self.kb):
             try:
-                self.calibrate(examples)
+                self.calibrate(examples, progress=True)
             except ValueError as error:  # e.g. no gold entity among any candidates yet
                 warn(f"m3el_linker: not calibrated on these examples: {error}", stacklevel=3)
         scores = super().score(examples, **kwargs)
         if self.settings.score_protocol == "exhaustive" and len(self.kb):
-            exhaustive = evaluate_exhaustive(self, examples)
+            exhaustive = evaluate_exhaustive(self, examples, progress=True)
             scores.update({key: value for key, value in exhaustive.items() if key.startswith("m3el_")})
             scores["m3el_top1_agreement"] = exhaustive["top1_agreement"]
         return scores
@@ -485,7 +555,8 @@ class M3ELLinker(TrainablePipe):
         prefer :meth:`to_disk` for large KBs."""
         if "kb" not in exclude and len(self.kb):
             self.entity_encoder.current(self.kb)
-        data = util.to_bytes({"model": self.model.to_bytes, "kb": self.kb.to_bytes}, exclude)
+        data = util.to_bytes({"model": self.model.to_bytes, "kb": self.kb.to_bytes,
+                              "state": lambda: srsly.json_dumps(self._state())}, exclude)
         if len(data) > LARGE_BYTES:
             warn(f"m3el_linker.to_bytes: {len(data) / 2**20:.0f} MB, mostly the KB's images and "
                  "entity cache; use to_disk (memory-mapped) or exclude=['kb']")
@@ -493,7 +564,8 @@ class M3ELLinker(TrainablePipe):
 
     def from_bytes(self, bytes_data: bytes, *, exclude: Iterable[str] = SimpleFrozenList()) -> "M3ELLinker":
         """Load what :meth:`to_bytes` wrote (parts in ``exclude`` are kept)."""
-        util.from_bytes(bytes_data, {"model": self.model.from_bytes, "kb": self._kb_from_bytes}, exclude)
+        util.from_bytes(bytes_data, {"model": self.model.from_bytes, "kb": self._kb_from_bytes,
+                                     "state": lambda b: self._use_state(srsly.json_loads(b))}, exclude)
         self.entity_encoder.adopt_loaded(self.kb)
         return self
 
@@ -504,13 +576,37 @@ class M3ELLinker(TrainablePipe):
         util.to_disk(path, {
             "model": lambda p: p.write_bytes(self.model.to_bytes()),
             "kb": lambda p: self.kb.to_disk(p),
+            "state.json": lambda p: srsly.write_json(p, self._state()),
         }, exclude)
 
     def from_disk(self, path: Union[str, Path], *, exclude: Iterable[str] = SimpleFrozenList()) -> "M3ELLinker":
         """Load what :meth:`to_disk` wrote (parts in ``exclude`` are kept)."""
-        util.from_disk(path, {"model": self._model_from_file, "kb": self._kb_from_disk}, exclude)
+        util.from_disk(path, {"model": self._model_from_file, "kb": self._kb_from_disk,
+                              "state.json": self._state_from_file}, exclude)
         self.entity_encoder.adopt_loaded(self.kb)
         return self
+
+    def _state(self) -> Dict[str, Any]:
+        return {"updates": self.updates, "calibrated": not self.calibration_stale}
+
+    def _state_from_file(self, file: Path) -> None:
+        # Pipelines saved before the state was written have none: taken as trained and calibrated.
+        self._use_state(srsly.read_json(file) if file.is_file() else {"updates": None, "calibrated": True})
+
+    def _use_state(self, state: Dict[str, Any]) -> None:
+        self.updates = state.get("updates")
+        self.calibration_stale = not state.get("calibrated", True)
+        if state.get("updates") == 0:
+            self._state_warning = (
+                f"{self.name}: this linker has not been trained (0 updates): its links come from untrained "
+                "matching layers. Train it (spacy train) before relying on them.")
+        elif self.calibration_stale:
+            self._state_warning = (
+                f"{self.name}: this linker was trained after its last calibration: its probabilities and NIL "
+                "answers are not calibrated for its weights. Run `python -m spacy_m3el calibrate` on held-out "
+                "data (or train with calibrate_on_score = true).")
+        else:
+            self._state_warning = None
 
     def _model_from_file(self, file: Path) -> None:
         if not file.is_file():

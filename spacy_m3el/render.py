@@ -59,8 +59,10 @@ def _text(doc: Doc) -> str:
         parts.append(html.escape(doc.text[last : ent.start_char]))
         status = "nil" if ent.kb_id_ in ("", NIL) else "linked"
         kb_id = ent.kb_id_ or NIL
+        # The answer's probability: the entity's, or NIL's for a NIL answer.
+        prob = f" p {ent._.m3el_score:.2f}" if ent._.m3el_score is not None else ""
         parts.append(f'<mark class="m3el-ent {status}">{html.escape(ent.text)}'
-                     f'<span class="m3el-label">{html.escape(ent.label_)} · {html.escape(kb_id)}</span></mark>')
+                     f'<span class="m3el-label">{html.escape(ent.label_)} · {html.escape(kb_id)}{prob}</span></mark>')
         last = ent.end_char
     parts.append(html.escape(doc.text[last:]))
     return "".join(parts)

@@ -148,9 +148,9 @@ class AnnIndex:
         index.train(numpy.asarray(matrix[sample], dtype=numpy.float32))
         starts = range(0, size, EXACT_CHUNK_ROWS * 4)
         if progress:
-            from tqdm import tqdm
+            from .progress import progress_bar
 
-            starts = tqdm(starts, desc=f"Filling the {factory} index", unit="chunk")
+            starts = progress_bar(starts, desc=f"Filling the {factory} index", unit="chunk")
         for start in starts:
             index.add(numpy.asarray(matrix[start : start + EXACT_CHUNK_ROWS * 4], dtype=numpy.float32))
         ann = cls(index, {"factory": factory, "n_entities": size, "dim": dim, "nprobe": nprobe,

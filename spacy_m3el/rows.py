@@ -125,7 +125,7 @@ def link_rows(
     alignment: Optional[AlignmentReport] = None,
 ) -> Iterator[Row]:
     """Output rows, in input order, streaming; ``on_error({"line", "id",
-    "error"})`` for every unusable row, for a span no token holds (the row
+    "error", "skipped"})`` for every unusable row (skipped), for a span no token holds (the row
     is linked without it) and for a row whose image could not be decoded
     (that row is still linked, on text alone). Spans aligned to the tokens
     keep their ``original`` offsets in the output and are counted in
@@ -144,15 +144,17 @@ def link_rows(
                 else:
                     alignment.merge(row_report)
                     for _, reason in row_report.unaligned:
-                        on_error({"line": line, "id": row.get("id", line), "error": f"span left out: {reason}"})
+                        on_error({"line": line, "id": row.get("id", line), "error": f"span left out: {reason}",
+                                  "skipped": False})
                     pending.append((line, row.get("id", line)))
                     yield doc
                     continue
-            on_error({"line": line, "id": row.get("id") if row else None, "error": error})
+            on_error({"line": line, "id": row.get("id") if row else None, "error": error, "skipped": True})
 
     for doc in nlp.pipe(docs(), n_process=n_process, batch_size=batch_size):
         line, row_id = pending.popleft()
         unread = [e.text for e in doc.ents if image_source(e) is not None and e._.m3el_modalities == ["text"]]
         if unread:
-            on_error({"line": line, "id": row_id, "error": f"the image could not be read: {unread} linked on text alone"})
+            on_error({"line": line, "id": row_id, "error": f"the image could not be read: {unread} linked on text alone",
+                      "skipped": False})
         yield doc_row(doc, row_id, top_k=top_k)

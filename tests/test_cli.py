@@ -168,9 +168,62 @@ def test_calibrate_fits_on_held_out_data_and_saves(linker_dir, picture_dir, tmp_
     assert re.search(r"nil_mentions\s+8", result.output) and re.search(r"nil_option\s+True", result.output)
     # Fitted on each mention with its picture, without and shuffled; figures out of fold per condition.
     assert re.search(r"mentions\s+48", result.output) and re.search(r"fitted_on\s+144", result.output)
-    assert re.search(r"out_of_fold\s+[01]\.\d+", result.output) and re.search(r"\nshuffled\s+[01]\.\d+", result.output)
+    assert re.search(r"after \(held out: 5-fold[^)]*\)\s+[01]\.\d+", result.output) and re.search(r"\nshuffled\s+[01]\.\d+", result.output)
     scorer = find_linker(spacy.load(tmp_path / "calibrated")).network.scorer
     assert not math.isnan(float(scorer.fitted_threshold))
     result = run("evaluate", tmp_path / "calibrated", tmp_path / "dev.spacy", "--output", tmp_path / "m.json")
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["m3el_n_nil"] == 8 and 0.0 <= metrics["m3el_ece"] <= 1.0 and metrics["m3el_nil_r"] > 0.5
+
+
+def test_swap_kb_links_against_your_own_kb_in_one_command(linker_dir, picture_dir, tmp_path):
+    from spacy_m3el import make_doc
+    from spacy_m3el.pipe import find_linker
+
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(
+        {"id": f"G{k}", "name": f"Gadget {k}", "description": "A gadget.", "images": [f"item{k}.png"],
+         "aliases": ["gadget"]}) + "\n" for k in (3, 5, 7)))
+    run("build-kb", tmp_path / "mine.jsonl", tmp_path / "kb_cached", "--image-dir", picture_dir,
+        "--pipeline", linker_dir / "ruled")
+    run("build-kb", tmp_path / "mine.jsonl", tmp_path / "kb_plain", "--image-dir", picture_dir)
+    reused = run("swap-kb", linker_dir / "ruled", tmp_path / "kb_cached", tmp_path / "swapped")
+    assert "Entity cache in" in reused.output and "reused" in reused.output
+    encoded = run("swap-kb", linker_dir / "ruled", tmp_path / "kb_plain", tmp_path / "swapped2")
+    assert "reused" not in encoded.output and "3 entities encoded" in encoded.output
+    links = []
+    for folder in ("swapped", "swapped2"):
+        nlp = spacy.load(tmp_path / folder)
+        assert sorted(find_linker(nlp).kb.entity_ids) == ["G3", "G5", "G7"]
+        # The alias ruler follows the KB: the old alias is gone, the new one marks mentions.
+        patterns = sorted(p["pattern"] for p in nlp.get_pipe("alias_ruler").patterns)
+        assert patterns == ["Gadget 3", "Gadget 5", "Gadget 7", "gadget"]
+        doc = nlp(make_doc(nlp, "They showed me the gadget and the item.", str(picture_dir / "item5_alt.png")))
+        assert [e.text for e in doc.ents] == ["gadget"]
+        links.append([(c["id"], round(c["score"], 4)) for c in doc.ents[0]._.m3el_candidates])
+    assert links[0] == links[1] and {c for c, _ in links[0]} == {"G3", "G5", "G7"}
+
+
+def test_add_alias_ruler_twice_needs_replace(linker_dir, tmp_path):
+    result = CliRunner().invoke(app, ["add-alias-ruler", str(linker_dir / "ruled"), str(tmp_path / "again")])
+    assert result.exit_code == 1 and "already has a component named 'alias_ruler'" in result.output
+    assert "--replace" in result.output and not (tmp_path / "again").exists()
+    run("add-alias-ruler", linker_dir / "ruled", tmp_path / "again", "--replace", "--label", "THING")
+    nlp = spacy.load(tmp_path / "again")
+    assert nlp.pipe_names == ["alias_ruler", "m3el_linker"]
+    assert {p["label"] for p in nlp.get_pipe("alias_ruler").patterns} == {"THING"}
+
+
+def test_link_progress_counts_every_row_once_in_a_log(linker_dir, picture_dir, tmp_path, monkeypatch):
+    from spacy_m3el import progress
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL", 0.0)
+    monkeypatch.delenv(progress.MODE_VARIABLE, raising=False)
+    good = {"text": "They showed me the item.", "image": str(picture_dir / "item1_alt.png")}
+    (tmp_path / "in.jsonl").write_text("\n".join([json.dumps({"id": 1, **good}), "{not json", json.dumps(
+        {"id": 3, **good, "spans": 5}), json.dumps({"id": 4, **good})]) + "\n")
+    result = run("link", linker_dir / "ruled", tmp_path / "in.jsonl", tmp_path / "out.jsonl")
+    lines = [line for line in result.output.splitlines() if line.startswith("Linking: ")]
+    assert lines and lines[-1].startswith("Linking: 4/4 (100%)") and "\r" not in result.output
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
+    errors = [json.loads(line) for line in (tmp_path / "out.jsonl.errors.jsonl").read_text().splitlines()]
+    assert [(e["line"], e["skipped"]) for e in errors] == [(2, True), (3, True)]

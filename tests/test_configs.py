@@ -1,11 +1,13 @@
 """Every shipped config builds a pipeline; the paper configs follow the
 official runs per dataset."""
+import re
 from pathlib import Path
 
 import pytest
 from spacy.util import load_config, load_model_from_config
 
-CONFIGS = Path(__file__).parents[1] / "configs"
+ROOT = Path(__file__).parents[1]
+CONFIGS = ROOT / "configs"
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.cfg")))
@@ -36,3 +38,14 @@ def test_paper_configs_per_dataset(name, cross_modal, eval_frequency):
     optimizer = training["optimizer"]
     assert optimizer["learn_rate"] == 1e-5 and optimizer["eps"] == 1e-4 and optimizer["L2"] == 1e-4
     assert training["batcher"]["size"] == 128
+
+
+def test_every_training_command_of_the_project_honours_its_epoch_variable():
+    import srsly
+
+    project = srsly.read_yaml(ROOT / "project.yml")
+    trainings = [(command["name"], line) for command in project["commands"] for line in command["script"]
+                 if "spacy train" in line]
+    assert len(trainings) >= 7
+    for name, line in trainings:
+        assert re.search(r"--training\.max_epochs \$\{vars\.\w*max_epochs\}", line), name

@@ -82,3 +82,25 @@ def test_spacy_evaluate_with_an_entity_ruler(saved, tmp_path):
     evaluate(tmp_path / "ruled", tmp_path / "text.spacy", "--output", tmp_path / "ours.json")
     ours = json.loads((tmp_path / "ours.json").read_text())
     assert theirs["nel_micro_f"] == pytest.approx(ours["nel_micro_f"])
+
+
+@pytest.mark.parametrize("label", ["ENTITY", "THING"])
+def test_end_to_end_scores_mentions_by_offsets_whatever_their_label(saved, tmp_path, label):
+    import warnings
+
+    nlp = spacy.load(saved / "pipeline")
+    nlp.add_pipe("entity_ruler", before="m3el_linker").add_patterns([{"label": label, "pattern": "item"}])
+    nlp.to_disk(tmp_path / "ruled")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluate(tmp_path / "ruled", saved / "data.spacy", "--output", tmp_path / "m.json")
+    said = [str(w.message) for w in caught if "end to end" in str(w.message)]
+    end_to_end = json.loads((tmp_path / "m.json").read_text())["end_to_end"]
+    # Gold mentions are the word "item", labelled THING: the ruler finds every one of them.
+    assert end_to_end["mentions_p"] == end_to_end["mentions_r"] == 1.0
+    assert end_to_end["nel_micro_f"] > 0.0
+    if label == "THING":
+        assert said == [] and end_to_end["ents_f"] == 1.0
+    else:
+        assert len(said) == 1 and "labels its mentions ['ENTITY']" in said[0] and "['THING']" in said[0]
+        assert end_to_end["ents_f"] is None

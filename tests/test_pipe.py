@@ -1,3 +1,5 @@
+import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -255,7 +257,7 @@ def test_serialisation_honours_exclude(trained, tmp_path):
     nlp, _ = trained
     linker = nlp.get_pipe("m3el_linker")
     linker.to_disk(tmp_path / "weights_only", exclude=["kb"])
-    assert sorted(p.name for p in (tmp_path / "weights_only").iterdir()) == ["model"]
+    assert sorted(p.name for p in (tmp_path / "weights_only").iterdir()) == ["model", "state.json"]
     fresh = spacy.blank("en").add_pipe("m3el_linker")
     empty_kb = fresh.kb
     fresh.from_disk(tmp_path / "weights_only", exclude=["kb"])
@@ -343,3 +345,32 @@ def test_a_mention_without_a_picture_in_a_mixed_batch_is_linked_by_its_text(pict
     assert with_picture.kb_id_ == "E3" and with_picture._.m3el_modalities == ["text", "image"]
     assert without.kb_id_ == "E4" and without._.m3el_modalities == ["text"]
     assert without._.m3el_nil_prob < 0.5 and without._.m3el_score > 0.5
+
+
+def test_an_untrained_or_uncalibrated_linker_says_so_once_after_loading(picture_dir, tmp_path):
+    def first_calls(folder):
+        nlp = spacy.load(folder)
+        doc = nlp.make_doc("They showed me the item.")
+        doc.ents = [doc.char_span(19, 23, label="THING")]
+        doc._.image = str(picture_dir / "item1_alt.png")
+        said = []
+        for _ in range(2):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                nlp(doc.copy())
+            said.append([str(w.message) for w in caught])
+        return said
+
+    untrained, examples = train_pipeline(picture_dir, epochs=0)
+    untrained.to_disk(tmp_path / "untrained")
+    said = first_calls(tmp_path / "untrained")
+    assert len(said[0]) == 1 and "has not been trained (0 updates)" in said[0][0] and said[1] == []
+    trained, examples = train_pipeline(picture_dir, epochs=1)
+    trained.to_disk(tmp_path / "trained")
+    said = first_calls(tmp_path / "trained")
+    assert len(said[0]) == 1 and "not calibrated" in said[0][0] and said[1] == []
+    trained.get_pipe("m3el_linker").calibrate(examples)
+    trained.to_disk(tmp_path / "calibrated")
+    assert first_calls(tmp_path / "calibrated") == [[], []]
+    state = json.loads((tmp_path / "calibrated" / "m3el_linker" / "state.json").read_text())
+    assert state == {"updates": 2, "calibrated": True}  # 40 examples in batches of 20

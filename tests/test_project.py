@@ -1,6 +1,7 @@
 """The README's main job: `spacy project run all` on the bundled demo."""
 import ast
 import json
+import os
 import re
 import shutil
 import site
@@ -54,9 +55,8 @@ def test_project_all_runs_end_to_end(tmp_path):
     assert all(f"packages/{w.relative_to(project / 'packages')}" in install for w in wheels)
     quick_start = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "en_m3el_demo" in b)
     code = quick_start + "print(spacy_m3el.__file__)\n"
-    user = tmp_path / "user"  # somewhere else than the sources, with the demo's pictures at hand
+    user = tmp_path / "user"  # somewhere else than the sources: the package carries its example picture
     user.mkdir()
-    (user / "assets").symlink_to(project / "assets")
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=user)
     assert out.returncode == 0, f"the quick start failed:\n{out.stderr[-3000:]}"
     linked, location = out.stdout.strip().splitlines()
@@ -78,6 +78,18 @@ def test_project_all_runs_end_to_end(tmp_path):
     (row,) = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [e["text"] for e in row["ents"]] == ["clock", "eye"]
     assert "not valid JSON" in (tmp_path / "out.jsonl.errors.jsonl").read_text()
+    # The README's "Link against your own KB", as written, in the project with the venv's python first.
+    section = readme[readme.index("## Link against your own KB"):]
+    script = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    own_kb = subprocess.run(["bash", "-e", "-c", script], capture_output=True, text=True, cwd=project, env=env)
+    assert own_kb.returncode == 0, f"the own-KB section failed:\n{own_kb.stdout[-2000:]}\n{own_kb.stderr[-3000:]}"
+    assert "Entity cache in my_kb reused" in own_kb.stdout
+    (row,) = [json.loads(line) for line in (project / "my_linked.jsonl").read_text().splitlines()]
+    links = {e["text"]: e["kb_id"] for e in row["ents"]}
+    # Linked against the new KB only (a one-epoch model may follow the clock picture for "poster").
+    assert set(links) == {"clock", "poster"} and links["clock"] in {"wall-clock", "alarm-clock"}
+    assert links["poster"] in {"film-poster", "wall-clock", "alarm-clock", "NIL"}
 
 
 @pytest.mark.slow

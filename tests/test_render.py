@@ -19,7 +19,9 @@ def test_render_shows_links_nil_pictures_and_bars(picture_dir):
         {"id": "E2", "score": 1.0, "branches": {"text": 0.5, "image": 1.5}}]
     doc.ents[0]._.m3el_modalities = ["text", "image"]
     doc.ents[1]._.m3el_candidates = []
+    doc.ents[0]._.m3el_score, doc.ents[1]._.m3el_score = 0.81, 0.93  # a NIL answer's score is NIL's probability
     html = render([doc], kb, jupyter=False)
+    assert "THING · E1 p 0.81</span>" in html and "THING · NIL p 0.93</span>" in html
     assert html.startswith("<!DOCTYPE html>")
     assert "Red &lt;disc&gt;" in html and "A red disc &amp; more" in html  # escaped
     assert 'class="m3el-ent nil"' in html and "NIL (no entity)" in html and "<i>no candidates</i>" in html
