@@ -1,7 +1,7 @@
 """Command line: ``python -m spacy_m3el COMMAND`` (or the ``spacy-m3el`` script)."""
 import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import spacy
 import typer
@@ -167,21 +167,30 @@ def link(
                                           "default: a local Ray on this machine"),
     num_workers: int = typer.Option(2, help="With --ray: worker actors, each holding one loaded pipeline"),
     gpus_per_worker: float = typer.Option(0.0, help="With --ray: GPUs per worker"),
+    max_retries: int = typer.Option(3, help="With --ray: restarts of a lost worker (and tries of its batch) "
+                                    "before the job fails naming the batch"),
+    resume: bool = typer.Option(False, "--resume", help="Go on from where a killed run on the same output stopped "
+                                "(each input row ends up exactly once in the output or the errors file)"),
 ) -> None:
     """Link a JSONL file of texts with images. Bad rows go to the errors
     file and the job goes on; an undecodable image is linked on text alone
-    and reported. With --ray the rows are linked by Ray Data workers (rows
-    written as they come back, not in input order)."""
+    and reported. Output rows carry their input line, and are written (and
+    flushed) one by one: a killed run goes on with --resume. With --ray the
+    rows are linked by Ray Data workers (rows written as they come back, not
+    in input order)."""
     from .alignment import AlignmentReport
+    from .link_output import LinkOutput, OutputBusyError, ResumeError
     from .pipe import find_linker
     from .rows import link_rows, read_rows
 
     if use_ray:
+        if resume:
+            raise typer.BadParameter("--resume works without --ray (Ray's output rows come in completion order)")
         from .distributed import link as link_on_ray
 
         counts = link_on_ray(input_path, pipeline, output, errors=errors, image_dir=image_dir or input_path.parent,
                              address=address, num_workers=num_workers, batch_size=batch_size,
-                             gpus_per_worker=gpus_per_worker, top_k=top_k)
+                             gpus_per_worker=gpus_per_worker, top_k=top_k, max_retries=max_retries)
         msg.good(f"{counts['linked']} rows linked on Ray -> {output}")
         if counts["errors"]:
             msg.warn(f"{counts['errors']} problem row(s) -> {errors or output.with_name(output.name + '.errors.jsonl')}")
@@ -192,29 +201,38 @@ def link(
     find_linker(nlp).settings.on_bad_image = "warn"  # one bad image must not stop the job
     errors = errors or output.with_name(output.name + ".errors.jsonl")
     total = sum(1 for line in input_path.open(encoding="utf8") if line.strip())
-    output.parent.mkdir(parents=True, exist_ok=True)
-    counts = {"linked": 0, "errors": 0}
-    bar = progress_bar(total=total, desc="Linking", unit="row")
-    with output.open("w", encoding="utf8") as out, errors.open("w", encoding="utf8") as bad, bar:
+    counts = {"linked": 0, "errors": 0, "skipped": 0, "unreadable_images": 0}
+    try:
+        job = LinkOutput(output, errors, resume=resume).open()
+    except (OutputBusyError, ResumeError) as err:
+        msg.fail(str(err), exits=1)
+    with job:
+        if resume:
+            msg.info(f"Resuming: {len(job.done)} of {total} rows done ({job.resumed_rows} linked) in {output}")
+        with progress_bar(total=total, initial=len(job.done), desc="Linking", unit="row") as bar:
 
-        def on_error(row) -> None:
-            counts["errors"] += 1
-            bad.write(json.dumps(row, ensure_ascii=False) + "\n")
-            if row.get("skipped"):  # a row left out counts as done; a linked row counts when written
+            def on_error(record) -> None:
+                job.write_error(record)
+                counts["errors"] += 1
+                counts["skipped"] += bool(record.get("skipped"))
+                counts["unreadable_images"] += bool(record.get("unreadable_image"))
+                if record.get("skipped"):  # a row left out counts as done; a linked row counts when written
+                    bar.update(1)
+
+            alignment = AlignmentReport()
+            todo = (row for row in read_rows(input_path) if row[0] not in job.done)
+            rows = link_rows(nlp, todo, on_error, image_dir=image_dir or input_path.parent, n_process=n_process,
+                             batch_size=batch_size, top_k=top_k, alignment=alignment, with_line=True)
+            for row in rows:
+                job.write_row(row)
+                counts["linked"] += 1
                 bar.update(1)
-
-        alignment = AlignmentReport()
-        rows = link_rows(nlp, read_rows(input_path), on_error, image_dir=image_dir or input_path.parent,
-                         n_process=n_process, batch_size=batch_size, top_k=top_k, alignment=alignment)
-        for row in rows:
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            counts["linked"] += 1
-            bar.update(1)
-    msg.good(f"{counts['linked']} rows linked -> {output}")
+    msg.good(f"{counts['linked']} rows linked -> {output}" + (" (this run)" if resume else ""))
     for line in alignment.lines():
         msg.warn(line)
     if counts["errors"]:
-        msg.warn(f"{counts['errors']} problem row(s) -> {errors}")
+        msg.warn(f"{counts['errors']} problem row(s) -> {errors}: {counts['skipped']} left out, "
+                 f"{counts['unreadable_images']} linked on text alone (image unreadable)")
 
 
 @app.command("build-kb")
@@ -421,14 +439,56 @@ def visualize(
 
     from .pipe import find_linker
     from .render import render
-    from .rows import read_rows, row_doc
+    from .rows import doc_or_error, read_rows
 
     nlp = spacy.load(pipeline)
-    docs = [row_doc(nlp, row, image_dir=image_dir or input_path.parent)
-            for _, row, error in islice(read_rows(input_path), limit) if error is None]
+    docs = []
+    for line, row, error in islice(read_rows(input_path), limit):
+        doc, error = (None, error) if error is not None else doc_or_error(nlp, line, row, image_dir or input_path.parent)
+        if doc is None:
+            msg.warn(f"line {line}: {error} (row left out)")
+        else:
+            docs.append(doc)
     page = render(nlp.pipe(docs), find_linker(nlp).kb, max_candidates=max_candidates, jupyter=False)
     output.write_text(page, encoding="utf8")
     msg.good(f"{len(docs)} docs -> {output} ({len(page.encode()) // 1024} KB)")
+
+
+@app.command("serve")
+def serve(
+    pipeline: str = typer.Argument(..., help="Trained pipeline: a directory or an installed package name"),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(8000, help="Port to listen on"),
+    allowed_image_dir: Optional[List[Path]] = typer.Option(
+        None, "--allowed-image-dir", help="A folder whose pictures requests may name by path (repeatable; "
+        "without one, no path is read: send pictures as image_base64)", exists=True, file_okay=False),
+    max_batch: int = typer.Option(32, help="Rows linked in one model call, across requests"),
+    max_wait_ms: float = typer.Option(10.0, help="How long a batch waits for more rows after its first"),
+    top_k: int = typer.Option(5, help="Candidates kept per entity in the answer"),
+    max_body_mb: float = typer.Option(32.0, help="Largest request body"),
+    max_picture_mb: float = typer.Option(16.0, help="Largest picture (file or decoded base64)"),
+    max_text_chars: int = typer.Option(100_000, help="Longest text of a row"),
+    max_rows: int = typer.Option(256, help="Most rows in one request"),
+    gpu_id: int = typer.Option(-1, help="GPU to use (-1: CPU)"),
+) -> None:
+    """Serve the pipeline over HTTP (needs the serve extra of spacy-m3el):
+    POST /link with one row or a list of rows in the `link` format, answered
+    with the rows `link` writes; requests are micro-batched across clients.
+    GET /health, GET /ready; OpenAPI page at /docs."""
+    try:
+        import uvicorn
+
+        from .serve import ServerLimits, create_app
+    except ImportError as err:
+        msg.fail(str(err), exits=1)
+    nlp = _load(pipeline, gpu_id)
+    limits = ServerLimits(max_body_bytes=int(max_body_mb * 2**20), max_picture_bytes=int(max_picture_mb * 2**20),
+                          max_text_chars=max_text_chars, max_rows=max_rows)
+    server = create_app(nlp, allowed_image_dirs=allowed_image_dir or [], max_batch=max_batch,
+                        max_wait_ms=max_wait_ms, top_k=top_k, limits=limits)
+    msg.info(f"Serving {nlp.pipe_names} on http://{host}:{port} (POST /link, GET /ready, /docs); pictures by path "
+             f"from {[str(d) for d in allowed_image_dir] if allowed_image_dir else 'nowhere (image_base64 only)'}")
+    uvicorn.run(server, host=host, port=port, log_level="info")
 
 
 def main() -> None:

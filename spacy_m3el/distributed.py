@@ -8,6 +8,7 @@ the batches of a worker that dies, and a batch's rows are written only when
 it comes back, so every input row appears exactly once in the output or in
 the errors file. Output rows come in completion order: compare runs by ``id``.
 """
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -18,6 +19,31 @@ from .rows import Row, link_rows, parse_line
 #: Environment variable naming a file whose presence makes the next batch's
 #: worker exit at once (the file is removed first): for fault-tolerance tests.
 FAIL_ONCE_ENV = "SPACY_M3EL_FAIL_ONCE"
+#: Environment variable: a worker exits whenever its batch holds a row with
+#: this text (a row that kills every worker, as a crash in native code would).
+FAIL_ON_TEXT_ENV = "SPACY_M3EL_FAIL_ON_TEXT"
+#: How often a lost worker is restarted, and its batch tried again, before the job fails.
+DEFAULT_MAX_RETRIES = 3
+
+
+class BatchLedger:
+    """A Ray actor: which batches workers started and finished, so that a
+    batch that keeps killing its worker can be named when Ray gives up."""
+
+    def __init__(self) -> None:
+        self.started: Dict[str, List[Any]] = {}
+        self.finished: set = set()
+
+    def start(self, key: str, description: str) -> None:
+        self.started.setdefault(key, [description, 0])[1] += 1
+
+    def finish(self, key: str) -> None:
+        self.finished.add(key)
+
+    def unfinished(self) -> List[Tuple[str, int]]:
+        """(rows, times started) of every batch started and never finished, most tried first."""
+        return sorted(((description, tries) for key, (description, tries) in self.started.items()
+                       if key not in self.finished), key=lambda item: -item[1])
 
 
 def _ray():
@@ -44,7 +70,7 @@ def start_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None) 
 class LinkWorker:
     """A Ray Data actor: one loaded pipeline, linking batches of raw rows."""
 
-    def __init__(self, pipeline: str, image_dir: Optional[str], top_k: int) -> None:
+    def __init__(self, pipeline: str, image_dir: Optional[str], top_k: int, ledger: Any = None) -> None:
         import spacy
         import torch
 
@@ -55,18 +81,34 @@ class LinkWorker:
         find_linker(self.nlp).settings.on_bad_image = "warn"  # one bad image must not stop the job
         self.image_dir = Path(image_dir) if image_dir else None
         self.top_k = top_k
+        self.ledger = ledger
 
     def __call__(self, batch: Dict[str, Any]) -> Dict[str, List[str]]:
+        rows = list(_batch_rows(batch))
+        key = description = None
+        if self.ledger is not None:
+            import ray
+
+            names = [str(where) for where, _, _ in rows]
+            key = hashlib.sha1("\n".join(names).encode()).hexdigest()  # the same in every worker process
+            description = f"{len(rows)} rows, {names[0][:60]!r} to {names[-1][:60]!r}" if names else "0 rows"
+            ray.get(self.ledger.start.remote(key, description))
         marker = os.environ.get(FAIL_ONCE_ENV)
         if marker and Path(marker).exists():
             Path(marker).unlink()
             os._exit(1)  # a worker lost mid-batch, as a node failure would
-        rows = list(_batch_rows(batch))
+        poison = os.environ.get(FAIL_ON_TEXT_ENV)
+        if poison and any(row is not None and poison in str(row.get("text")) for _, row, _ in rows):
+            os._exit(1)
         errors: List[Row] = []
         linked = [json.dumps(row, ensure_ascii=False)
                   for row in link_rows(self.nlp, rows, errors.append, image_dir=self.image_dir, top_k=self.top_k)]
         # A worker sees no line numbers: the row is named by its id, or its text when it is not JSON.
         failed = [json.dumps({"row": error.pop("line"), **error}, ensure_ascii=False) for error in errors]
+        if self.ledger is not None:
+            import ray
+
+            ray.get(self.ledger.finish.remote(key))
         return {"kind": ["row"] * len(linked) + ["error"] * len(failed), "json": linked + failed}
 
 
@@ -121,12 +163,17 @@ def link(
     batch_size: int = 32,
     gpus_per_worker: float = 0.0,
     top_k: int = 5,
+    max_retries: int = DEFAULT_MAX_RETRIES,
 ) -> Dict[str, int]:
     """Link every row of ``data`` (a JSONL/Parquet path or a Ray dataset)
     with ``num_workers`` Ray actors, each holding one loaded ``pipeline``;
     write one row per linked row to ``output`` (JSONL, or Parquet when it
     ends with ``.parquet``) and unusable rows to ``errors`` (JSONL; default:
-    OUTPUT.errors.jsonl). Returns the counts."""
+    OUTPUT.errors.jsonl). Returns the counts. A lost worker is restarted and
+    its batch tried again up to ``max_retries`` times; then the job fails
+    with a ``RuntimeError`` naming the batch that kept failing."""
+    if max_retries < 0:
+        raise ValueError(f"max_retries must be >= 0, got {max_retries}")
     # One CPU per worker plus one for reading the input, which would otherwise wait forever.
     start_ray(address, num_cpus=None if address else max(num_workers, 1) + 1)
     ray = _ray()
@@ -136,27 +183,42 @@ def link(
     # Workers do not share the driver's working directory: local paths go to them absolute.
     if Path(pipeline).exists():
         pipeline = str(Path(pipeline).resolve())
+    ledger = ray.remote(num_cpus=0)(BatchLedger).remote()
     linked = dataset.map_batches(
         LinkWorker,
-        fn_constructor_kwargs={"pipeline": str(pipeline), "top_k": top_k,
+        fn_constructor_kwargs={"pipeline": str(pipeline), "top_k": top_k, "ledger": ledger,
                                "image_dir": str(Path(image_dir).resolve()) if image_dir else None},
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=num_workers),
         num_cpus=1,
         num_gpus=gpus_per_worker or None,
         batch_format="numpy",
-    )  # Ray Data restarts a lost worker and retries its batch (its defaults for actor pools)
+        # Ray Data's default for actor pools is to retry forever: a row that kills every worker would never end.
+        max_restarts=max_retries,
+        max_task_retries=max_retries,
+    )
     counts = {"linked": 0, "errors": 0}
     output.parent.mkdir(parents=True, exist_ok=True)
     with _RowWriter(output) as out, errors.open("w", encoding="utf8") as bad:
-        for batch in linked.iter_batches(batch_size=None, batch_format="numpy"):
-            rows = [text for kind, text in zip(batch["kind"], batch["json"]) if kind == "row"]
-            out.write(rows)
-            counts["linked"] += len(rows)
-            for kind, text in zip(batch["kind"], batch["json"]):
-                if kind != "row":
-                    bad.write(f"{text}\n")
-                    counts["errors"] += 1
+        try:
+            for batch in linked.iter_batches(batch_size=None, batch_format="numpy"):
+                rows = [text for kind, text in zip(batch["kind"], batch["json"]) if kind == "row"]
+                out.write(rows)
+                counts["linked"] += len(rows)
+                for kind, text in zip(batch["kind"], batch["json"]):
+                    if kind != "row":
+                        bad.write(f"{text}\n")
+                        counts["errors"] += 1
+        except Exception as error:
+            # Batches started and never finished, the most tried first: the one that kept failing leads.
+            unfinished = ray.get(ledger.unfinished.remote())
+            if not unfinished:  # no batch to blame (a worker that cannot start, say): Ray's own error says why
+                raise
+            named = "; ".join(f"{rows} (started {tries} times)" for rows, tries in unfinished[:3])
+            raise RuntimeError(
+                f"Ray linking failed after {max_retries} retries ({type(error).__name__}): the batch of {named} "
+                f"kept killing its worker. {counts['linked']} rows were written to {output} before it stopped; "
+                "remove or fix the rows named and run again.") from error
     return counts
 
 

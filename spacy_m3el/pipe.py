@@ -462,7 +462,7 @@ class M3ELLinker(TrainablePipe):
         validate_examples(examples, "M3ELLinker.calibrate")
         docs = [eg.predicted for eg in examples]
         if any(ent._.m3el_candidates is None for doc in docs for ent in self._linkable(doc)):
-            self._annotate_in_batches(docs, progress=progress, desc="Calibration: linking")
+            self._annotate(docs)
         pairs = []  # (gold, span) of every gold-linked mention the linker linked
         for reference, span in aligned_mentions(examples):
             if reference.kb_id_ and span is not None and span.label_ not in self.settings.labels_discard \
@@ -474,8 +474,10 @@ class M3ELLinker(TrainablePipe):
                              "entities carry kb_id and whose predicted docs have the same entity spans (the "
                              "spacy-m3el.Corpus.v1 reader with gold_ents = true gives both)")
         results, gold, groups, conditions = [], [], [], []
-        for condition in CALIBRATION_MIX if self.network.matcher.uses_image else ("given",):
-            linked = self._linked_under(docs, condition, progress=progress)
+        mix = CALIBRATION_MIX if self.network.matcher.uses_image else ("given",)
+        for condition in progress_bar(mix, desc=f"Calibration: linking {len(docs)} docs under each picture condition",
+                                      unit="condition", disable=not progress):
+            linked = self._linked_under(docs, condition)
             for group, (kb_id, span) in enumerate(pairs):
                 doc = linked[id(span.doc)]
                 ent = doc.char_span(span.start_char, span.end_char)
@@ -505,22 +507,20 @@ class M3ELLinker(TrainablePipe):
         self.calibration_stale = False
         return report
 
-    def _linked_under(self, docs: List[Doc], condition: str, *, progress: bool = False) -> Dict[int, Doc]:
+    def _linked_under(self, docs: List[Doc], condition: str) -> Dict[int, Doc]:
         """The docs (by id) linked with their pictures under ``condition``."""
         if condition == "given":
             return {id(doc): doc for doc in docs}
         copies = with_pictures(docs, condition, seed=0)
         with warnings.catch_warnings():  # pictures missing on purpose: no "linked on text alone" warning
             warnings.filterwarnings("ignore", message=".*have no image", category=M3ELWarning)
-            self._annotate_in_batches(copies, progress=progress, desc=f"Calibration: linking, pictures {condition}")
+            self._annotate(copies)
         return {id(doc): copy for doc, copy in zip(docs, copies)}
 
-    def _annotate_in_batches(self, docs: List[Doc], *, progress: bool, desc: str, batch_size: int = 64) -> None:
-        with self.linking_run(), progress_bar(total=len(docs), desc=desc, unit="doc", disable=not progress) as bar:
-            for start in range(0, len(docs), batch_size):
-                batch = docs[start : start + batch_size]
-                self.set_annotations(batch, self.predict(batch))
-                bar.update(len(batch))
+    def _annotate(self, docs: List[Doc]) -> None:
+        # One call for all docs: its figures do not depend on how the docs would be batched.
+        with self.linking_run():
+            self.set_annotations(docs, self.predict(docs))
 
     @staticmethod
     def _result_of(ent: Span) -> Dict[str, Any]:

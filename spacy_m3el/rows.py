@@ -19,20 +19,10 @@ decoded (it is linked on text alone and also reported). A span that cuts a
 token is aligned to the tokens (its ``original`` offsets kept in the output);
 a span outside the text is left out and reported.
 """
+import contextlib
 import json
-from collections import deque
 from pathlib import Path
-from typing import (
-    Any,
-    Callable,
-    Deque,
-    Dict,
-    Iterable,
-    Iterator,
-    Optional,
-    Tuple,
-    Union,
-)
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from spacy.language import Language
 from spacy.tokens import Doc
@@ -115,7 +105,7 @@ def doc_row(doc: Doc, row_id: Any, *, top_k: int = 5) -> Row:
 
 def link_rows(
     nlp: Language,
-    rows: Iterable[Tuple[int, Optional[Row], Optional[str]]],
+    rows: Iterable[Tuple[Any, Optional[Row], Optional[str]]],
     on_error: Callable[[Row], None],
     *,
     image_dir: Optional[Path] = None,
@@ -123,38 +113,102 @@ def link_rows(
     batch_size: int = 32,
     top_k: int = 5,
     alignment: Optional[AlignmentReport] = None,
+    with_line: bool = False,
 ) -> Iterator[Row]:
-    """Output rows, in input order, streaming; ``on_error({"line", "id",
-    "error", "skipped"})`` for every unusable row (skipped), for a span no token holds (the row
-    is linked without it) and for a row whose image could not be decoded
-    (that row is still linked, on text alone). Spans aligned to the tokens
-    keep their ``original`` offsets in the output and are counted in
-    ``alignment``."""
-    pending: Deque[Tuple[int, Any]] = deque()
+    """Output rows, streaming, in input order (but for rows whose batch
+    failed in the pipeline: they are linked again one at a time, at the
+    end); ``on_error({"line", "id", "error", "skipped"})`` for every
+    unusable row (skipped), for a span no token holds (the row is linked
+    without it) and for a row whose image could not be decoded (that row is
+    still linked, on text alone). Spans aligned to the tokens keep their
+    ``original`` offsets in the output and are counted in ``alignment``.
+    ``with_line``: output rows carry their input ``line``."""
     alignment = alignment if alignment is not None else AlignmentReport()
+    pending: Dict[Any, Row] = {}  # rows handed to the pipeline and not back yet, by line
+    failures: Dict[Any, str] = {}
 
     def docs() -> Iterator[Doc]:
         for line, row, error in rows:
             if error is None:
-                row_report = AlignmentReport()
-                try:
-                    doc = row_doc(nlp, row, image_dir=image_dir, alignment=row_report, where=f"line {line}")
-                except ValueError as err:
-                    error = str(err)
-                else:
-                    alignment.merge(row_report)
-                    for _, reason in row_report.unaligned:
-                        on_error({"line": line, "id": row.get("id", line), "error": f"span left out: {reason}",
-                                  "skipped": False})
-                    pending.append((line, row.get("id", line)))
+                doc, error = doc_or_error(nlp, line, row, image_dir, alignment=alignment, on_error=on_error)
+                if doc is not None:
+                    pending[line] = row
                     yield doc
                     continue
-            on_error({"line": line, "id": row.get("id") if row else None, "error": error, "skipped": True})
+            on_error({"line": line, "id": row.get("id") if isinstance(row, dict) else None, "error": error,
+                      "skipped": True})
 
-    for doc in nlp.pipe(docs(), n_process=n_process, batch_size=batch_size):
-        line, row_id = pending.popleft()
-        unread = [e.text for e in doc.ents if image_source(e) is not None and e._.m3el_modalities == ["text"]]
-        if unread:
-            on_error({"line": line, "id": row_id, "error": f"the image could not be read: {unread} linked on text alone",
-                      "skipped": False})
-        yield doc_row(doc, row_id, top_k=top_k)
+    def failed(name: Optional[str], proc: Any, batch: Optional[List[Doc]], error: Exception) -> None:
+        # In a worker process's batch the docs are not known here: their rows are found missing at the end.
+        for doc in batch or []:
+            failures[doc.user_data.get(LINE_KEY)] = f"{type(error).__name__}: {error}"
+        failures[None] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+    with _error_handler(nlp, failed):
+        for doc in nlp.pipe(docs(), n_process=n_process, batch_size=batch_size):
+            line = doc.user_data.get(LINE_KEY)
+            row = pending.pop(line)
+            yield _output_row(doc, line, row, on_error, top_k=top_k, with_line=with_line)
+    # Rows of a batch that failed (a good row may share its batch with a bad one): one at a time.
+    for line, row in list(pending.items()):
+        try:
+            doc, error = doc_or_error(nlp, line, row, image_dir)
+            if doc is None:
+                raise ValueError(error)
+            doc = nlp(doc)
+        except Exception as err:  # the row itself is what fails
+            reason = failures.get(line) or f"{type(err).__name__}: {err}"
+            on_error({"line": line, "id": row.get("id", line), "error": f"linking failed: {reason}",
+                      "skipped": True})
+        else:
+            yield _output_row(doc, line, row, on_error, top_k=top_k, with_line=with_line)
+
+
+#: Where a row's doc keeps its input line (user_data travels with the doc to worker processes).
+LINE_KEY = "m3el_line"
+
+
+def doc_or_error(nlp: Language, line: Any, row: Row, image_dir: Optional[Path], *,
+                 alignment: Optional[AlignmentReport] = None,
+                 on_error: Callable[[Row], None] = lambda _: None) -> Tuple[Optional[Doc], Optional[str]]:
+    """The doc of a row, or None and what is wrong with the row (as the
+    errors file of ``link`` says it); ``on_error`` hears of spans left out."""
+    alignment = alignment if alignment is not None else AlignmentReport()
+    row_report = AlignmentReport()
+    try:
+        doc = row_doc(nlp, row, image_dir=image_dir, alignment=row_report, where=f"line {line}")
+    except ValueError as err:
+        return None, str(err)
+    except Exception as err:  # a field of a type nothing expected: still this row's problem only
+        return None, f"{type(err).__name__}: {err}"
+    alignment.merge(row_report)
+    for _, reason in row_report.unaligned:
+        on_error({"line": line, "id": row.get("id", line), "error": f"span left out: {reason}", "skipped": False})
+    doc.user_data[LINE_KEY] = line
+    return doc, None
+
+
+def _output_row(doc: Doc, line: Any, row: Row, on_error: Callable[[Row], None], *, top_k: int,
+                with_line: bool) -> Row:
+    row_id = row.get("id", line)
+    unread = [e.text for e in doc.ents if image_source(e) is not None and e._.m3el_modalities == ["text"]]
+    if unread:
+        on_error({"line": line, "id": row_id, "error": f"the image could not be read: {unread} linked on text alone",
+                  "skipped": False, "unreadable_image": True})
+    out = doc_row(doc, row_id, top_k=top_k)
+    return {"line": line, **out} if with_line else out
+
+
+@contextlib.contextmanager
+def _error_handler(nlp: Language, handler: Callable) -> Iterator[None]:
+    """Every component's error handler set to ``handler`` inside the block
+    (nlp.pipe's worker processes report to the parent's), restored after."""
+    saved = [(proc, proc.get_error_handler()) for _, proc in nlp.pipeline if hasattr(proc, "get_error_handler")]
+    saved_default = nlp.default_error_handler
+    nlp.set_error_handler(handler)
+    try:
+        yield
+    finally:
+        nlp.default_error_handler = saved_default
+        for proc, previous in saved:
+            proc.set_error_handler(previous)

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import spacy
+from spacy.language import Language
 from typer.testing import CliRunner
 
 from spacy_m3el import MultimodalKB
@@ -227,3 +228,57 @@ def test_link_progress_counts_every_row_once_in_a_log(linker_dir, picture_dir, t
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
     errors = [json.loads(line) for line in (tmp_path / "out.jsonl.errors.jsonl").read_text().splitlines()]
     assert [(e["line"], e["skipped"]) for e in errors] == [(2, True), (3, True)]
+
+
+@Language.component("fails_on_boom_for_tests")
+def fails_on_boom(doc):
+    if "BOOM" in doc.text:
+        raise RuntimeError("this component cannot read BOOM")
+    return doc
+
+
+@pytest.mark.parametrize("n_process", [1, 2])
+def test_link_never_loses_a_good_row(linker_dir, picture_dir, tmp_path, n_process):
+    nlp = spacy.load(linker_dir / "ruled")
+    nlp.add_pipe("fails_on_boom_for_tests", first=True)
+    nlp.to_disk(tmp_path / "fragile")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    picture = str(picture_dir / "item2_alt.png")
+    rows = [{"id": "good-1", "text": "The item.", "image": picture},
+            {"id": "spans-int", "text": "The item.", "spans": 5},
+            {"id": "spans-shape", "text": "The item.", "spans": [[4]]},
+            {"id": "spans-nested", "text": "The item.", "spans": [{"start": 4}]},
+            {"id": "image-type", "text": "The item.", "image": 42},
+            [1, 2, 3],
+            {"id": "boom", "text": "BOOM goes the item.", "image": picture},
+            {"id": "good-2", "text": "One more item.", "image": picture},
+            {"id": "unreadable-1", "text": "An item.", "image": "broken.png"},
+            {"id": "good-3", "text": "The item, last.", "image": picture},
+            {"id": "unreadable-2", "text": "An item again.", "image": "broken.png"}]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    # Batches of 4: the failing row shares its batch with good ones.
+    result = run("link", tmp_path / "fragile", tmp_path / "in.jsonl", tmp_path / "out.jsonl",
+                 "--batch-size", 4, "--n-process", n_process)
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted(row["id"] for row in out) == ["good-1", "good-2", "good-3", "unreadable-1", "unreadable-2"]
+    assert all(row["ents"][0]["kb_id"].startswith("E") for row in out)
+    errors = {e["line"]: e for e in map(json.loads, (tmp_path / "out.jsonl.errors.jsonl").read_text().splitlines())}
+    assert sorted(errors) == [2, 3, 4, 5, 6, 7, 9, 11]
+    assert "'spans' must be a list" in errors[2]["error"] and "a span must be [start, end]" in errors[3]["error"]
+    assert "a span must be [start, end]" in errors[4]["error"] and "'image' must be a path" in errors[5]["error"]
+    assert errors[6]["error"] == "a row must be a JSON object"
+    assert errors[7]["id"] == "boom" and "cannot read BOOM" in errors[7]["error"] and errors[7]["skipped"]
+    assert [errors[n]["skipped"] for n in (9, 11)] == [False, False]
+    # Counted over every worker process, not the parent's linker alone.
+    assert "6 left out, 2 linked on text alone (image unreadable)" in result.output.replace("\n", " ")
+
+
+def test_visualize_skips_the_rows_link_would_skip_with_the_same_messages(linker_dir, picture_dir, tmp_path):
+    picture = str(picture_dir / "item2_alt.png")
+    (tmp_path / "in.jsonl").write_text("\n".join([
+        json.dumps({"id": 1, "text": "They showed me the item.", "image": picture}), "{not json",
+        json.dumps({"id": 3, "text": "The item.", "spans": 5}), json.dumps({"id": 4, "text": 7})]) + "\n")
+    result = run("visualize", linker_dir / "ruled", tmp_path / "in.jsonl", "--output", tmp_path / "page.html")
+    output = result.output.replace("\n", " ")
+    assert "line 2: not valid JSON" in output and "line 3: 'spans' must be a list" in output
+    assert "line 4: 'text' must be a string" in output and "1 docs ->" in output

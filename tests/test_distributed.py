@@ -1,8 +1,10 @@
 """Corpus linking on Ray Data: local Ray, 2 CPU workers (the `ray` extra)."""
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 import numpy
 import pytest
@@ -25,10 +27,16 @@ def local_ray(tmp_path_factory):
     marker = tmp_path_factory.mktemp("fault") / "fail-once"
     # Workers inherit the driver's environment: the fault test creates the marker.
     os.environ[distributed.FAIL_ONCE_ENV] = str(marker)
+    os.environ[distributed.FAIL_ON_TEXT_ENV] = POISON
     distributed.start_ray(num_cpus=3)  # two workers and the reader
     yield marker
     ray.shutdown()
     del os.environ[distributed.FAIL_ONCE_ENV]
+    del os.environ[distributed.FAIL_ON_TEXT_ENV]
+
+
+#: A row with this text kills every worker that takes its batch.
+POISON = "this row kills its worker"
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +185,20 @@ def test_distributed_kb_cache_equals_the_single_machine_build(local_ray, pipelin
     assert cache.meta["fingerprint"] == single.meta["fingerprint"] == linker.network.fingerprint()
     assert cache.meta["retrieval_parts"] == single.meta["retrieval_parts"]
     assert built.entity_cache is cache  # taken as it is, not rebuilt
+
+
+def test_a_row_that_kills_every_worker_fails_the_job_by_name_after_bounded_retries(local_ray, pipeline_dir,
+                                                                                  picture_dir, tmp_path):
+    rows = write_rows(tmp_path / "rows.jsonl", picture_dir)
+    lines = rows.read_text().splitlines()
+    lines.insert(10, json.dumps({"id": "poison", "text": POISON}))
+    rows.write_text("\n".join(lines) + "\n")
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"after 1 retries \(ActorDiedError\): the batch of \d+ rows, .* "
+                                           r"\(started 2 times\).* kept killing its worker") as caught:
+        distributed.link(rows, str(pipeline_dir), tmp_path / "out.jsonl", num_workers=2, batch_size=8, max_retries=1)
+    assert time.monotonic() - started < 300
+    # The batch is named by its first and last rows: the poison row lies between them.
+    first, last = re.search(r"rows, '([^']+)' to '([^']+)'", str(caught.value)).groups()
+    ids = [json.loads(line)["id"] for line in lines]
+    assert ids.index(first) <= ids.index("poison") <= ids.index(last)
