@@ -217,7 +217,7 @@ def bench_build(args) -> None:
     linker.set_kb(lambda vocab: kb)
     encoder = linker.entity_encoder
     rows = {}
-    linker.settings.inference_precision = "float32"
+    linker.configure(inference_precision="float32")
     linker.network.feature_cache.clear()
     backbone = linker.network.encoder
     backbone.encode_image = previous_image_tower(backbone)  # shadows the method for this row only
@@ -228,13 +228,13 @@ def bench_build(args) -> None:
                               "NCHW image tower",
                       "cpu_ms_per_entity": 1000 * (cpu_seconds() - start_cpu) / len(kb),
                       "wall_ms_per_entity": 1000 * (time.perf_counter() - start) / len(kb)}
-    linker.settings.inference_precision = "auto"
+    linker.configure(inference_precision="auto")
     variants = {"streamed_workers0": (1, 0, "0 image workers, all torch threads"),
                 "streamed_workers1": (1, 1, "1 image worker process, all torch threads"),
                 f"streamed_processes{os.cpu_count()}": (os.cpu_count(), 0, f"build_processes {os.cpu_count()}, "
                                                         "one torch thread each")}
     for name, (processes, workers, what) in variants.items():
-        linker.settings.build_processes, linker.settings.image_workers = processes, workers
+        linker.configure(build_processes=processes, image_workers=workers)
         with tempfile.TemporaryDirectory() as folder:
             start_cpu, start = cpu_seconds(), time.perf_counter()
             encoder.build_streamed(kb, Path(folder) / "cache", progress=False, shard_size=256)
@@ -259,7 +259,7 @@ def child_build(args) -> None:
     linker = find_linker(nlp)
     kb = photo_kb(nlp, args.entities, args.pictures, WORK / "photos")
     linker.set_kb(lambda vocab: kb)
-    linker.settings.build_processes = args.processes
+    linker.configure(build_processes=args.processes)
     start_cpu, start = cpu_seconds(), time.perf_counter()
     cache = linker.entity_encoder.build_streamed(kb, Path(args.folder), progress=True,
                                                  shard_size=args.shard_size)

@@ -198,7 +198,7 @@ def link(
     if input_path.is_dir():
         raise typer.BadParameter(f"{input_path} is a directory: without --ray the input is one JSONL file")
     nlp = _load(pipeline, gpu_id)
-    find_linker(nlp).settings.on_bad_image = "warn"  # one bad image must not stop the job
+    find_linker(nlp).configure(on_bad_image="warn")  # one bad image must not stop the job
     errors = errors or output.with_name(output.name + ".errors.jsonl")
     total = sum(1 for line in input_path.open(encoding="utf8") if line.strip())
     counts = {"linked": 0, "errors": 0, "skipped": 0, "unreadable_images": 0}
@@ -297,11 +297,11 @@ def _build_cache(linker, work_dir: Path, ann_index: Optional[str], processes: Op
     killed run left there), with the ANN index its settings (or
     ``ann_index``) ask for."""
     if ann_index is not None:
-        linker.settings.ann_index = ann_index
+        linker.configure(ann_index=ann_index)
     if processes is not None:
         if processes < 1:
             raise typer.BadParameter(f"--processes must be >= 1, got {processes}")
-        linker.settings.build_processes = processes
+        linker.configure(build_processes=processes)
     cache = linker.build_entity_cache(progress=True, folder=work_dir)
     built = f"{len(cache)} entities encoded ({cache.bytes_per_entity:,} bytes each on disk)"
     if cache.use_ann:
@@ -411,7 +411,7 @@ def swap_kb(
     else:
         msg.good(f"Entity cache in {kb_dir} reused: built for these weights")
         if ann_index is not None:
-            linker.settings.ann_index = ann_index
+            linker.configure(ann_index=ann_index)
         linker.entity_encoder.configure_search(kb, kb.entity_cache, progress=True)
     if ruler_name is not None:
         count = set_alias_patterns(nlp.get_pipe(ruler_name), kb)

@@ -78,7 +78,7 @@ class LinkWorker:
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.nlp = _load_pipeline(spacy, pipeline)
-        find_linker(self.nlp).settings.on_bad_image = "warn"  # one bad image must not stop the job
+        find_linker(self.nlp).configure(on_bad_image="warn")  # one bad image must not stop the job
         self.image_dir = Path(image_dir) if image_dir else None
         self.top_k = top_k
         self.ledger = ledger

@@ -19,6 +19,7 @@ from thinc.api import Model, Optimizer
 from . import linking
 from .architectures import M3ELNetwork, get_network
 from .calibration import ScorerOptions, answer_figures, apply_scorer, calibrate_scorer
+from .candidates import CandidateGenerator, alias_candidates
 from .entity_cache import EntityCache
 from .entity_encoding import EntityEncoder
 from .errors import M3ELWarning, warn
@@ -53,6 +54,7 @@ LARGE_BYTES = 200 * 2**20
         "model": DEFAULT_MODEL,
         **LinkerSettings().to_dict(),
         "generate_empty_kb": {"@misc": "spacy-m3el.EmptyMultimodalKB.v1"},
+        "candidate_generator": {"@misc": "spacy-m3el.AliasCandidates.v1"},
         "scorer": {"@scorers": "spacy-m3el.linking_scorer.v1"},
     },
     default_score_weights={
@@ -94,13 +96,16 @@ def make_m3el_linker(
     overwrite: bool,
     score_protocol: str,
     generate_empty_kb: Callable[[Vocab, int], MultimodalKB],
+    candidate_generator: CandidateGenerator,
     scorer: Optional[Callable],
 ) -> "M3ELLinker":
-    """The factory: settings as documented on :class:`LinkerSettings`."""
+    """The factory: settings as documented on :class:`LinkerSettings`;
+    ``candidate_generator`` proposes alias-table candidates for a mention
+    text (:mod:`spacy_m3el.candidates`)."""
     values = locals()
     settings = LinkerSettings(**{key: values[key] for key in LinkerSettings.names()})
     linker = M3ELLinker(nlp.vocab, model, name, settings=settings, generate_empty_kb=generate_empty_kb,
-                        scorer=scorer)
+                        candidate_generator=candidate_generator, scorer=scorer)
     linker.attach_to_pipeline(nlp)
     return linker
 
@@ -122,6 +127,7 @@ class M3ELLinker(TrainablePipe):
         *,
         settings: Optional[LinkerSettings] = None,
         generate_empty_kb: Callable[[Vocab, int], MultimodalKB] = create_empty_kb(),
+        candidate_generator: CandidateGenerator = alias_candidates,
         scorer: Optional[Callable] = score_linking,
     ) -> None:
         register_extensions()
@@ -130,6 +136,7 @@ class M3ELLinker(TrainablePipe):
         self.name = name
         self.settings = settings if settings is not None else LinkerSettings()
         self.generate_empty_kb = generate_empty_kb
+        self.candidate_generator = candidate_generator
         self.scorer = scorer
         self.kb: MultimodalKB = generate_empty_kb(vocab, 0)
         #: Mentions linked without their image because it could not be loaded.
@@ -146,6 +153,14 @@ class M3ELLinker(TrainablePipe):
         self.network.settings = self.settings
         self.inputs = InputBuilder(self.network.encoder, ImageLoader(self.settings), self.settings)
         self.entity_encoder = EntityEncoder(self.network, self.inputs, self.settings)
+
+    def configure(self, **changes: Any) -> Dict[str, Any]:
+        """Change settings of a running linker (``linker.configure(threshold=0.4,
+        on_bad_image="warn")``): checked together first, then applied; what
+        depends on them follows at first use (the entity cache is rebuilt for
+        another ``max_cached_queries``, the ANN index for another
+        ``ann_index``). Returns the old values."""
+        return self.settings.update(**changes)
 
     @property
     def cfg(self) -> Dict[str, Any]:
@@ -431,7 +446,8 @@ class M3ELLinker(TrainablePipe):
 
     def _link(self, spans: List[Span], where: List[str]) -> List[Dict[str, Any]]:
         cache = self.entity_encoder.current(self.kb)
-        alias = [dict(self.kb.alias_rows(s.text)) if self.settings.use_alias_candidates else {} for s in spans]
+        texts = [span.text for span in spans]
+        alias = self.candidate_generator(self.kb, texts) if self.settings.use_alias_candidates else [{} for _ in spans]
         mention = self.encode_mentions(spans, where=where)
         ranking = linking.two_stage(self.network.matcher, mention, cache, k=self.settings.n_candidates,
                                     alias_rows=[list(a) for a in alias])

@@ -267,7 +267,7 @@ def create_app(
     picture that fails to decode on text alone, as ``link`` does)."""
     from .pipe import find_linker
 
-    find_linker(nlp).settings.on_bad_image = "warn"
+    find_linker(nlp).configure(on_bad_image="warn")
     checker = RequestChecker(allowed_image_dirs, limits)
     state: Dict[str, Any] = {"ready": False, "batcher": None}
 

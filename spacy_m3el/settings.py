@@ -3,7 +3,7 @@
 The factory's ``default_config`` is generated from :class:`LinkerSettings`,
 and the README's option table is checked against ``describe()``.
 """
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Dict, List, Optional
 
 ON_BAD_IMAGE = ("raise", "warn")
@@ -17,9 +17,11 @@ def _option(default: Any, meaning: str, **kwargs: Any) -> Any:
     return field(default=default, metadata={"meaning": meaning}, **kwargs)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LinkerSettings:
-    """Every ``m3el_linker`` option except the model, the KB factory and the scorer."""
+    """Every ``m3el_linker`` option except the model, the KB factory, the
+    candidate generator and the scorer. Frozen: a running linker changes
+    them through ``M3ELLinker.configure``, which checks them first."""
 
     n_candidates: int = _option(64, "Dense candidates per mention: top-K entities by the decomposable "
                                     "M3EL score (0 = alias table only).")
@@ -128,7 +130,20 @@ class LinkerSettings:
             raise ValueError("ann_index must be null (exact search), \"auto\" or a faiss index_factory string")
         if self.entity_batch_size < 1:
             raise ValueError(f"entity_batch_size must be >= 1, got {self.entity_batch_size}")
-        self.labels_discard = list(self.labels_discard)
+        object.__setattr__(self, "labels_discard", list(self.labels_discard))
+
+    def update(self, **changes: Any) -> Dict[str, Any]:
+        """Apply ``changes`` in place (every holder of these settings sees
+        them) once the changed settings pass every check; returns the old
+        values. Unknown names and invalid values leave them as they were."""
+        unknown = sorted(set(changes) - set(self.names()))
+        if unknown:
+            raise ValueError(f"Unknown m3el_linker setting(s) {unknown}; the settings are {self.names()}")
+        checked = replace(self, **changes)  # runs every check on the whole
+        old = {name: getattr(self, name) for name in changes}
+        for name in changes:
+            object.__setattr__(self, name, getattr(checked, name))
+        return old
 
     @classmethod
     def names(cls) -> List[str]:

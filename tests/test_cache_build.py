@@ -17,8 +17,8 @@ from .test_pipe import N_ENTITIES, train_pipeline
 def linker(picture_dir):
     nlp, _ = train_pipeline(picture_dir, epochs=2)
     linker = find_linker(nlp)
-    linker.settings.entity_batch_size = 4
-    linker.settings.inference_precision = "float32"
+    linker.configure(entity_batch_size=4)
+    linker.configure(inference_precision="float32")
     return linker
 
 
@@ -32,7 +32,7 @@ def arrays_of(cache):
 
 
 def test_streamed_build_matches_the_in_memory_build(linker, tmp_path):
-    linker.settings.image_workers = 1
+    linker.configure(image_workers=1)
     built = streamed(linker, tmp_path / "cache").run()
     linker.network.feature_cache.clear()
     reference = linker.entity_encoder.encode(linker.kb, None)
@@ -50,7 +50,7 @@ def test_streamed_build_matches_the_in_memory_build(linker, tmp_path):
 
 
 def test_a_killed_build_resumes_from_its_finished_shards(linker, tmp_path, monkeypatch):
-    linker.settings.image_workers = 0
+    linker.configure(image_workers=0)
     whole = arrays_of(streamed(linker, tmp_path / "whole").run())
     real_write = StreamedCacheBuild._write_shard
 
@@ -76,14 +76,14 @@ def test_a_killed_build_resumes_from_its_finished_shards(linker, tmp_path, monke
 
 
 def test_build_on_two_processes_equals_the_single_process_build(linker, tmp_path):
-    linker.settings.image_workers = 0
+    linker.configure(image_workers=0)
     single = arrays_of(streamed(linker, tmp_path / "one").run())
-    linker.settings.build_processes = 2
+    linker.configure(build_processes=2)
     try:
         build = streamed(linker, tmp_path / "two")
         parallel = build.run()
     finally:
-        linker.settings.build_processes = 1
+        linker.configure(build_processes=1)
     assert not build.loaded and len(parallel) == N_ENTITIES
     for name, array in single.items():
         # One torch thread per process: the sums inside the kernels may differ in the last bits.
@@ -91,7 +91,7 @@ def test_build_on_two_processes_equals_the_single_process_build(linker, tmp_path
 
 
 def test_a_failed_encoding_process_keeps_the_others_shards(linker, tmp_path, monkeypatch):
-    linker.settings.build_processes = 2
+    linker.configure(build_processes=2)
     real_side = StreamedCacheBuild._entity_side
 
     def fail_on_second_shard(self, batch, device):
@@ -104,7 +104,7 @@ def test_a_failed_encoding_process_keeps_the_others_shards(linker, tmp_path, mon
         with pytest.raises(RuntimeError, match="1 of 2 entity encoding processes failed.*run the same build again"):
             streamed(linker, tmp_path / "cache").run()
     finally:
-        linker.settings.build_processes = 1
+        linker.configure(build_processes=1)
     kept = sorted(p.name for p in (tmp_path / "cache" / "shards").glob("*.npz"))
     assert kept == ["000000.npz", "000002.npz"]  # the other process finished its shards
     monkeypatch.setattr(StreamedCacheBuild, "_entity_side", real_side)
@@ -114,12 +114,12 @@ def test_a_failed_encoding_process_keeps_the_others_shards(linker, tmp_path, mon
 
 def test_a_folder_of_another_build_is_refused(linker, tmp_path):
     streamed(linker, tmp_path / "cache").run()
-    linker.settings.max_cached_queries = 3
+    linker.configure(max_cached_queries=3)
     try:
         with pytest.raises(KBError, match="holds a cache build of another KB, model or settings"):
             streamed(linker, tmp_path / "cache").run()
     finally:
-        linker.settings.max_cached_queries = None
+        linker.configure(max_cached_queries=None)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(KBError, match="is not empty and holds no cache build"):
@@ -127,13 +127,13 @@ def test_a_folder_of_another_build_is_refused(linker, tmp_path):
 
 
 def test_bfloat16_build_is_close_to_float32(linker, tmp_path):
-    linker.settings.image_workers = 0
+    linker.configure(image_workers=0)
     exact = arrays_of(streamed(linker, tmp_path / "fp32").run())
-    linker.settings.inference_precision = "bfloat16"
+    linker.configure(inference_precision="bfloat16")
     try:
         half = streamed(linker, tmp_path / "bf16").run()
     finally:
-        linker.settings.inference_precision = "float32"
+        linker.configure(inference_precision="float32")
     assert half.meta["encode_precision"] == "bfloat16"
     retrieval = numpy.asarray(half.arrays["retrieval"], dtype=numpy.float32)
     reference = exact["retrieval"].astype(numpy.float32)
@@ -151,7 +151,7 @@ def test_unreadable_kb_image_is_encoded_without_it_and_named(linker, tmp_path, p
     original = kb.images(row)
     kb._images[row] = [str(broken)]  # what a file damaged after the KB was built looks like
     try:
-        linker.settings.image_workers = 1
+        linker.configure(image_workers=1)
         with pytest.warns(UserWarning, match=f"1 KB entities are linked without their image.*{kb.entity_id(row)}"):
             cache = linker.entity_encoder.build_streamed(kb, tmp_path / "cache", progress=False)
     finally:
@@ -163,8 +163,8 @@ def test_unreadable_kb_image_is_encoded_without_it_and_named(linker, tmp_path, p
 def test_ann_index_is_built_with_the_cache_and_saved_with_the_pipeline(picture_dir, tmp_path):
     nlp, _ = train_pipeline(picture_dir, epochs=1)
     linker = find_linker(nlp)
-    linker.settings.ann_index = "IVF2,Flat"
-    linker.settings.ann_nprobe = 2
+    linker.configure(ann_index="IVF2,Flat")
+    linker.configure(ann_nprobe=2)
     cache = linker.build_entity_cache()
     assert cache.use_ann and cache.ann.factory == "IVF2,Flat"
     assert cache.ann.meta["recall"]["recall"] == 1.0  # both lists visited, shortlist rescored exactly
@@ -182,7 +182,7 @@ def test_ann_index_is_built_with_the_cache_and_saved_with_the_pipeline(picture_d
 def test_an_ann_index_with_low_recall_is_reported(picture_dir):
     nlp, _ = train_pipeline(picture_dir, epochs=1)
     linker = find_linker(nlp)
-    linker.settings.ann_index, linker.settings.ann_nprobe = "IVF4,Flat", 1  # one of four lists visited
+    linker.configure(ann_index="IVF4,Flat", ann_nprobe=1)  # one of four lists visited
     with pytest.warns(M3ELWarning, match=r"finds only .*Raise ann_nprobe \(now 1\)"):
         cache = linker.build_entity_cache()
     assert cache.ann.meta["recall"]["recall"] < 0.95

@@ -163,18 +163,40 @@ def test_nil_by_threshold_and_by_missing_candidates(trained, picture_dir):
     linker = nlp.get_pipe("m3el_linker")
     doc = examples[0].predicted.copy()
     try:
-        linker.settings.threshold = 1e9
-        assert nlp(doc.copy()).ents[0].kb_id_ == NIL
-        linker.settings.threshold = None
-        linker.settings.n_candidates = 0  # alias table only
+        linker.configure(threshold=1.0)
+        ent = nlp(doc.copy()).ents[0]
+        assert (ent.kb_id_ == NIL) == (ent._.m3el_candidates[0]["prob"] < 1.0)
+        linker.configure(threshold=None, n_candidates=0)  # alias table only
         other = nlp.make_doc("The gadget was here.")
         other.ents = [other.char_span(4, 10, label="THING")]
         linked = nlp(other)
         assert linked.ents[0].kb_id_ == NIL and linked.ents[0]._.m3el_candidates == []
         assert nlp(doc.copy()).ents[0].kb_id_ != NIL  # "item" is an alias
     finally:
-        linker.settings.threshold = None
-        linker.settings.n_candidates = 64
+        linker.configure(threshold=None, n_candidates=64)
+
+
+def test_settings_change_only_through_configure_and_only_to_valid_values(trained):
+    import dataclasses
+
+    linker = trained[0].get_pipe("m3el_linker")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        linker.settings.threshold = 0.5
+    with pytest.raises(ValueError, match="threshold is a probability"):
+        linker.configure(threshold=1e9)
+    # Checked as a whole: dropping the last candidate source is refused, and nothing changes.
+    with pytest.raises(ValueError, match="no candidate source"):
+        linker.configure(n_candidates=0, use_alias_candidates=False)
+    with pytest.raises(ValueError, match="Unknown m3el_linker setting.*'treshold'"):
+        linker.configure(treshold=0.5)
+    assert linker.settings.threshold is None and linker.settings.n_candidates == 64
+    assert linker.settings.use_alias_candidates
+    old = linker.configure(on_bad_image="warn")
+    try:
+        # One settings object: the image loader sees the change.
+        assert old == {"on_bad_image": "raise"} and linker.inputs.images.policy.on_bad_image == "warn"
+    finally:
+        linker.configure(**old)
 
 
 def test_docs_without_images_or_entities_still_work(trained):

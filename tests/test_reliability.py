@@ -115,7 +115,7 @@ def test_bad_mention_image_raises_or_warns_and_links_text_only(trained, tmp_path
     (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
     with pytest.raises(ImageLoadError, match="broken.png"):
         nlp(item_doc(nlp, image=str(tmp_path / "broken.png")))
-    linker.settings.on_bad_image = "warn"
+    linker.configure(on_bad_image="warn")
     before = linker.bad_images
     try:
         with pytest.warns(UserWarning, match="broken.png.*text only"):
@@ -124,7 +124,7 @@ def test_bad_mention_image_raises_or_warns_and_links_text_only(trained, tmp_path
         assert doc.ents[0]._.m3el_candidates[0]["branches"]["image"] == 0.0
         assert linker.bad_images == before + 1
     finally:
-        linker.settings.on_bad_image = "raise"
+        linker.configure(on_bad_image="raise")
 
 
 def test_image_urls_are_refused(trained):
@@ -305,13 +305,13 @@ def test_a_nul_in_an_image_path_is_a_bad_image(trained):
     linker = nlp.get_pipe("m3el_linker")
     with pytest.raises(ImageLoadError, match="NUL"):
         nlp(item_doc(nlp, image="photo\x00.png"))
-    linker.settings.on_bad_image = "warn"
+    linker.configure(on_bad_image="warn")
     try:
         with pytest.warns(UserWarning, match="NUL"):
             doc = nlp(item_doc(nlp, image="photo\x00.png"))
         assert doc.ents[0].kb_id_.startswith("E")
     finally:
-        linker.settings.on_bad_image = "raise"
+        linker.configure(on_bad_image="raise")
 
 
 @pytest.mark.parametrize(
@@ -353,13 +353,13 @@ def test_bad_images_are_counted_per_mention_and_named_by_doc(trained, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
     for doc in docs[:3]:
         doc._.image = str(tmp_path / "broken.png")
-    linker.settings.on_bad_image = "warn"
+    linker.configure(on_bad_image="warn")
     before = linker.bad_images
     try:
         with pytest.warns(UserWarning):
             linked = list(nlp.pipe(docs, batch_size=10))
     finally:
-        linker.settings.on_bad_image = "raise"
+        linker.configure(on_bad_image="raise")
     assert linker.bad_images == before + 4  # three docs share one broken file, one has bad bytes
     assert all(d.ents[0].kb_id_.startswith("E") for d in linked)
 

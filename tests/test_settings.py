@@ -15,7 +15,7 @@ def test_readme_documents_every_option_with_its_default():
     for option in LinkerSettings.describe():
         assert option["name"] in table, f"README has no row for {option['name']}"
         assert json.loads(table[option["name"]]) == option["default"], option["name"]
-    factory_args = set(spacy.blank("en").add_pipe("m3el_linker").cfg) | {"model", "generate_empty_kb", "scorer"}
+    factory_args = set(spacy.blank("en").add_pipe("m3el_linker").cfg) | {"model", "generate_empty_kb", "candidate_generator", "scorer"}
     config = spacy.blank("en").get_factory_meta("m3el_linker").default_config
     assert set(config) == factory_args <= set(table)
 
