@@ -25,16 +25,22 @@ if TYPE_CHECKING:  # pragma: no cover
     from .kb import MultimodalKB
 
 
-def write_kb_jsonl(kb: "MultimodalKB", path: Union[str, Path]) -> None:
-    """One entity per line, with the aliases (and priors) that point to it."""
+def kb_records(kb: "MultimodalKB") -> Iterator[Dict[str, Any]]:
+    """Each entity as a record of the JSONL format, in row order, with the
+    aliases (and priors) that point to it: read back, they make the same KB."""
     by_entity: Dict[str, List[Dict[str, Any]]] = {}
     for alias, ids, priors in kb.alias_table():
         for entity_id, prior in zip(ids, priors):
             by_entity.setdefault(entity_id, []).append({"alias": alias, "prior": prior})
+    for entity_id in kb.entity_ids:
+        yield {**kb.get_entity(entity_id), "aliases": by_entity.get(entity_id, [])}
+
+
+def write_kb_jsonl(kb: "MultimodalKB", path: Union[str, Path]) -> None:
+    """One entity per line, with the aliases (and priors) that point to it."""
     # The standard json module round-trips floats exactly (ujson does not).
     with Path(path).open("w", encoding="utf8") as file:
-        for entity_id in kb.entity_ids:
-            record = {**kb.get_entity(entity_id), "aliases": by_entity.get(entity_id, [])}
+        for record in kb_records(kb):
             file.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
