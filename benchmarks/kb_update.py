@@ -97,7 +97,7 @@ def change_lines(size: int) -> List[Dict[str, Any]]:
 
 
 def main() -> None:
-    FOLDER.mkdir(parents=True, exist_ok=True)
+    (FOLDER / "pictures").mkdir(parents=True, exist_ok=True)
     nlp = spacy.load(PIPELINE)
     linker = find_linker(nlp)
     distinct = MultimodalKB(nlp.vocab)
