@@ -24,7 +24,7 @@ from .entity_cache import EntityCache
 from .entity_encoding import EntityEncoder
 from .errors import M3ELWarning, warn
 from .encoders import SharedTextEncoder
-from .evaluation import evaluate_exhaustive
+from .exhaustive import evaluate_exhaustive
 from .extensions import register_extensions
 from .features import in_batch_features
 from .images import ImageLoader
