@@ -52,15 +52,21 @@ class EntityEncoder:
         return self.configure_search(kb, self._current(kb))
 
     def _current(self, kb: MultimodalKB) -> EntityCache:
+        return kb.entity_cache if self.is_current(kb) else self.build(kb)
+
+    def is_current(self, kb: MultimodalKB) -> bool:
+        """Does the KB hold a cache valid for the current weights and
+        settings? (Nothing is built.)"""
         cache = kb.entity_cache
-        digest = self.network.encoder.weights_digest()
-        if cache is not None and cache is self.verified and digest == self.verified_digest:
-            return cache
-        if cache is not None and cache.is_valid_for(n_entities=len(kb), max_queries=self.settings.max_cached_queries,
-                                                    fingerprint=self.network.fingerprint()):
+        if cache is None:
+            return False
+        if cache is self.verified and self.network.encoder.weights_digest() == self.verified_digest:
+            return True
+        if cache.is_valid_for(n_entities=len(kb), max_queries=self.settings.max_cached_queries,
+                              fingerprint=self.network.fingerprint()):
             self._verify(cache)
-            return cache
-        return self.build(kb)
+            return True
+        return False
 
     def configure_search(self, kb: MultimodalKB, cache: EntityCache, *, progress: bool = False) -> EntityCache:
         """Exact search when ``ann_index`` is null; else the cache's ANN

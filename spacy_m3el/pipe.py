@@ -567,11 +567,11 @@ class M3ELLinker(TrainablePipe):
 
     # ------------------------------------------------------------------ serialisation
     def to_bytes(self, *, exclude: Iterable[str] = SimpleFrozenList()) -> bytes:
-        """The weights and the KB (images and entity cache included) as bytes;
-        prefer :meth:`to_disk` for large KBs."""
-        if "kb" not in exclude and len(self.kb):
-            self.entity_encoder.current(self.kb)
-        data = util.to_bytes({"model": self.model.to_bytes, "kb": self.kb.to_bytes,
+        """The weights and the KB (images and, when it is valid for the
+        weights, the entity cache: saving never encodes) as bytes; prefer
+        :meth:`to_disk` for large KBs."""
+        data = util.to_bytes({"model": self.model.to_bytes,
+                              "kb": lambda: self.kb.to_bytes(exclude=self._stale_cache()),
                               "state": lambda: srsly.json_dumps(self._state())}, exclude)
         if len(data) > LARGE_BYTES:
             warn(f"m3el_linker.to_bytes: {len(data) / 2**20:.0f} MB, mostly the KB's images and "
@@ -586,12 +586,13 @@ class M3ELLinker(TrainablePipe):
         return self
 
     def to_disk(self, path: Union[str, Path], *, exclude: Iterable[str] = SimpleFrozenList()) -> None:
-        """Write ``model`` (safetensors) and ``kb/`` (images, fp16 cache)."""
-        if "kb" not in exclude and len(self.kb):
-            self.entity_encoder.current(self.kb)
+        """Write ``model`` (safetensors) and ``kb/`` (images, and the fp16
+        entity cache when it is valid for the weights: saving never encodes;
+        a pipeline saved without one builds it at first use, or with
+        ``build-cache``)."""
         util.to_disk(path, {
             "model": lambda p: p.write_bytes(self.model.to_bytes()),
-            "kb": lambda p: self.kb.to_disk(p),
+            "kb": lambda p: self.kb.to_disk(p, exclude=self._stale_cache()),
             "state.json": lambda p: srsly.write_json(p, self._state()),
         }, exclude)
 
@@ -601,6 +602,10 @@ class M3ELLinker(TrainablePipe):
                               "state.json": self._state_from_file}, exclude)
         self.entity_encoder.adopt_loaded(self.kb)
         return self
+
+    def _stale_cache(self) -> List[str]:
+        """["cache"] when the KB's entity cache is missing or not valid for the weights."""
+        return [] if len(self.kb) and self.entity_encoder.is_current(self.kb) else ["cache"]
 
     def _state(self) -> Dict[str, Any]:
         return {"updates": self.updates, "calibrated": not self.calibration_stale}

@@ -396,3 +396,21 @@ def test_an_untrained_or_uncalibrated_linker_says_so_once_after_loading(picture_
     assert first_calls(tmp_path / "calibrated") == [[], []]
     state = json.loads((tmp_path / "calibrated" / "m3el_linker" / "state.json").read_text())
     assert state == {"updates": 2, "calibrated": True}  # 40 examples in batches of 20
+
+
+def test_saving_never_encodes_the_kb(picture_dir, tmp_path):
+    nlp, examples = train_pipeline(picture_dir, epochs=1)
+    linker = nlp.get_pipe("m3el_linker")
+    assert linker.kb.entity_cache is None  # training updates dropped it
+    builds = []
+    build = linker.entity_encoder.build
+    linker.entity_encoder.build = lambda *args, **kwargs: builds.append(1) or build(*args, **kwargs)
+    nlp.to_disk(tmp_path / "saved")
+    linker.to_bytes()
+    assert builds == [] and not (tmp_path / "saved" / "m3el_linker" / "kb" / "cache").exists()
+    # Loaded without a cache, the pipeline builds it at first use; once built, it is saved with it.
+    loaded = spacy.load(tmp_path / "saved")
+    doc = loaded(examples[0].predicted.copy())
+    assert doc.ents[0].kb_id_.startswith("E") and loaded.get_pipe("m3el_linker").kb.entity_cache is not None
+    loaded.to_disk(tmp_path / "with_cache")
+    assert (tmp_path / "with_cache" / "m3el_linker" / "kb" / "cache" / "meta.json").exists()
