@@ -198,7 +198,10 @@ def link(
     if input_path.is_dir():
         raise typer.BadParameter(f"{input_path} is a directory: without --ray the input is one JSONL file")
     nlp = _load(pipeline, gpu_id)
-    find_linker(nlp).configure(on_bad_image="warn")  # one bad image must not stop the job
+    linker = find_linker(nlp)
+    linker.configure(on_bad_image="warn")  # one bad image must not stop the job
+    if len(linker.kb) and n_process > 1:
+        linker.entity_encoder.current(linker.kb)  # built once here if missing, not once per worker process
     errors = errors or output.with_name(output.name + ".errors.jsonl")
     total = sum(1 for line in input_path.open(encoding="utf8") if line.strip())
     counts = {"linked": 0, "errors": 0, "skipped": 0, "unreadable_images": 0}

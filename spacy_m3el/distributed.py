@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
+from .errors import warn
 from .rows import Row, link_rows, parse_line
 
 #: Environment variable naming a file whose presence makes the next batch's
@@ -140,6 +141,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def has_entity_cache(pipeline: Union[str, Path]) -> bool:
+    """Does the saved pipeline directory hold an entity cache (its linker's ``kb/cache``)?"""
+    return any(Path(pipeline).glob("*/kb/cache/meta.json"))
+
+
 def read_dataset(path: Union[str, Path]):
     """A Ray dataset of input rows: JSONL (one ``line`` per row, parsed by
     the workers) or Parquet (columns ``id``, ``text``, ``image`` and
@@ -183,6 +189,9 @@ def link(
     # Workers do not share the driver's working directory: local paths go to them absolute.
     if Path(pipeline).exists():
         pipeline = str(Path(pipeline).resolve())
+        if not has_entity_cache(pipeline):
+            warn(f"{pipeline} has no entity cache: each of the {num_workers} workers encodes the whole KB at its "
+                 "first batch. Build it once first: python -m spacy_m3el build-cache PIPELINE OUTPUT")
     ledger = ray.remote(num_cpus=0)(BatchLedger).remote()
     linked = dataset.map_batches(
         LinkWorker,

@@ -44,6 +44,10 @@ def pipeline_dir(picture_dir, tmp_path_factory):
     nlp, _ = train_pipeline(picture_dir, epochs=5)
     path = tmp_path_factory.mktemp("ray") / "pipeline"
     nlp.to_disk(path)
+    assert not distributed.has_entity_cache(path)  # saving never encodes: built once here, for every worker
+    nlp.get_pipe("m3el_linker").build_entity_cache()
+    nlp.to_disk(path)
+    assert distributed.has_entity_cache(path)
     # Small entity batches, so that the 20 entities make several shards for the distributed build.
     config = path / "config.cfg"
     # float32: Ray workers run one torch thread, this process two; in bfloat16 the kernels' sums
