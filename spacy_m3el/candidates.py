@@ -76,6 +76,7 @@ class FuzzyAliasCandidates:
         self._built_for: Tuple[int, int, int] = (0, -1, -1)
         self._by_form: Dict[Tuple[str, ...], List[str]] = {}
         self._by_token: Dict[str, Set[str]] = {}
+        self._size: Dict[str, int] = {}  # distinct fuzzy tokens per alias
 
     def __call__(self, kb: MultimodalKB, texts: Sequence[str]) -> List[Dict[int, float]]:
         self._index(kb)
@@ -88,13 +89,15 @@ class FuzzyAliasCandidates:
             return
         by_form: Dict[Tuple[str, ...], List[str]] = defaultdict(list)
         by_token: Dict[str, Set[str]] = defaultdict(set)
+        size: Dict[str, int] = {}
         for alias in kb.get_alias_strings():
             tokens = fuzzy_tokens(alias)
             if tokens:
                 by_form[tokens].append(alias)
+                size[alias] = len(set(tokens))
                 for token in tokens:
                     by_token[token].add(alias)
-        self._by_form, self._by_token, self._built_for = dict(by_form), dict(by_token), key
+        self._by_form, self._by_token, self._size, self._built_for = dict(by_form), dict(by_token), size, key
 
     def _candidates(self, kb: MultimodalKB, text: str) -> Dict[int, float]:
         found: Dict[int, float] = dict(kb.alias_rows(text))
@@ -107,7 +110,7 @@ class FuzzyAliasCandidates:
         if not found:
             containing = set.intersection(*(self._by_token.get(token, set()) for token in set(tokens)))
             for alias in containing:
-                similarity = len(set(tokens)) / len(set(fuzzy_tokens(alias)))
+                similarity = len(set(tokens)) / self._size[alias]
                 if similarity >= self.min_similarity:
                     for row, prior in kb.alias_rows(alias):
                         found[row] = max(found.get(row, 0.0), prior * similarity)

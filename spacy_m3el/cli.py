@@ -1,4 +1,5 @@
 """Command line: ``python -m spacy_m3el COMMAND`` (or the ``spacy-m3el`` script)."""
+import contextlib
 import json
 from pathlib import Path
 from typing import List, Optional
@@ -205,11 +206,11 @@ def link(
     errors = errors or output.with_name(output.name + ".errors.jsonl")
     total = sum(1 for line in input_path.open(encoding="utf8") if line.strip())
     counts = {"linked": 0, "errors": 0, "skipped": 0, "unreadable_images": 0}
-    try:
-        job = LinkOutput(output, errors, resume=resume).open()
-    except (OutputBusyError, ResumeError) as err:
-        msg.fail(str(err), exits=1)
-    with job:
+    with contextlib.ExitStack() as stack:
+        try:
+            job = stack.enter_context(LinkOutput(output, errors, resume=resume))
+        except (OutputBusyError, ResumeError) as err:
+            msg.fail(str(err), exits=1)
         if resume:
             msg.info(f"Resuming: {len(job.done)} of {total} rows done ({job.resumed_rows} linked) in {output}")
         with progress_bar(total=total, initial=len(job.done), desc="Linking", unit="row") as bar:
@@ -369,10 +370,9 @@ def update_kb(
     import time
 
     from .errors import KBError
-    from .fileio import save_pipeline
     from .kb_update import apply_changes, merged_cache, read_changes
     from .pipe import find_linker
-    from .ruler import find_alias_ruler, set_alias_patterns
+    from .ruler import find_alias_ruler
 
     started = time.perf_counter()
     nlp = _load(pipeline, -1)
@@ -388,24 +388,48 @@ def update_kb(
              f"{len(kb)} entities")
     if old_cache is None:
         msg.warn("The pipeline has no entity cache for its weights: the whole KB is encoded")
-        linker.set_kb(lambda _: kb)
-        _build_cache(linker, _work_dir(output), None, None)
     else:
         todo = update.to_encode
         encoded = (linker.entity_encoder.encode(kb, linker.settings.max_cached_queries, rows=todo, progress=True)
                    if todo else None)
         kb.set_entity_cache(merged_cache(old_cache, encoded, update.kept_rows))
-        linker.set_kb(lambda _: kb)
-        linker.entity_encoder.configure_search(kb, kb.entity_cache, progress=True)
         msg.good(f"{len(todo)} entities encoded, {len(kb) - len(todo)} carried over from the entity cache")
-    if ruler_name is not None:
-        count = set_alias_patterns(nlp.get_pipe(ruler_name), kb)
-        msg.good(f"{ruler_name}: {count} alias patterns")
-    save_pipeline(nlp, output)
+    _use_kb(linker, kb, output, ann_index=None, processes=None)
+    _save_with_kb(nlp, linker, kb, ruler_name, output)
+    msg.good(f"Updated pipeline -> {output} ({time.perf_counter() - started:.1f} s)")
+
+
+def _use_kb(linker, kb, output: Path, *, ann_index: Optional[str], processes: Optional[int]) -> bool:
+    """The linker on ``kb``, its entity cache kept when it is valid for the
+    linker's weights and settings (True), else built (streamed next to
+    ``output``); searched as the settings (or ``ann_index``) ask."""
+    linker.set_kb(lambda _: kb)
+    if ann_index is not None:
+        linker.configure(ann_index=ann_index)
+    if linker.entity_encoder.is_current(kb):
+        linker.entity_encoder.configure_search(kb, kb.entity_cache, progress=True)
+        return True
+    kb.clear_entity_cache()
+    _build_cache(linker, _work_dir(output), None, processes)
+    return False
+
+
+def _save_with_kb(nlp, linker, kb, ruler_name: Optional[str], output: Path) -> None:
+    """The alias ruler's patterns following the linker's new KB, and the
+    pipeline saved atomically (the streamed build's shards then removed)."""
     import shutil
 
+    from .fileio import save_pipeline
+    from .ruler import set_alias_patterns
+
+    if ruler_name is not None:
+        count = set_alias_patterns(nlp.get_pipe(ruler_name), kb)
+        msg.good(f"{ruler_name}: {count} alias patterns from the KB")
+    else:
+        msg.warn("No alias ruler in the pipeline: its mentions come from "
+                 f"{[n for n in nlp.pipe_names if n != linker.name] or 'the docs you give it'}")
+    save_pipeline(nlp, output)
     shutil.rmtree(_work_dir(output), ignore_errors=True)
-    msg.good(f"Updated pipeline -> {output} ({time.perf_counter() - started:.1f} s)")
 
 
 @app.command("add-alias-ruler")
@@ -449,12 +473,9 @@ def swap_kb(
     resumable), the ANN index the pipeline (or --ann-index) asks for, and
     the alias ruler's patterns replaced by the new KB's aliases; saved to
     OUTPUT in one step."""
-    import shutil
-
-    from .fileio import save_pipeline
     from .kb import MultimodalKB
     from .pipe import find_linker
-    from .ruler import find_alias_ruler, set_alias_patterns
+    from .ruler import find_alias_ruler
 
     nlp = _load(pipeline, -1)
     linker = find_linker(nlp)
@@ -463,27 +484,12 @@ def swap_kb(
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     kb = MultimodalKB(nlp.vocab).from_disk(kb_dir)
-    cache = kb.entity_cache
-    if cache is not None and cache.meta.get("fingerprint") != linker.network.fingerprint():
-        msg.info(f"The entity cache in {kb_dir} was built for other weights: the KB is encoded again")
-        kb.clear_entity_cache()
-    linker.set_kb(lambda _: kb)
-    linker.entity_encoder.adopt_loaded(kb)
-    if kb.entity_cache is None:
-        _build_cache(linker, _work_dir(output), ann_index, processes)
-    else:
+    had_cache = kb.entity_cache is not None
+    if _use_kb(linker, kb, output, ann_index=ann_index, processes=processes):
         msg.good(f"Entity cache in {kb_dir} reused: built for these weights")
-        if ann_index is not None:
-            linker.configure(ann_index=ann_index)
-        linker.entity_encoder.configure_search(kb, kb.entity_cache, progress=True)
-    if ruler_name is not None:
-        count = set_alias_patterns(nlp.get_pipe(ruler_name), kb)
-        msg.good(f"{ruler_name}: {count} alias patterns from the new KB")
-    else:
-        msg.warn("No alias ruler in the pipeline: its mentions come from "
-                 f"{[n for n in nlp.pipe_names if n != linker.name] or 'the docs you give it'}")
-    save_pipeline(nlp, output)
-    shutil.rmtree(_work_dir(output), ignore_errors=True)
+    elif had_cache:
+        msg.info(f"The entity cache in {kb_dir} was built for other weights or settings: the KB was encoded again")
+    _save_with_kb(nlp, linker, kb, ruler_name, output)
     msg.good(f"{linker.name} links against {len(kb)} entities ({kb.get_size_aliases()} aliases) -> {output}")
 
 

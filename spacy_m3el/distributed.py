@@ -106,10 +106,8 @@ class LinkWorker:
                   for row in link_rows(self.nlp, rows, errors.append, image_dir=self.image_dir, top_k=self.top_k)]
         # A worker sees no line numbers: the row is named by its id, or its text when it is not JSON.
         failed = [json.dumps({"row": error.pop("line"), **error}, ensure_ascii=False) for error in errors]
-        if self.ledger is not None:
-            import ray
-
-            ray.get(self.ledger.finish.remote(key))
+        if self.ledger is not None:  # no wait: only a start must be on record before a crash could follow
+            self.ledger.finish.remote(key)
         return {"kind": ["row"] * len(linked) + ["error"] * len(failed), "json": linked + failed}
 
 

@@ -1,20 +1,19 @@
 """Evaluating a pipeline: linking given the gold mentions (two-stage and the
 paper's exhaustive protocol, :mod:`spacy_m3el.exhaustive`), under each
 picture condition, and end to end from the raw text."""
-import warnings
 from typing import Any, Dict, List, Sequence
 
 from spacy.language import Language
-from spacy.scorer import Scorer
+from spacy.scorer import PRFScore, Scorer
 from spacy.training import Example
 from wasabi import msg
 
-from .errors import M3ELWarning, warn
+from .errors import warn
 from .exhaustive import evaluate_exhaustive
 from .extensions import copy_images
 from .pictures import CONDITIONS, check_condition, examples_with_pictures
 from .pipe import find_linker
-from .progress import progress_bar
+from .progress import pictures_removed_on_purpose, progress_bar
 from .scoring import HITS_AT
 
 PROTOCOLS = ("two-stage", "exhaustive", "both")
@@ -59,17 +58,11 @@ def end_to_end_scores(nlp: Language, examples: Sequence[Example], keys: Sequence
 def mention_scores(examples: Sequence[Example]) -> Dict[str, float]:
     """Precision, recall and F of the predicted mentions against the gold
     ones by character offsets, labels aside."""
-    found = expected = correct = 0
+    prf = PRFScore()
     for eg in examples:
-        gold = {(ent.start_char, ent.end_char) for ent in eg.reference.ents}
-        predicted = {(ent.start_char, ent.end_char) for ent in eg.predicted.ents}
-        found += len(predicted)
-        expected += len(gold)
-        correct += len(gold & predicted)
-    precision = correct / found if found else 0.0
-    recall = correct / expected if expected else 0.0
-    f_score = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"mentions_p": precision, "mentions_r": recall, "mentions_f": f_score}
+        prf.score_set({(ent.start_char, ent.end_char) for ent in eg.predicted.ents},
+                      {(ent.start_char, ent.end_char) for ent in eg.reference.ents})
+    return {"mentions_p": prf.precision, "mentions_r": prf.recall, "mentions_f": prf.fscore}
 
 
 def link_gold_mentions(nlp: Language, linker, examples: Sequence[Example], *, progress: bool = False) -> List[str]:
@@ -118,17 +111,14 @@ def evaluate_pipeline(nlp: Language, examples: Sequence[Example], *, protocol: s
     # a linked doc would keep its KB ids under overwrite = false.
     varied = {condition: examples_with_pictures(examples, condition, seed=seed)
               for condition in (CONDITIONS[1:] if pictures == "all" else ())}
-    with warnings.catch_warnings():
-        if pictures not in ("given", "all"):  # pictures removed on purpose: no "linked on text alone" warning
-            warnings.filterwarnings("ignore", message=".*have no image", category=M3ELWarning)
+    with pictures_removed_on_purpose(pictures not in ("given", "all")):
         result = _evaluate_examples(nlp, linker, examples, protocol=protocol, progress=progress)
     if pictures == "all":
         result["pictures"] = {"given": {k: v for k, v in result.items() if not isinstance(v, dict)}}
         for condition, condition_examples in varied.items():
             if progress:
                 msg.info(f"Pictures: {condition}")
-            with warnings.catch_warnings():  # pictures removed on purpose: no "linked on text alone" warning
-                warnings.filterwarnings("ignore", message=".*have no image", category=M3ELWarning)
+            with pictures_removed_on_purpose():
                 figures = _evaluate_examples(nlp, linker, condition_examples, protocol="two-stage",
                                              progress=progress)
             result["pictures"][condition] = {k: v for k, v in figures.items() if not isinstance(v, dict)}

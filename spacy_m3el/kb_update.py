@@ -8,14 +8,13 @@ alias with its prior) with those lines applied, so aliases and their priors
 are those of a rebuild; only the added and replaced entities are encoded,
 the other rows of the entity cache are carried over.
 """
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy
 
-from .entity_cache import EntityCache, _concatenate_padded
+from .entity_cache import EntityCache
 from .errors import KBError
 from .kb import MultimodalKB
 from .kb_files import jsonl_records, kb_records, read_kb_records
@@ -28,9 +27,9 @@ class KBUpdate:
     kb: MultimodalKB
     #: Per row of the new KB: the old row whose encoding it keeps, or None (to encode).
     kept_rows: List[Optional[int]]
-    added: List[str] = field(default_factory=list)
-    replaced: List[str] = field(default_factory=list)
-    removed: List[str] = field(default_factory=list)
+    added: List[str]
+    replaced: List[str]
+    removed: List[str]
 
     @property
     def to_encode(self) -> List[int]:
@@ -67,30 +66,28 @@ def apply_changes(
     records: List[Tuple[str, Dict[str, Any]]] = [(f"the KB's entity '{r['id']}'", r) for r in kb_records(kb)]
     kept: List[Optional[int]] = list(range(len(records)))
     position = {record["id"]: i for i, (_, record) in enumerate(records)}
-    update = KBUpdate(kb, [])
-    removed = set()
+    added, replaced, removed = [], [], []
     for where, change in changes:
         entity_id = change["id"]
         if change.get("remove"):
             if entity_id not in position:
                 raise KBError(f"{where}: cannot remove entity '{entity_id}': it is not in the KB")
-            removed.add(position[entity_id])
-            update.removed.append(entity_id)
+            removed.append(entity_id)
             continue
         record = _resolved(change, image_dir)
         if entity_id in position:
             records[position[entity_id]] = (where, record)
             kept[position[entity_id]] = None
-            update.replaced.append(entity_id)
+            replaced.append(entity_id)
         else:
             position[entity_id] = len(records)
             records.append((where, record))
             kept.append(None)
-            update.added.append(entity_id)
-    order = [i for i in range(len(records)) if i not in removed]
-    update.kb = read_kb_records(MultimodalKB(kb.vocab), [records[i] for i in order], name_as_alias=name_as_alias)
-    update.kept_rows = [kept[i] for i in order]
-    return update
+            added.append(entity_id)
+    gone = {position[entity_id] for entity_id in removed}
+    order = [i for i in range(len(records)) if i not in gone]
+    new_kb = read_kb_records(MultimodalKB(kb.vocab), [records[i] for i in order], name_as_alias=name_as_alias)
+    return KBUpdate(new_kb, [kept[i] for i in order], added, replaced, removed)
 
 
 def _resolved(record: Dict[str, Any], image_dir: Optional[Union[str, Path]]) -> Dict[str, Any]:
@@ -108,21 +105,18 @@ def merged_cache(old: EntityCache, encoded: Optional[EntityCache], kept_rows: Li
     fresh = [row for row, old_row in enumerate(kept_rows) if old_row is None]
     if fresh and (encoded is None or len(encoded) != len(fresh)):
         raise ValueError(f"{len(fresh)} rows to encode, but {0 if encoded is None else len(encoded)} encoded")
+    keep_new = [row for row, old_row in enumerate(kept_rows) if old_row is not None]
+    keep_old = [kept_rows[row] for row in keep_new]
     arrays = {}
     for name, array in old.arrays.items():
-        parts = [numpy.asarray(array[:0])] + ([encoded.arrays[name]] if encoded is not None else [])
-        template = _concatenate_padded(parts) if encoded is not None else parts[0]
-        shape = list(template.shape)
-        if array.ndim >= 2:
-            shape[1] = max(shape[1], array.shape[1])
-        out = numpy.zeros([len(kept_rows)] + shape[1:], dtype=array.dtype)
-        keep_new = [row for row, old_row in enumerate(kept_rows) if old_row is not None]
-        keep_old = [kept_rows[row] for row in keep_new]
-        if keep_new:
-            out[(keep_new, *([slice(0, array.shape[1])] if array.ndim >= 2 else []))] = array[keep_old]
-        if fresh:
-            values = encoded.arrays[name]
-            out[(fresh, *([slice(0, values.shape[1])] if values.ndim >= 2 else []))] = values
+        sources = [(keep_new, array[keep_old])] + ([(fresh, encoded.arrays[name])] if fresh else [])
+        shape = list(array.shape[1:])
+        if shape:  # axis 1 (the queries' token axis) as wide as the wider of the two, padded with 0 (weight 0)
+            shape[0] = max(values.shape[1] for _, values in sources)
+        out = numpy.zeros([len(kept_rows)] + shape, dtype=array.dtype)
+        for rows, values in sources:
+            if rows:
+                out[(rows, *([slice(0, values.shape[1])] if values.ndim >= 2 else []))] = values
         arrays[name] = out
     # Counts measured on the old KB as a whole no longer hold.
     stale = ("n_entities", "arrays", "checksums", "unreadable_kb_images", "pooling_agreement")

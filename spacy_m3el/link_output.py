@@ -13,7 +13,7 @@ import fcntl
 import json
 import os
 from pathlib import Path
-from typing import IO, Any, Dict, List, Optional, Set
+from typing import IO, Any, Dict, List, Optional, Set, Tuple
 
 
 class OutputBusyError(RuntimeError):
@@ -40,9 +40,6 @@ class LinkOutput:
         self._bad: Optional[IO] = None
 
     def __enter__(self) -> "LinkOutput":
-        return self if self._out is not None else self.open()
-
-    def open(self) -> "LinkOutput":
         """Take the lock (:class:`OutputBusyError` when another job holds
         it), recover what a killed run wrote (resume), open the files."""
         self.output.parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +97,7 @@ class LinkOutput:
 
     # ------------------------------------------------------------------ resume
     def _recover(self) -> None:
-        rows = _complete_lines(self.output)
+        rows, complete = _complete_lines(self.output)
         for number, text in enumerate(rows, start=1):
             row = json.loads(text)
             if "line" not in row:
@@ -108,9 +105,10 @@ class LinkOutput:
                                  "written by `link` of an older version, or with --ray?): link it again without --resume")
             self.done.add(row["line"])
         self.resumed_rows = len(rows)
-        _rewrite(self.output, rows)
+        if self.output.exists():
+            os.truncate(self.output, complete)  # a partial last row goes; the complete ones stay where they are
         kept = []
-        for text in _complete_lines(self.errors):
+        for text in _complete_lines(self.errors)[0]:
             record = json.loads(text)
             if record.get("skipped"):
                 self.done.add(record.get("line"))
@@ -120,14 +118,21 @@ class LinkOutput:
         _rewrite(self.errors, kept)
 
 
-def _complete_lines(path: Path) -> List[str]:
+def _complete_lines(path: Path) -> Tuple[List[str], int]:
     """The lines of ``path`` that end with a newline (a kill mid-write leaves
-    the last one without); none when the file does not exist."""
-    if not path.exists():
-        return []
-    text = path.read_text(encoding="utf8")
-    complete = text[: text.rfind("\n") + 1]
-    return [line for line in complete.splitlines() if line.strip()]
+    the last one without), and how many bytes they take; none when the file
+    does not exist."""
+    lines: List[str] = []
+    end = 0
+    if path.exists():
+        with path.open("rb") as file:
+            for raw in file:
+                if not raw.endswith(b"\n"):
+                    break
+                end += len(raw)
+                if raw.strip():
+                    lines.append(raw.decode("utf8").strip())
+    return lines, end
 
 
 def _rewrite(path: Path, lines: List[str]) -> None:

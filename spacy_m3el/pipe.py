@@ -1,6 +1,5 @@
 """The ``m3el_linker`` pipeline component."""
 import contextlib
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
@@ -22,7 +21,7 @@ from .calibration import ScorerOptions, answer_figures, apply_scorer, calibrate_
 from .candidates import CandidateGenerator, alias_candidates
 from .entity_cache import EntityCache
 from .entity_encoding import EntityEncoder
-from .errors import M3ELWarning, warn
+from .errors import warn
 from .encoders import SharedTextEncoder
 from .exhaustive import evaluate_exhaustive
 from .extensions import register_extensions
@@ -32,7 +31,7 @@ from .inputs import InputBuilder, TrainingBatch, training_batch
 from .kb import NIL, MultimodalKB, create_empty_kb
 from .model.matching import Side
 from .pictures import CALIBRATION_MIX, with_pictures
-from .progress import LinkingRun, progress_bar
+from .progress import LinkingRun, pictures_removed_on_purpose, progress_bar
 from .results import annotate, link_result, ranking_results
 from .scoring import aligned_mentions, score_linking
 from .settings import LinkerSettings
@@ -528,8 +527,7 @@ class M3ELLinker(TrainablePipe):
         if condition == "given":
             return {id(doc): doc for doc in docs}
         copies = with_pictures(docs, condition, seed=0)
-        with warnings.catch_warnings():  # pictures missing on purpose: no "linked on text alone" warning
-            warnings.filterwarnings("ignore", message=".*have no image", category=M3ELWarning)
+        with pictures_removed_on_purpose():
             self._annotate(copies)
         return {id(doc): copy for doc, copy in zip(docs, copies)}
 

@@ -5,11 +5,12 @@ line every :data:`LOG_INTERVAL` seconds with done/total and the rate, each
 ending with a newline, where a bar would leave one long line of carriage
 returns (or, buffered, nothing until the end).
 """
+import contextlib
 import os
 import sys
 import time
 import warnings
-from typing import IO, Any, Callable, Dict, Iterable, Optional, Tuple
+from typing import IO, Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 from tqdm import tqdm
 
@@ -75,6 +76,20 @@ def progress_bar(
                 **options)
 
 
+#: The end of the one warning a linking run gives about mentions without a picture.
+MISSING_PICTURES = "mentions have no image"
+
+
+@contextlib.contextmanager
+def pictures_removed_on_purpose(removed: bool = True) -> Iterator[None]:
+    """Inside, no "linked on text alone" warning (when ``removed``): the
+    picture conditions of evaluation and calibration take pictures away."""
+    with warnings.catch_warnings():
+        if removed:
+            warnings.filterwarnings("ignore", message=f".*{MISSING_PICTURES}", category=M3ELWarning)
+        yield
+
+
 class LinkingRun:
     """What one call (``nlp(doc)``) or stream (``nlp.pipe``) of the linker
     did: docs and mentions linked, mentions without a picture. Past
@@ -82,10 +97,9 @@ class LinkingRun:
     seconds tells how far a long stream is; at the end, one warning for all
     the mentions linked without a picture."""
 
-    def __init__(self, name: str, *, warn_missing: bool, stream: Optional[IO] = None) -> None:
+    def __init__(self, name: str, *, warn_missing: bool) -> None:
         self.name = name
         self.warn_missing = warn_missing
-        self.stream = stream
         self.docs = 0
         self.mentions = 0
         self.without_picture = 0
@@ -101,7 +115,7 @@ class LinkingRun:
         now = time.perf_counter()
         if now - self.started >= 2 * LOG_INTERVAL and now - self.last_line >= LOG_INTERVAL:
             self.last_line = now
-            stream = self.stream if self.stream is not None else sys.stderr
+            stream = sys.stderr
             if _mode(stream) != "off":
                 elapsed = now - self.started
                 stream.write(f"{self.name}: {self.docs:,} docs ({self.mentions:,} mentions) linked in "
@@ -111,7 +125,7 @@ class LinkingRun:
     def finish(self) -> None:
         if self.warn_missing and self.without_picture:
             warnings.warn(
-                f"{self.name}: {self.without_picture} of {self.mentions} mentions have no image (set doc._.image "
+                f"{self.name}: {self.without_picture} of {self.mentions} {MISSING_PICTURES} (set doc._.image "
                 "or span._.image): linked on text alone (see ent._.m3el_modalities)", M3ELWarning, stacklevel=4)
 
 

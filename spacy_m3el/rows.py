@@ -125,7 +125,6 @@ def link_rows(
     ``with_line``: output rows carry their input ``line``."""
     alignment = alignment if alignment is not None else AlignmentReport()
     pending: Dict[Any, Row] = {}  # rows handed to the pipeline and not back yet, by line
-    failures: Dict[Any, str] = {}
 
     def docs() -> Iterator[Doc]:
         for line, row, error in rows:
@@ -138,13 +137,10 @@ def link_rows(
             on_error({"line": line, "id": row.get("id") if isinstance(row, dict) else None, "error": error,
                       "skipped": True})
 
-    def failed(name: Optional[str], proc: Any, batch: Optional[List[Doc]], error: Exception) -> None:
-        # In a worker process's batch the docs are not known here: their rows are found missing at the end.
-        for doc in batch or []:
-            failures[doc.user_data.get(LINE_KEY)] = f"{type(error).__name__}: {error}"
-        failures[None] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    def go_on(name: Optional[str], proc: Any, batch: Optional[List[Doc]], error: Exception) -> None:
+        """A failed batch's docs are left out: their rows are found pending below (so in a worker process too)."""
 
-    with _error_handler(nlp, failed):
+    with _error_handler(nlp, go_on):
         for doc in nlp.pipe(docs(), n_process=n_process, batch_size=batch_size):
             line = doc.user_data.get(LINE_KEY)
             row = pending.pop(line)
@@ -156,9 +152,8 @@ def link_rows(
             if doc is None:
                 raise ValueError(error)
             doc = nlp(doc)
-        except Exception as err:  # the row itself is what fails
-            reason = failures.get(line) or f"{type(err).__name__}: {err}"
-            on_error({"line": line, "id": row.get("id", line), "error": f"linking failed: {reason}",
+        except Exception as err:  # alone, the row itself is what fails
+            on_error({"line": line, "id": row.get("id", line), "error": f"linking failed: {type(err).__name__}: {err}",
                       "skipped": True})
         else:
             yield _output_row(doc, line, row, on_error, top_k=top_k, with_line=with_line)

@@ -92,7 +92,7 @@ def test_a_second_writer_to_the_same_output_is_refused(pipeline, picture_dir, tm
     write_rows(rows, picture_dir, 3)
     with LinkOutput(output, tmp_path / "errors.jsonl"):
         with pytest.raises(OutputBusyError, match="being written by another link"):
-            LinkOutput(output, tmp_path / "other_errors.jsonl").open()
+            LinkOutput(output, tmp_path / "other_errors.jsonl").__enter__()
         result = CliRunner().invoke(app, ["link", str(pipeline), str(rows), str(output)])
         assert result.exit_code == 1 and f"pid {os.getpid()}" in result.output
     result = CliRunner().invoke(app, ["link", str(pipeline), str(rows), str(output)])
