@@ -28,11 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common import run_info  # noqa: E402
-from spacy_m3el.evaluation import evaluate_pipeline  # noqa: E402
-from spacy_m3el.mimic import ConversionReport, load_mimic_kb, read_mimic_docs  # noqa: E402
-from spacy_m3el.pictures import CONDITIONS  # noqa: E402
-from spacy_m3el.readers import MultimodalCorpus  # noqa: E402
-from spacy_m3el.scoring import HITS_AT  # noqa: E402
+from spacy_m3el.evaluation.end_to_end import evaluate_pipeline  # noqa: E402
+from spacy_m3el.data.mimic import ConversionReport, load_mimic_kb, read_mimic_docs  # noqa: E402
+from spacy_m3el.data.pictures import CONDITIONS  # noqa: E402
+from spacy_m3el.data.readers import MultimodalCorpus  # noqa: E402
+from spacy_m3el.evaluation.scoring import HITS_AT  # noqa: E402
 
 MODEL = "components.m3el_linker.model."
 LINKER = "components.m3el_linker."

@@ -27,19 +27,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common import run_info  # noqa: E402
-from spacy_m3el.calibration import (  # noqa: E402
+from spacy_m3el.pipeline.calibration import (  # noqa: E402
     ScorerOptions,
     answer_figures,
     apply_scorer,
     calibrate_scorer,
     to_tensors,
 )
-from spacy_m3el.kb import NIL  # noqa: E402
+from spacy_m3el.kb.base import NIL  # noqa: E402
 from spacy_m3el.model import CandidateScorer  # noqa: E402
-from spacy_m3el.pictures import CALIBRATION_MIX, CONDITIONS, examples_with_pictures  # noqa: E402
-from spacy_m3el.pipe import find_linker  # noqa: E402
-from spacy_m3el.readers import MultimodalCorpus  # noqa: E402
-from spacy_m3el.scoring import aligned_mentions  # noqa: E402
+from spacy_m3el.data.pictures import CALIBRATION_MIX, CONDITIONS, examples_with_pictures  # noqa: E402
+from spacy_m3el.pipeline.held_out import result_of  # noqa: E402
+from spacy_m3el.pipeline.linker import find_linker  # noqa: E402
+from spacy_m3el.data.readers import MultimodalCorpus  # noqa: E402
+from spacy_m3el.evaluation.scoring import aligned_mentions  # noqa: E402
 
 RECIPES = {
     "default (given + none + shuffled, prior >= 0)": (CALIBRATION_MIX, True),
@@ -51,14 +52,13 @@ RECIPES = {
 
 def linked_results(nlp, corpus: Path, image_dir: Path) -> dict:
     """(gold id, linking result) of every gold mention, per picture condition."""
-    linker = find_linker(nlp)
     base = list(MultimodalCorpus(corpus, image_dir=image_dir)(nlp))
     out = {}
     for condition in CONDITIONS:
         examples = examples_with_pictures(base, condition, seed=0)
         for eg, doc in zip(examples, nlp.pipe(eg.predicted for eg in examples)):
             eg.predicted = doc
-        out[condition] = [(gold.kb_id_, linker._result_of(span)) for gold, span in aligned_mentions(examples)
+        out[condition] = [(gold.kb_id_, result_of(span)) for gold, span in aligned_mentions(examples)
                           if span is not None]
     return out
 

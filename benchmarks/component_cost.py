@@ -74,7 +74,7 @@ def main() -> None:
         linker = nlp.add_pipe("m3el_linker")
         linker.set_kb(lambda vocab: kb)
         start = time.perf_counter()
-        linker.build_entity_cache(progress=True)
+        linker.build_entity_index(progress=True)
         cache_s = time.perf_counter() - start
         print(f"entity cache for {args.entities} entities: {cache_s:.1f} s")
         docs = []
@@ -90,7 +90,7 @@ def main() -> None:
         print(f"nlp.pipe: {args.docs / pipe_s:.1f} docs/s")
         nlp.to_disk(tmp / "pipeline")
         kb_dir = tmp / "pipeline" / "m3el_linker" / "kb"
-        cache_bytes = sum(p.stat().st_size for p in (kb_dir / "cache").glob("*.npy"))
+        cache_bytes = sum(p.stat().st_size for p in (kb_dir.parent / "index").glob("*.npy"))
         kb_bytes = sum(p.stat().st_size for p in kb_dir.rglob("*") if p.is_file())
         image_bytes = sum(p.stat().st_size for p in (kb_dir / "images").iterdir())
 

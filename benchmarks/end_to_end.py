@@ -33,10 +33,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import run_info  # noqa: E402
 from kb_scale import DEMO, PIPELINE, WORK, agreement_kb, cpu_seconds, photo_jpeg, write  # noqa: E402
-from spacy_m3el.entity_cache import EntityCache  # noqa: E402
-from spacy_m3el.images import DECODED_IMAGES  # noqa: E402
-from spacy_m3el.pipe import find_linker  # noqa: E402
-from spacy_m3el.readers import MultimodalCorpus  # noqa: E402
+from spacy_m3el.index.entity_index import EntityIndex  # noqa: E402
+from spacy_m3el.data.images import DECODED_IMAGES  # noqa: E402
+from spacy_m3el.pipeline.linker import find_linker  # noqa: E402
+from spacy_m3el.data.readers import MultimodalCorpus  # noqa: E402
 
 LONGER = (" The picture was shared in the class newsletter last week, next to a short note from the "
           "teacher about the school trip and the spring concert.")
@@ -62,8 +62,8 @@ def main() -> None:
         nlp = spacy.load(PIPELINE, config={"components": {"m3el_linker": {"inference_precision": precision}}})
         linker = find_linker(nlp)
         kb = agreement_kb(nlp, linker.kb)
-        kb.set_entity_cache(EntityCache.load(WORK / "kb8k_cache", n_entities=len(kb)))
         linker.set_kb(lambda vocab: kb)
+        linker.index_keeper.adopt(kb, EntityIndex.load(WORK / "kb8k_cache", n_entities=len(kb)))
         timed_docs = make_docs(nlp, "dev", WORK / "mention_photos") + make_docs(nlp, "test", WORK / "mention_photos")
         warm = make_docs(nlp, "train", WORK / "mention_photos")[:64]
         runs = [(1, 1), (32, 1)] + ([(32, os.cpu_count())] if precision == "auto" else [])

@@ -59,11 +59,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from common import run_info  # noqa: E402
-from spacy_m3el import linking  # noqa: E402
-from spacy_m3el.entity_cache import RETRIEVAL  # noqa: E402
-from spacy_m3el.kb import MultimodalKB  # noqa: E402
-from spacy_m3el.pipe import find_linker  # noqa: E402
-from spacy_m3el.retrieval import AnnIndex, exact_top_k  # noqa: E402
+from spacy_m3el.pipeline import linking  # noqa: E402
+from spacy_m3el.index.entity_index import RETRIEVAL  # noqa: E402
+from spacy_m3el.kb.base import MultimodalKB  # noqa: E402
+from spacy_m3el.pipeline.linker import find_linker  # noqa: E402
+from spacy_m3el.index.ann import AnnIndex, exact_top_k  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "benchmarks" / "work"
@@ -186,11 +186,11 @@ def write(name: str, data: Dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- build
 def demo_hits1(precision: str) -> Dict[str, float]:
-    from spacy_m3el.evaluation import evaluate_pipeline
-    from spacy_m3el.readers import MultimodalCorpus
+    from spacy_m3el.evaluation.end_to_end import evaluate_pipeline
+    from spacy_m3el.data.readers import MultimodalCorpus
 
     nlp = spacy.load(PIPELINE, config={"components": {"m3el_linker": {"inference_precision": precision}}})
-    find_linker(nlp).kb.clear_entity_cache()
+    find_linker(nlp).index_keeper.drop()
     examples = list(MultimodalCorpus(ROOT / "corpus" / "clipart_mel" / "test.spacy", image_dir=DEMO)(nlp))
     result = evaluate_pipeline(nlp, examples)
     return {"hits1": result["m3el_hits1"], "mrr": result["m3el_mrr"]}
@@ -215,14 +215,14 @@ def bench_build(args) -> None:
     linker = find_linker(nlp)
     kb = photo_kb(nlp, args.entities, args.entities, WORK / "photos")
     linker.set_kb(lambda vocab: kb)
-    encoder = linker.entity_encoder
+    keeper = linker.index_keeper
     rows = {}
     linker.configure(inference_precision="float32")
     linker.network.feature_cache.clear()
     backbone = linker.network.encoder
     backbone.encode_image = previous_image_tower(backbone)  # shadows the method for this row only
     start_cpu, start = cpu_seconds(), time.perf_counter()
-    encoder.encode(kb, None)
+    keeper.encoding.encode(kb, max_queries=None)
     del backbone.encode_image
     rows["before"] = {"path": "as before streamed builds: in memory, serial decoding, feature cache, float32, "
                               "NCHW image tower",
@@ -237,7 +237,7 @@ def bench_build(args) -> None:
         linker.configure(build_processes=processes, image_workers=workers)
         with tempfile.TemporaryDirectory() as folder:
             start_cpu, start = cpu_seconds(), time.perf_counter()
-            encoder.build_streamed(kb, Path(folder) / "cache", progress=False, shard_size=256)
+            keeper.build_streamed(kb, Path(folder) / "cache", progress=False, shard_size=256)
             rows[name] = {"path": f"streamed to disk, {what}, inference_precision auto",
                           "cpu_ms_per_entity": 1000 * (cpu_seconds() - start_cpu) / len(kb),
                           "wall_ms_per_entity": 1000 * (time.perf_counter() - start) / len(kb)}
@@ -261,7 +261,7 @@ def child_build(args) -> None:
     linker.set_kb(lambda vocab: kb)
     linker.configure(build_processes=args.processes)
     start_cpu, start = cpu_seconds(), time.perf_counter()
-    cache = linker.entity_encoder.build_streamed(kb, Path(args.folder), progress=True,
+    cache = linker.index_keeper.build_streamed(kb, Path(args.folder), progress=True,
                                                  shard_size=args.shard_size)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"entities": len(cache), "peak_rss_mb": peak, "cpu_s": cpu_seconds() - start_cpu,
@@ -362,7 +362,7 @@ def agreement_kb(nlp, demo_kb: MultimodalKB) -> MultimodalKB:
 
 
 def bench_agreement(args) -> None:
-    from spacy_m3el.readers import MultimodalCorpus
+    from spacy_m3el.data.readers import MultimodalCorpus
 
     nlp = spacy.load(PIPELINE)
     linker = find_linker(nlp)
@@ -371,12 +371,12 @@ def bench_agreement(args) -> None:
     folder, timing = WORK / "kb8k_cache", WORK / "kb8k_build.json"
     if not timing.exists():  # else the finished build in the folder is loaded
         start_cpu, start = cpu_seconds(), time.perf_counter()
-    cache = linker.entity_encoder.build_streamed(kb, folder, progress=True)  # end_to_end.py reuses it
+    cache = linker.index_keeper.build_streamed(kb, folder, progress=True)  # end_to_end.py reuses it
     if not timing.exists():
         timing.write_text(json.dumps({"cpu_ms_per_entity": 1000 * (cpu_seconds() - start_cpu) / len(kb),
                                       "wall_s": time.perf_counter() - start}))
     build = json.loads(timing.read_text())
-    kb.set_entity_cache(cache)
+    linker.index_keeper.adopt(kb, cache)
     spans = []
     for split in ("dev", "test"):
         for eg in MultimodalCorpus(ROOT / "corpus" / "clipart_mel" / f"{split}.spacy", image_dir=DEMO)(nlp):
@@ -393,7 +393,7 @@ def bench_agreement(args) -> None:
     for start in range(0, len(spans), 32):
         batch = spans[start : start + 32]
         with torch.no_grad():
-            mention = linker.encode_mentions(batch)
+            mention = linker.mentions.encode(batch)
         query = matcher.mention_retrieval_vectors(mention)
         queries.append(query)
         alias = [[row for row, _ in kb.alias_rows(span.text)] for span in batch]
@@ -524,7 +524,7 @@ def ann_rss(args) -> None:
     memory map and answering every query with the default search settings."""
     import faiss
 
-    from spacy_m3el.settings import LinkerSettings
+    from spacy_m3el.pipeline.settings import LinkerSettings
 
     folder = Path(args.folder)
     queries = torch.from_numpy(numpy.load(folder / "kb8k_queries.npy"))

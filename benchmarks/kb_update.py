@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import random_picture, run_info  # noqa: E402
 from kb_scale import WORK, write  # noqa: E402
 from spacy_m3el import MultimodalKB  # noqa: E402
-from spacy_m3el.entity_cache import EntityCache  # noqa: E402
-from spacy_m3el.kb_files import kb_records  # noqa: E402
-from spacy_m3el.pipe import find_linker  # noqa: E402
+from spacy_m3el.index.entity_index import EntityIndex  # noqa: E402
+from spacy_m3el.kb.files import kb_records  # noqa: E402
+from spacy_m3el.pipeline.linker import find_linker  # noqa: E402
 
 PIPELINE = ROOT / "training" / "clipart_mel" / "model-best"
 DISTINCT = 1000
@@ -66,7 +66,7 @@ def child(command: List[str]) -> Dict[str, float]:
     return {"wall_s": time.perf_counter() - start, "cpu_s": cpu}
 
 
-def base_pipeline(size: int, distinct_cache: EntityCache) -> Path:
+def base_pipeline(size: int, distinct_cache: EntityIndex) -> Path:
     """The demo pipeline linking against ``size`` entities, with their cache."""
     nlp = spacy.load(PIPELINE)
     kb = MultimodalKB(nlp.vocab)
@@ -77,8 +77,10 @@ def base_pipeline(size: int, distinct_cache: EntityCache) -> Path:
         kb.add_alias(record["aliases"][0], [record["id"]], [1.0])
     rows = numpy.arange(size) % DISTINCT
     arrays = {name: numpy.ascontiguousarray(array[rows]) for name, array in distinct_cache.arrays.items()}
-    kb.set_entity_cache(EntityCache(arrays, dict(distinct_cache.meta)))
-    find_linker(nlp).set_kb(lambda vocab: kb)
+    linker = find_linker(nlp)
+    linker.set_kb(lambda vocab: kb)
+    # The distinct entities' rows, tiled: an index of the right size and identity for timing.
+    linker.index_keeper.adopt(kb, EntityIndex(arrays, {**distinct_cache.meta, **linker.index_keeper.identity(kb)}))
     path = FOLDER / f"base{size}"
     shutil.rmtree(path, ignore_errors=True)
     nlp.to_disk(path)
@@ -106,7 +108,7 @@ def main() -> None:
         distinct.add_entity(record["id"], name=record["name"], description=record["description"],
                             images=record["images"], freq=1)
     start = time.perf_counter()
-    distinct_cache = linker.entity_encoder.encode(distinct, linker.settings.max_cached_queries)
+    distinct_cache = linker.index_keeper.encoding.encode(distinct, max_queries=linker.settings.max_cached_queries)
     encode_s = time.perf_counter() - start
     rows = []
     rebuild_per_entity = None

@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from accuracy import convert  # noqa: E402
 from common import run_info  # noqa: E402
 from spacy_m3el import MultimodalKB  # noqa: E402
-from spacy_m3el.kb import NIL  # noqa: E402
-from spacy_m3el.readers import MultimodalCorpus  # noqa: E402
+from spacy_m3el.kb.base import NIL  # noqa: E402
+from spacy_m3el.data.readers import MultimodalCorpus  # noqa: E402
 
 LINKER = "components.m3el_linker."
 VARIANTS = {

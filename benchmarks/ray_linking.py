@@ -44,7 +44,7 @@ def main() -> None:
     import spacy
 
     from spacy_m3el import distributed
-    from spacy_m3el.rows import link_rows, read_rows
+    from spacy_m3el.data.rows import link_rows, read_rows
 
     if not args.pipeline.is_dir():
         raise SystemExit(f"{args.pipeline} not found: run `python -m spacy project run all` first")

@@ -45,8 +45,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import run_info  # noqa: E402
 from kb_scale import WORK, cpu_seconds, write  # noqa: E402
-from spacy_m3el.readers import MultimodalCorpus  # noqa: E402
-from spacy_m3el.rows import row_doc  # noqa: E402
+from spacy_m3el.data.readers import MultimodalCorpus  # noqa: E402
+from spacy_m3el.data.rows import row_doc  # noqa: E402
 
 DEMO = ROOT / "assets" / "clipart_mel"
 

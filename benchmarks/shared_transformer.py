@@ -42,7 +42,7 @@ def parameters(nlp) -> Dict[str, Any]:
     """Distinct torch parameters of the pipeline, and the text encoders holding them."""
     from transformers import PreTrainedModel
 
-    from spacy_m3el.pipe import find_linker
+    from spacy_m3el.pipeline.linker import find_linker
 
     modules = [nlp.get_pipe(name).model.transformer for name in nlp.pipe_names
                if hasattr(getattr(nlp.get_pipe(name), "model", None), "transformer")]
@@ -63,7 +63,7 @@ def parameters(nlp) -> Dict[str, Any]:
 
 def raw_docs(nlp, path: Path, image_dir: Path) -> List:
     from spacy_m3el.extensions import copy_images
-    from spacy_m3el.readers import MultimodalCorpus
+    from spacy_m3el.data.readers import MultimodalCorpus
 
     docs = []
     for eg in MultimodalCorpus(path, image_dir=image_dir)(nlp):
@@ -87,8 +87,8 @@ def build(kind: str, args) -> Any:
 def child(kind: str, args) -> Dict[str, Any]:
     import torch
 
-    from spacy_m3el.evaluation import evaluate_pipeline
-    from spacy_m3el.readers import MultimodalCorpus
+    from spacy_m3el.evaluation.end_to_end import evaluate_pipeline
+    from spacy_m3el.data.readers import MultimodalCorpus
 
     torch.set_num_threads(args.threads)
     start_rss = rss_mb()

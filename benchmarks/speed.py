@@ -30,8 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common import run_info  # noqa: E402
-from spacy_m3el import linking  # noqa: E402
-from spacy_m3el.entity_cache import EntityCache, build_cache_arrays  # noqa: E402
+from spacy_m3el.pipeline import linking  # noqa: E402
+from spacy_m3el.index.encoding import index_arrays  # noqa: E402
+from spacy_m3el.index.entity_index import INDEX_FORMAT, EntityIndex  # noqa: E402
 from spacy_m3el.model import EncodedItems, M3ELConfig, M3ELMatcher  # noqa: E402
 
 TEXT_DIM, IMAGE_DIM, TEXT_TOKENS, PATCHES = 384, 1280, 40, 49  # the default backbone's
@@ -73,7 +74,8 @@ def synthetic_cache_arrays(matcher, block: dict, size: int, max_queries):
     """Cache arrays of ``size`` entities (the block's, tiled) and their meta;
     also the seconds spent pooling the block's queries, per entity."""
     start = time.perf_counter()
-    arrays, meta = build_cache_arrays(matcher, [block], max_queries=max_queries)
+    arrays, layout = index_arrays(matcher, [block], max_queries=max_queries)
+    meta = {"format": INDEX_FORMAT, "max_queries": max_queries, "retrieval_parts": layout}
     build_s = (time.perf_counter() - start) / len(block["has_image"])
     return {name: tile(array, size) for name, array in arrays.items()}, meta, build_s
 
@@ -104,7 +106,7 @@ def paper_protocol(matcher, mention, entity, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def two_stage(matcher, mention, cache: EntityCache, k: int) -> torch.Tensor:
+def two_stage(matcher, mention, cache: EntityIndex, k: int) -> torch.Tensor:
     """Best entity per mention: exact top-k, then the rerank on the cache's
     rows (read from its memory map on CPU)."""
     return linking.two_stage(matcher, mention, cache, k=k).best_rows()
@@ -136,7 +138,7 @@ def scaling(sizes, k: int, device, paper_max: int, batches=(1, 32)) -> list:
     for size in sizes:
         arrays, meta, _ = synthetic_cache_arrays(matcher, block, size, None)
         with tempfile.TemporaryDirectory() as tmp:
-            cache = EntityCache(memory_mapped(arrays, Path(tmp)) if device == "cpu" else arrays, meta)
+            cache = EntityIndex(memory_mapped(arrays, Path(tmp)) if device == "cpu" else arrays, meta)
             del arrays
             row = {"entities": size, "k": k, "cache_bytes_per_entity_fp16": cache.bytes_per_entity}
             for batch in batches:

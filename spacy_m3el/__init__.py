@@ -1,11 +1,11 @@
 """spacy-m3el: multimodal entity linking for spaCy (M3EL, KDD 2025)."""
+from .data.images import load_image
 from .errors import ImageLoadError, KBError, M3ELWarning, MIMICFormatError
 from .extensions import make_doc, register_extensions
 from .fileio import save_pipeline
-from .images import load_image
-from .kb import MultimodalKB
-from .render import render
-from .ruler import add_alias_ruler, alias_patterns
+from .kb.base import MultimodalKB
+from .pipeline.render import render
+from .pipeline.ruler import add_alias_ruler, alias_patterns
 
 register_extensions()
 

@@ -1,7 +1,7 @@
 """Linking a corpus, and encoding a KB, beyond one process: on Ray Data
 (``pip install 'spacy-m3el[ray]'``).
 
-Each Ray actor loads the pipeline once (its KB cache memory-mapped from the
+Each Ray actor loads the pipeline once (its entity index memory-mapped from the
 pipeline directory, which every worker must be able to read) and links
 batches of rows; the driver writes the output and errors files. Ray retries
 the batches of a worker that dies, and a batch's rows are written only when
@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
+from .data.rows import Row, link_rows, parse_line
 from .errors import warn
-from .rows import Row, link_rows, parse_line
 
 #: Environment variable naming a file whose presence makes the next batch's
 #: worker exit at once (the file is removed first): for fault-tolerance tests.
@@ -75,7 +75,7 @@ class LinkWorker:
         import spacy
         import torch
 
-        from .pipe import find_linker
+        from .pipeline.linker import find_linker
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.nlp = _load_pipeline(spacy, pipeline)
@@ -139,9 +139,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def has_entity_cache(pipeline: Union[str, Path]) -> bool:
-    """Does the saved pipeline directory hold an entity cache (its linker's ``kb/cache``)?"""
-    return any(Path(pipeline).glob("*/kb/cache/meta.json"))
+def has_entity_index(pipeline: Union[str, Path]) -> bool:
+    """Does the saved pipeline directory hold an entity index (its linker's
+    ``index/``, or ``kb/cache/`` in pipelines saved before)?"""
+    return any(Path(pipeline).glob("*/index/meta.json")) or any(Path(pipeline).glob("*/kb/cache/meta.json"))
 
 
 def read_dataset(path: Union[str, Path]):
@@ -187,8 +188,8 @@ def link(
     # Workers do not share the driver's working directory: local paths go to them absolute.
     if Path(pipeline).exists():
         pipeline = str(Path(pipeline).resolve())
-        if not has_entity_cache(pipeline):
-            warn(f"{pipeline} has no entity cache: each of the {num_workers} workers encodes the whole KB at its "
+        if not has_entity_index(pipeline):
+            warn(f"{pipeline} has no entity index: each of the {num_workers} workers encodes the whole KB at its "
                  "first batch. Build it once first: python -m spacy_m3el build-cache PIPELINE OUTPUT")
     ledger = ray.remote(num_cpus=0)(BatchLedger).remote()
     linked = dataset.map_batches(
@@ -273,14 +274,14 @@ class _RowWriter:
         self.file.close()
 
 
-class CacheWorker:
+class IndexWorker:
     """A Ray Data actor: one loaded pipeline, encoding ranges of KB rows into
-    entity cache arrays (returned as ``.npz`` bytes)."""
+    entity index arrays (returned as ``.npz`` bytes) by the route every build takes."""
 
     def __init__(self, pipeline: str) -> None:
         import spacy
 
-        from .pipe import find_linker
+        from .pipeline.linker import find_linker
 
         self.linker = find_linker(_load_pipeline(spacy, pipeline))
 
@@ -292,8 +293,8 @@ class CacheWorker:
         starts, blobs, unreadable, layouts = [], [], [], []
         linker = self.linker
         for start, end in zip(batch["start"], batch["end"]):
-            part = linker.entity_encoder.encode(linker.kb, linker.settings.max_cached_queries,
-                                                rows=range(int(start), int(end)))
+            part = linker.index_keeper.encoding.encode(linker.kb, range(int(start), int(end)),
+                                                       max_queries=linker.settings.max_cached_queries)
             buffer = io.BytesIO()
             numpy.savez(buffer, **part.arrays)
             starts.append(int(start))
@@ -325,14 +326,15 @@ def build_kb_cache(
     """Encode the KB entities of ``pipeline``'s linker on ``num_workers``
     Ray actors (row ranges on entity-batch boundaries, so every batch is the
     one a single-machine build encodes), merge the arrays in KB order into
-    one entity cache, and save the pipeline with it to ``output``."""
+    one entity index, and save the pipeline with it to ``output``."""
     import io
 
     import numpy
     import spacy
 
-    from .entity_cache import EntityCache, _concatenate_padded, cache_settings
-    from .pipe import find_linker
+    from .index.entity_index import EntityIndex
+    from .index.store import concatenate
+    from .pipeline.linker import find_linker
 
     start_ray(address, num_cpus=None if address else max(num_workers, 1) + 1)
     ray = _ray()
@@ -347,7 +349,7 @@ def build_kb_cache(
     shard = -(-shard // size) * size
     ranges = [{"start": start, "end": min(start + shard, total)} for start in range(0, total, shard)]
     encoded = ray.data.from_items(ranges).map_batches(
-        CacheWorker, fn_constructor_kwargs={"pipeline": str(pipeline)}, batch_size=1,
+        IndexWorker, fn_constructor_kwargs={"pipeline": str(pipeline)}, batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=num_workers), num_cpus=1, batch_format="numpy",
     )
     parts: Dict[int, Dict[str, numpy.ndarray]] = {}
@@ -362,14 +364,11 @@ def build_kb_cache(
     if sorted(parts) != [r["start"] for r in ranges]:
         raise RuntimeError(f"Ray returned {len(parts)} of {len(ranges)} KB shards")
     ordered = [parts[start] for start in sorted(parts)]
-    arrays = {name: _concatenate_padded([part[name] for part in ordered]) for name in ordered[0]}
-    # The meta a single-machine build writes: settings, the workers' retrieval layout, fingerprint.
-    meta = {**cache_settings(linker.settings.max_cached_queries), "retrieval_parts": layout}
-    cache = EntityCache(arrays, {**meta, "fingerprint": linker.network.fingerprint(),
-                                 "unreadable_kb_images": {"count": len(unreadable), "ids": unreadable[:20]}})
-    if linker.settings.max_cached_queries is not None:
-        cache.meta["pooling_agreement"] = linker.entity_encoder.pooling_agreement(linker.kb, cache)
-    linker.kb.set_entity_cache(cache)
-    linker.entity_encoder.adopt_loaded(linker.kb)
+    arrays = {name: concatenate([part[name] for part in ordered]) for name in ordered[0]}
+    keeper = linker.index_keeper
+    index = EntityIndex(arrays, keeper.encoding.meta(linker.kb, layout, max_queries=linker.settings.max_cached_queries,
+                                                     unreadable=unreadable))
+    keeper.report(linker.kb, index, unreadable)
+    keeper.adopt(linker.kb, index, where="the entity index built on Ray")
     nlp.to_disk(output)
     return {"entities": total, "shards": len(ranges), "unreadable_kb_images": len(unreadable)}

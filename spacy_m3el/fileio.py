@@ -1,5 +1,6 @@
 """Filesystem helpers: JSON with errors that name the file, paths confined
-to a directory, and directory writes that an interruption cannot half-do."""
+to a directory, directory writes that an interruption cannot half-do, and
+folders as bytes (for ``to_bytes``)."""
 import ctypes
 import errno
 import json
@@ -7,8 +8,11 @@ import os
 import re
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Type, Union
+
+import srsly
 
 from .errors import KBError
 
@@ -111,3 +115,33 @@ def save_pipeline(nlp, path: Union[str, Path]) -> None:
     """``nlp.to_disk`` through a temporary directory and a rename: an
     interrupted save leaves the previous pipeline directory intact."""
     atomic_directory_write(path, nlp.to_disk)
+
+
+def folder_to_bytes(write: Callable[[Path], None]) -> bytes:
+    """The files ``write(folder)`` puts in a new folder, as one msgpack map
+    (relative path -> bytes)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "folder"
+        write(root)
+        files = {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    return srsly.msgpack_dumps(files)
+
+
+def folder_from_bytes(data: bytes, read: Callable[[Path], Any], *, what: str, prefix: str) -> Any:
+    """Unpack :func:`folder_to_bytes` output into a private folder and
+    return what ``read(folder)`` makes of it; the folder is removed when
+    that object is garbage collected (its files may be memory-mapped or
+    read later). ``what`` names the files in errors; ``prefix`` starts the folder's name."""
+    files = srsly.msgpack_loads(data)
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        for relative, content in files.items():
+            target = inside(root, relative, what)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
+        result = read(root)
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    weakref.finalize(result, shutil.rmtree, str(root), True)
+    return result

@@ -11,10 +11,9 @@ import pytest
 import spacy
 import torch
 
-from spacy_m3el.pipe import find_linker
-from spacy_m3el.rows import link_rows, read_rows
-
-from .test_pipe import CONTEXTS, N_ENTITIES, train_pipeline
+from spacy_m3el.data.rows import link_rows, read_rows
+from spacy_m3el.pipeline.linker import find_linker
+from tests.pipeline.test_linker import CONTEXTS, N_ENTITIES, train_pipeline
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
 from spacy_m3el import distributed  # noqa: E402
@@ -44,10 +43,10 @@ def pipeline_dir(picture_dir, tmp_path_factory):
     nlp, _ = train_pipeline(picture_dir, epochs=5)
     path = tmp_path_factory.mktemp("ray") / "pipeline"
     nlp.to_disk(path)
-    assert not distributed.has_entity_cache(path)  # saving never encodes: built once here, for every worker
-    nlp.get_pipe("m3el_linker").build_entity_cache()
+    assert not distributed.has_entity_index(path)  # saving never encodes: built once here, for every worker
+    nlp.get_pipe("m3el_linker").build_entity_index()
     nlp.to_disk(path)
-    assert distributed.has_entity_cache(path)
+    assert distributed.has_entity_index(path)
     # Small entity batches, so that the 20 entities make several shards for the distributed build.
     config = path / "config.cfg"
     # float32: Ray workers run one torch thread, this process two; in bfloat16 the kernels' sums
@@ -178,17 +177,18 @@ def test_distributed_kb_cache_equals_the_single_machine_build(local_ray, pipelin
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = linker.entity_encoder.encode(linker.kb, linker.settings.max_cached_queries)
+        single = linker.index_keeper.encoding.encode(linker.kb, max_queries=linker.settings.max_cached_queries)
     finally:
         torch.set_num_threads(threads)
     built = find_linker(spacy.load(tmp_path / "built"))
-    cache = built.kb.entity_cache
+    cache = built.index_keeper.index
     assert cache is not None and sorted(cache.arrays) == sorted(single.arrays)
     for name, array in single.arrays.items():
         assert numpy.array_equal(numpy.asarray(cache.arrays[name]), array), name
     assert cache.meta["fingerprint"] == single.meta["fingerprint"] == linker.network.fingerprint()
+    assert cache.meta["kb"] == single.meta["kb"] and cache.meta["encode_precision"] == single.meta["encode_precision"]
     assert cache.meta["retrieval_parts"] == single.meta["retrieval_parts"]
-    assert built.entity_cache is cache  # taken as it is, not rebuilt
+    assert built.entity_index is cache  # taken as it is, not rebuilt
 
 
 def test_a_row_that_kills_every_worker_fails_the_job_by_name_after_bounded_retries(local_ray, pipeline_dir,

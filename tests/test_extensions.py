@@ -5,9 +5,8 @@ import pytest
 import spacy
 from PIL import Image
 
+from spacy_m3el.data.images import ImageLoader, ImageLoadError, image_key, load_image
 from spacy_m3el.extensions import image_source
-from spacy_m3el.images import ImageLoader
-from spacy_m3el.images import ImageLoadError, image_key, load_image
 
 
 def test_span_image_wins_over_doc_image(picture_dir):

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from .test_pipe import train_pipeline
+from tests.pipeline.test_linker import train_pipeline
 
 NAME = "m3el_citest"
 

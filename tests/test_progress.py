@@ -7,8 +7,7 @@ import spacy
 
 from spacy_m3el import progress
 from spacy_m3el.progress import create_console_logger, progress_bar
-
-from .test_pipe import train_pipeline
+from tests.pipeline.test_linker import train_pipeline
 
 
 @pytest.fixture

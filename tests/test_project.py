@@ -84,7 +84,7 @@ def test_project_all_runs_end_to_end(tmp_path):
     env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}"}
     own_kb = subprocess.run(["bash", "-e", "-c", script], capture_output=True, text=True, cwd=project, env=env)
     assert own_kb.returncode == 0, f"the own-KB section failed:\n{own_kb.stdout[-2000:]}\n{own_kb.stderr[-3000:]}"
-    assert "Entity cache in my_kb reused" in own_kb.stdout
+    assert "Entity index in my_kb reused" in own_kb.stdout
     (row,) = [json.loads(line) for line in (project / "my_linked.jsonl").read_text().splitlines()]
     links = {e["text"]: e["kb_id"] for e in row["ents"]}
     # Linked against the new KB only (a one-epoch model may follow the clock picture for "poster").
@@ -94,7 +94,7 @@ def test_project_all_runs_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_workflows_run_on_any_mimic_directory(tmp_path, picture_dir):
-    from .test_mimic import write_release_layout
+    from tests.data.test_mimic import write_release_layout
 
     data = write_release_layout(tmp_path / "my_data", picture_dir)
     project = tmp_path / "project"

@@ -3,7 +3,6 @@ import re
 import shutil
 from pathlib import Path
 
-
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
 

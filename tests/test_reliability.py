@@ -13,10 +13,9 @@ from PIL import Image
 from spacy.training import Example
 
 from spacy_m3el import KBError, MultimodalKB
-from spacy_m3el.images import ImageLoadError, load_image
-from spacy_m3el.kb import NIL
-
-from .test_pipe import N_ENTITIES, examples_for, make_docs, train_pipeline
+from spacy_m3el.data.images import ImageLoadError, load_image
+from spacy_m3el.kb.base import NIL
+from tests.pipeline.test_linker import N_ENTITIES, examples_for, make_docs, train_pipeline
 
 ROOT = Path(__file__).parents[1]
 
@@ -116,13 +115,13 @@ def test_bad_mention_image_raises_or_warns_and_links_text_only(trained, tmp_path
     with pytest.raises(ImageLoadError, match="broken.png"):
         nlp(item_doc(nlp, image=str(tmp_path / "broken.png")))
     linker.configure(on_bad_image="warn")
-    before = linker.bad_images
+    before = linker.mentions.bad_images
     try:
         with pytest.warns(UserWarning, match="broken.png.*text only"):
             doc = nlp(item_doc(nlp, image=str(tmp_path / "broken.png")))
         assert doc.ents[0].kb_id_.startswith("E")
         assert doc.ents[0]._.m3el_candidates[0]["branches"]["image"] == 0.0
-        assert linker.bad_images == before + 1
+        assert linker.mentions.bad_images == before + 1
     finally:
         linker.configure(on_bad_image="raise")
 
@@ -193,7 +192,7 @@ def test_interrupted_pipeline_save_keeps_the_old_one(trained, tmp_path, monkeypa
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("spacy_m3el.pipe.M3ELLinker.to_disk", crash)
+    monkeypatch.setattr("spacy_m3el.pipeline.linker.M3ELLinker.to_disk", crash)
     with pytest.raises(OSError, match="disk full"):
         save_pipeline(nlp, tmp_path / "pipeline")
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "pipeline").rglob("*")) == before
@@ -330,7 +329,7 @@ def test_arrays_that_are_not_pictures_are_refused(array, message):
 def test_a_replaced_image_file_gets_a_new_cache_key(tmp_path):
     import os
 
-    from spacy_m3el.images import image_key
+    from spacy_m3el.data.images import image_key
 
     path = tmp_path / "photo.bmp"  # BMP: same size for the same dimensions
     Image.new("RGB", (8, 8), (255, 0, 0)).save(path)
@@ -354,13 +353,13 @@ def test_bad_images_are_counted_per_mention_and_named_by_doc(trained, tmp_path):
     for doc in docs[:3]:
         doc._.image = str(tmp_path / "broken.png")
     linker.configure(on_bad_image="warn")
-    before = linker.bad_images
+    before = linker.mentions.bad_images
     try:
         with pytest.warns(UserWarning):
             linked = list(nlp.pipe(docs, batch_size=10))
     finally:
         linker.configure(on_bad_image="raise")
-    assert linker.bad_images == before + 4  # three docs share one broken file, one has bad bytes
+    assert linker.mentions.bad_images == before + 4  # three docs share one broken file, one has bad bytes
     assert all(d.ents[0].kb_id_.startswith("E") for d in linked)
 
 
@@ -369,7 +368,7 @@ def test_a_cache_missing_an_array_in_meta_json_is_named_at_load(trained, tmp_pat
 
     nlp, _ = trained
     nlp.to_disk(tmp_path / "p")
-    meta_path = tmp_path / "p" / "m3el_linker" / "kb" / "cache" / "meta.json"
+    meta_path = tmp_path / "p" / "m3el_linker" / "index" / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta["arrays"].remove("text_query")
     meta_path.write_text(json.dumps(meta))
@@ -398,5 +397,5 @@ def test_a_broken_kb_image_never_aborts_training_or_linking(picture_dir, tmp_pat
     with pytest.warns(UserWarning, match=r"1 KB entities are linked without their image.*\['E2'\]"):
         linked = nlp(item_doc(nlp, image=str(picture_dir / "item1_alt.png")))
     assert linked.ents[0].kb_id_.startswith("E")
-    assert linker.kb.entity_cache.meta["unreadable_kb_images"] == {"count": 1, "ids": ["E2"]}
+    assert linker.index_keeper.index.meta["unreadable_kb_images"] == {"count": 1, "ids": ["E2"]}
     assert any("broken.png" in error for error in linker.inputs.kb_images.failures.values())

@@ -9,10 +9,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..images import fit_square
-from ..settings import PRECISIONS
+from ..data.images import fit_square
 from ..model import EncodedItems
 
+#: Backbone precisions where it only infers ("auto": bfloat16 where the CPU runs it natively).
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 
 
 def inference_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -65,6 +66,15 @@ class ImageFeatures:
     image_global: torch.Tensor  # [N, image_global_dim]
     image_tokens: torch.Tensor  # [N, P, image_token_dim]
     image_mask: torch.Tensor  # [N] bool
+
+
+@dataclass
+class PreprocessedImages:
+    """N images decoded and preprocessed already (in a DataLoader worker):
+    pixels [N, 3, S, S] and a bool mask of the items that have one."""
+
+    pixels: torch.Tensor
+    mask: torch.Tensor
 
 
 def join_features(text: TextFeatures, image: ImageFeatures) -> EncodedItems:
@@ -188,10 +198,14 @@ class MultimodalEncoder(nn.Module, ABC):
 
     def encode_images(self, images: Sequence[Optional[Image.Image]]) -> ImageFeatures:
         """Preprocess and encode N images (None = no image)."""
-        pixels, image_mask = self.preprocess_images(images)
+        return self.encode_preprocessed(PreprocessedImages(*self.preprocess_images(images)))
+
+    def encode_preprocessed(self, images: PreprocessedImages) -> ImageFeatures:
+        """Encode N preprocessed images (the tower runs only on those present)."""
         device = self.device
-        image_global, image_tokens = self.encode_image_masked(pixels.to(device), image_mask.to(device))
-        return ImageFeatures(image_global, image_tokens, image_mask.to(device))
+        mask = images.mask.to(device)
+        image_global, image_tokens = self.encode_image_masked(images.pixels.to(device), mask)
+        return ImageFeatures(image_global, image_tokens, mask)
 
     def encode(
         self, texts: Sequence[str], images: Sequence[Optional[Image.Image]]

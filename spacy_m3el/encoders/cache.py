@@ -5,8 +5,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..images import ImageRef
-from ..lru import LRUCache
+from ..data.images import ImageRef
+from ..data.lru import LRUCache
 from ..model import EncodedItems
 from .base import ImageFeatures, MultimodalEncoder, TextFeatures, join_features, pad_tokens
 

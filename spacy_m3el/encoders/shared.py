@@ -5,7 +5,7 @@ the Hugging Face text model already lives in the upstream ``transformer``
 component. This encoder borrows it instead of loading a second copy: KB texts
 are encoded by that very model object (gradients reach it when the upstream
 is being trained), mention texts come from the upstream's output for the doc
-(see :mod:`spacy_m3el.shared_transformer`). The image side is
+(see :mod:`spacy_m3el.pipeline.shared_transformer`). The image side is
 EfficientNet-Lite0, frozen, as in the default backbone. The module knows
 nothing of spaCy: whoever owns the text model hands it over with
 :meth:`SharedTextEncoder.attach`.
@@ -131,7 +131,7 @@ class SharedTextEncoder(EfficientNetLite0Images, MultimodalEncoder):
 
     def weights_digest(self) -> Optional[str]:
         """Identifies the borrowed model's current weights (an evenly spread
-        sample of every tensor), so that an entity cache built before the
+        sample of every tensor), so that an entity index built before the
         upstream was trained further is recognised as stale."""
         if self._provider is None:
             return None

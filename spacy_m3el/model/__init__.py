@@ -1,7 +1,7 @@
 """Torch modules of M3EL, free of spaCy so they can be used and tested alone."""
 from .candidate_scorer import LEXICAL_FEATURES, NIL_FEATURES, CandidateScorer
-from .config import M3ELConfig
 from .compression import pool_queries
+from .config import M3ELConfig
 from .contrastive import intra_modal_contrastive_loss
 from .layers import CSRAPooling, GatedFusion, MatchLayer
 from .m3el import EncodedItems, M3ELMatcher

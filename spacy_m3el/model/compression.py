@@ -1,4 +1,4 @@
-"""Shrinking the G2L part of the entity cache.
+"""Shrinking the G2L part of the entity index.
 
 An entity's G2L score only needs the *mean* over its query tokens of each
 token's attention context. Queries that lie close together give nearly the

@@ -1,5 +1,5 @@
 """Intra-modal contrastive loss with same-modality negatives."""
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,3 +57,18 @@ def intra_modal_contrastive_loss(
     # A temperature of 0.03 needs float32 logits: keep autocast (bf16/fp16) out.
     with torch.autocast(device_type=entity.device.type, enabled=False):
         return (side_loss(entity, mention) + side_loss(mention, entity)) / 2
+
+
+def branches_contrastive_loss(config: Any, mention_features: Dict[str, torch.Tensor],
+                              entity_features: Dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """The mean of :func:`intra_modal_contrastive_loss` over the text and
+    image branches ``config`` uses, on the raw global features of each
+    mention and its gold entity (``labels``: the gold rows)."""
+    losses = []
+    for modality in ("text", "image"):
+        if modality in config.branches:
+            key = f"{modality}_global_raw"
+            losses.append(intra_modal_contrastive_loss(
+                entity_features[key][labels], mention_features[key], temperature=config.temperature,
+                inter_weight=config.inter_weight, intra_weight=config.intra_weight, labels=labels))
+    return torch.stack(losses).mean()

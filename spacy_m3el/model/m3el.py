@@ -4,7 +4,7 @@ The matcher works on encoder outputs (:class:`EncodedItems`), so it can be
 trained on cached features of a frozen encoder or end to end. Entities are
 turned into an *entity side* once (:meth:`M3ELMatcher.entity_side`); the same
 side serves in-batch training, candidate reranking and the retrieval vectors
-of the two-stage search (see ``spacy_m3el.linking``).
+of the two-stage search (see ``spacy_m3el.pipeline.linking``).
 """
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -15,7 +15,7 @@ from torch import nn
 
 from .compression import pool_queries
 from .config import M3ELConfig
-from .contrastive import intra_modal_contrastive_loss
+from .contrastive import branches_contrastive_loss
 from .matching import CrossModalMatching, IntraModalMatching, Side
 
 
@@ -223,7 +223,7 @@ class M3ELMatcher(nn.Module):
         return [self._part_key(n) for n in self._decomposable_parts()]
 
     def cached_entity_keys(self) -> List[str]:
-        """Entity-side keys stored in the entity cache besides the retrieval
+        """Entity-side keys stored in the entity index besides the retrieval
         parts: the G2L queries, their weights and the class vectors, and
         ``has_image``."""
         keys = []
@@ -274,26 +274,15 @@ class M3ELMatcher(nn.Module):
         return total
 
     # ------------------------------------------------------------------ training
-    def loss(
-        self,
-        mention_items: EncodedItems,
-        entity_items: EncodedItems,
-        labels: torch.Tensor,
-    ) -> Dict[str, torch.Tensor]:
-        """Training loss with in-batch negatives.
-
-        ``labels`` [B] gives each mention's gold row in ``entity_items``. The
-        rows of ``entity_items`` are the candidates of every mention (the
-        batch's gold entities, plus any extra negatives).
-        """
+    def loss(self, mention_items: EncodedItems, entity_items: EncodedItems,
+             labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Training loss with in-batch negatives: ``labels`` [B] gives each
+        mention's gold row in ``entity_items``, whose rows are the candidates
+        of every mention (the batch's gold entities, plus any extra negatives)."""
         return self.loss_and_scores(mention_items, entity_items, labels)[0]
 
-    def loss_and_scores(
-        self,
-        mention_items: EncodedItems,
-        entity_items: EncodedItems,
-        labels: torch.Tensor,
-    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    def loss_and_scores(self, mention_items: EncodedItems, entity_items: EncodedItems,
+                        labels: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
         """:meth:`loss` and the [B, E] scores it was computed from, for a
         scorer trained on top of them."""
         cfg = self.config
@@ -303,22 +292,7 @@ class M3ELMatcher(nn.Module):
         losses = {"score": F.cross_entropy(scores["score"].float(), labels)}
         for name in cfg.branches:
             losses[name] = F.cross_entropy(scores[name].float(), labels)
-        if cfg.use_contrastive:
-            contrastive = []
-            for modality in ("text", "image"):
-                if modality in cfg.branches:
-                    key = f"{modality}_global_raw"
-                    contrastive.append(
-                        intra_modal_contrastive_loss(
-                            e_feats[key][labels],
-                            m_feats[key],
-                            temperature=cfg.temperature,
-                            inter_weight=cfg.inter_weight,
-                            intra_weight=cfg.intra_weight,
-                            labels=labels,
-                        )
-                    )
-            if contrastive:
-                losses["contrastive"] = torch.stack(contrastive).mean()
+        if cfg.use_contrastive and {"text", "image"} & set(cfg.branches):
+            losses["contrastive"] = branches_contrastive_loss(cfg, m_feats, e_feats, labels)
         losses["loss"] = sum(losses.values())
         return losses, scores

@@ -3,8 +3,8 @@ import os
 import pytest
 import torch
 
+from spacy_m3el.data.images import ImageRef, load_image
 from spacy_m3el.encoders import CLIPEncoder, FeatureCache, MiniLMEfficientNetEncoder
-from spacy_m3el.images import ImageRef, load_image
 from spacy_m3el.model import M3ELConfig, M3ELMatcher
 
 
@@ -131,9 +131,9 @@ def test_shared_feature_caches_encode_each_item_once(default_encoder, picture_di
 
 
 def test_feature_cache_is_bounded_by_bytes(tiny_clip_dir, picture_dir):
+    from spacy_m3el.data.images import ImageRef
     from spacy_m3el.encoders import CLIPEncoder, FeatureCache
     from spacy_m3el.encoders.cache import feature_bytes
-    from spacy_m3el.images import ImageRef
 
     encoder = CLIPEncoder(name_or_path=tiny_clip_dir, frozen=True)
     probe = FeatureCache(encoder)

@@ -2,8 +2,7 @@ import pytest
 import torch
 
 from spacy_m3el.model import M3ELMatcher, pool_queries
-
-from .conftest import random_items
+from tests.model.conftest import random_items
 
 
 def test_rows_with_few_tokens_are_kept_exactly():

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from spacy_m3el.model import EncodedItems, M3ELConfig, M3ELMatcher
-
-from .conftest import DIMS, random_items
+from tests.model.conftest import DIMS, random_items
 
 ALL_PARTS = {"text_g2g", "text_g2l", "text", "image_g2g", "image_g2l", "image", "t2v", "v2t", "score"}
 

@@ -1,0 +1,1 @@
+"""The command line (``python -m spacy_m3el``, ``spacy m3el``) and the HTTP server."""

@@ -1,0 +1,2 @@
+"""The spaCy side: the ``m3el_linker`` component, its settings, the registered
+architecture, candidate generation, calibration, the alias ruler and rendering."""

@@ -1,0 +1,428 @@
+"""Probabilities from the candidate scorer, and fitting it on held-out data.
+
+Works on linking results (``{"candidates": [...], "modalities": [...]}``),
+where each candidate keeps its raw M3EL ``score``, its ``branches`` and its
+lexical ``features``: the probabilities can be recomputed from results alone
+(after a fit, without running the model again). ``fit`` is a multinomial
+logistic regression over each mention's candidates plus NIL, solved with
+L-BFGS: it sets the inverse temperature, the feature and branch weights,
+the picture gate and the NIL option, then picks the NIL threshold that
+maximises accuracy. ``calibrate_scorer`` does the same with cross-fitting:
+every mention also gets probabilities from a scorer fitted without it, the
+threshold is chosen on those, and the figures it reports are out of sample.
+"""
+import copy
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..errors import warn
+from ..kb.base import NIL
+from ..model.candidate_scorer import LEXICAL_FEATURES, NIL_FEATURES, NIL_OFF, CandidateScorer
+from ..progress import progress_bar
+
+Result = Dict[str, Any]
+#: L2 penalty on every fitted weight except the scale and the NIL bias.
+L2 = 1e-3
+ECE_BINS = 10
+#: Folds of the cross-fit that gives out-of-sample probabilities.
+FOLDS = 5
+#: NIL features read from a result (the picture gate gives the last one).
+RESULT_NIL_FEATURES = NIL_FEATURES[:3]
+
+
+@dataclass(frozen=True)
+class ScorerOptions:
+    """Which feature groups the scorer uses (the linker's incl_* settings)."""
+
+    prior: bool = True
+    name: bool = True
+    branches: bool = True
+    gate: bool = True
+
+    @classmethod
+    def of(cls, settings: Any, *, uses_image: bool) -> "ScorerOptions":
+        """The options a linker's settings ask for (no picture gate without an image branch)."""
+        return cls(prior=settings.incl_prior, name=settings.incl_name_match, branches=settings.reweight_branches,
+                   gate=settings.picture_gate and uses_image)
+
+
+@dataclass
+class CandidateTensors:
+    m3el: torch.Tensor  # [B, K]
+    branches: torch.Tensor  # [B, K, n_branches]
+    lexical: torch.Tensor  # [B, K, F]
+    valid: torch.Tensor  # [B, K] bool
+    nil: torch.Tensor  # [B, len(RESULT_NIL_FEATURES)]
+    has_image: torch.Tensor  # [B] bool
+
+
+def nil_features(result: Result) -> List[float]:
+    """bias, no alias-table candidate, no image: in ``RESULT_NIL_FEATURES`` order."""
+    no_alias = not any(c["features"]["from_alias"] for c in result["candidates"])
+    no_image = "image" not in (result.get("modalities") or [])
+    values = {"bias": 1.0, "no_alias_candidates": float(no_alias), "no_image": float(no_image)}
+    return [values[name] for name in RESULT_NIL_FEATURES]
+
+
+def to_tensors(results: Sequence[Result], branches: Sequence[str]) -> CandidateTensors:
+    """Pad the results' candidates into tensors."""
+    width = max((len(r["candidates"]) for r in results), default=0)
+    batch = len(results)
+    m3el = torch.zeros(batch, width)
+    branch = torch.zeros(batch, width, len(branches))
+    lexical = torch.zeros(batch, width, len(LEXICAL_FEATURES))
+    valid = torch.zeros(batch, width, dtype=torch.bool)
+    for i, result in enumerate(results):
+        candidates = result["candidates"]
+        if not candidates:
+            continue
+        count = len(candidates)
+        m3el[i, :count] = torch.tensor([c["score"] for c in candidates])
+        if branches:
+            branch[i, :count] = torch.tensor([[c["branches"].get(b, 0.0) for b in branches] for c in candidates])
+        lexical[i, :count] = torch.tensor([[c["features"][f] for f in LEXICAL_FEATURES] for c in candidates])
+        valid[i, :count] = True
+    nil = torch.tensor([nil_features(r) for r in results],
+                       dtype=torch.float32).reshape(batch, len(RESULT_NIL_FEATURES))
+    has_image = torch.tensor(["image" in (r.get("modalities") or []) for r in results], dtype=torch.bool)
+    return CandidateTensors(m3el, branch, lexical, valid, nil, has_image)
+
+
+def _logits(scorer: CandidateScorer, tensors: CandidateTensors, options: ScorerOptions):
+    mask = scorer.feature_mask(prior=options.prior, name=options.name)
+    device = scorer.log_scale.device
+    branches, valid = tensors.branches.to(device), tensors.valid.to(device)
+    gate = scorer.gate(branches, valid, tensors.has_image.to(device)) if options.gate else None
+    logits = scorer.logits(tensors.m3el.to(device), branches, tensors.lexical.to(device),
+                           feature_mask=mask, use_branches=options.branches, gate=gate)
+    return logits, scorer.nil_logits(tensors.nil.to(device), gate)
+
+
+def effective_threshold(scorer: CandidateScorer, threshold: Optional[float]) -> float:
+    """The configured threshold, else the one fitted on held-out data, else 0."""
+    if threshold is not None:
+        return float(threshold)
+    fitted = float(scorer.fitted_threshold)
+    return 0.0 if math.isnan(fitted) else fitted
+
+
+@torch.no_grad()
+def apply_scorer(
+    scorer: CandidateScorer, results: Sequence[Result], *, options: ScorerOptions, threshold: Optional[float]
+) -> None:
+    """Give every candidate its probability, sort the candidates by it and
+    decide each mention: the best candidate when its probability is at least
+    NIL's and the threshold, else NIL. ``result["score"]`` is the probability
+    of the answer given (the candidate's, or NIL's)."""
+    if not results:
+        return
+    tensors = to_tensors(results, scorer.branches)
+    logits, nil_logits = _logits(scorer, tensors, options)
+    probs, nil_probs = scorer.probabilities(logits, tensors.valid.to(logits.device), nil_logits)
+    cutoff = effective_threshold(scorer, threshold)
+    for result, row, nil_prob in zip(results, probs.cpu().tolist(), nil_probs.cpu().tolist()):
+        candidates = result["candidates"]
+        for candidate, prob in zip(candidates, row):
+            candidate["prob"] = prob
+        candidates.sort(key=lambda c: -c["prob"])
+        result["nil_prob"] = nil_prob
+        decide(result, cutoff)
+
+
+def decide(result: Result, cutoff: float) -> None:
+    """The answer of a result whose candidates carry probabilities (best
+    first): the best candidate when its probability is at least NIL's and
+    ``cutoff``, else NIL."""
+    candidates = result["candidates"]
+    best = candidates[0] if candidates else None
+    if best is not None and best["prob"] >= result["nil_prob"] and best["prob"] >= cutoff:
+        result["id"], result["score"] = best["id"], best["prob"]
+    else:
+        result["id"], result["score"] = NIL, result["nil_prob"]
+
+
+def _labels(results: Sequence[Result], gold_ids: Sequence[str]) -> List[Optional[int]]:
+    """Position of the gold candidate, len(candidates) for NIL, None when the
+    gold entity is not among the candidates (nothing to learn from)."""
+    labels: List[Optional[int]] = []
+    for result, gold in zip(results, gold_ids):
+        ids = [c["id"] for c in result["candidates"]]
+        if gold == NIL:
+            labels.append(-1)
+        else:
+            labels.append(ids.index(gold) if gold in ids else None)
+    return labels
+
+
+def fit_weights(
+    scorer: CandidateScorer,
+    results: Sequence[Result],
+    gold_ids: Sequence[str],
+    *,
+    options: ScorerOptions,
+    max_iter: int = 200,
+) -> Dict[str, Any]:
+    """Fit the scorer's weights to held-out mentions (their results and gold
+    ids, NIL included) by L-BFGS; the threshold is left alone. Without NIL
+    mentions the NIL option stays off."""
+    labels = _labels(results, gold_ids)
+    kept = [i for i, label in enumerate(labels) if label is not None]
+    if not kept:
+        raise ValueError(
+            f"calibration needs mentions whose gold entity is among their candidates (or NIL); none of the "
+            f"{len(results)} is: check that the examples' KB ids are this KB's, or raise n_candidates"
+        )
+    subset = [results[i] for i in kept]
+    tensors = to_tensors(subset, scorer.branches)
+    width = tensors.m3el.shape[1]
+    target = torch.tensor([width if labels[i] == -1 else labels[i] for i in kept])
+    has_nil = bool((target == width).any())
+    params = [scorer.log_scale, scorer.feature_weights]
+    if options.branches and scorer.branches:
+        params.append(scorer.branch_weights)
+    if options.gate:
+        params += [scorer.gate_weights, scorer.text_boost]
+    with torch.no_grad():
+        # A weight kept >= 0 that went below 0 would get no gradient.
+        scorer.feature_weights.copy_(torch.where(scorer.nonnegative, scorer.feature_weights.clamp(min=0.0),
+                                                 scorer.feature_weights))
+        if has_nil:
+            params.append(scorer.nil_weights)
+            scorer.nil_weights.copy_(torch.tensor([0.0] * len(NIL_FEATURES)))
+        else:
+            scorer.nil_weights.copy_(torch.tensor([NIL_OFF] + [0.0] * (len(NIL_FEATURES) - 1)))
+    device = scorer.log_scale.device
+    target = target.to(device)
+    valid = tensors.valid.to(device)
+    optimizer = torch.optim.LBFGS(params, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits, nil_logits = _logits(scorer, tensors, options)
+        joint = torch.cat([logits.masked_fill(~valid, float("-inf")), nil_logits[:, None]], dim=1)
+        loss = torch.nn.functional.cross_entropy(joint, target)
+        penalty = scorer.feature_weights.pow(2).sum() + scorer.branch_weights.pow(2).sum()
+        if options.gate:
+            penalty = penalty + scorer.gate_weights[1:].pow(2).sum() + scorer.text_boost.pow(2).sum()
+        if has_nil:
+            penalty = penalty + scorer.nil_weights[1:].pow(2).sum()
+        loss = loss + L2 * penalty
+        loss.backward()
+        return loss
+
+    start = {name: value.detach().clone() for name, value in scorer.named_parameters()}
+    before = float(objective().detach())
+    optimizer.step(objective)
+    after = float(objective().detach())
+    if not math.isfinite(after) or not all(bool(torch.isfinite(value).all()) for value in scorer.parameters()):
+        # A diverged line search must not leave NaN weights behind (they would poison training too).
+        with torch.no_grad():
+            for name, value in scorer.named_parameters():
+                value.copy_(start[name])
+        warn(f"calibration: the fit diverged on {len(kept)} mentions; the scorer keeps the weights it had",
+             stacklevel=3)
+        after = before
+    for param in scorer.parameters():
+        param.grad = None  # else the next training step would apply the fit's gradients
+    return {"mentions": len(results), "fitted_on": len(kept), "nil_option": has_nil,
+            "nil_mentions": int(sum(1 for g in gold_ids if g == NIL)), "nll_before": before, "nll_after": after}
+
+
+def fit(
+    scorer: CandidateScorer,
+    results: Sequence[Result],
+    gold_ids: Sequence[str],
+    *,
+    options: ScorerOptions,
+    max_iter: int = 200,
+) -> Dict[str, Any]:
+    """Fit the scorer to held-out mentions and choose the NIL threshold on
+    the same mentions (in sample; :func:`calibrate_scorer` cross-fits);
+    returns a report."""
+    report = fit_weights(scorer, results, gold_ids, options=options, max_iter=max_iter)
+    apply_scorer(scorer, list(results), options=options, threshold=0.0)
+    threshold, accuracy = choose_threshold(results, gold_ids)
+    with torch.no_grad():
+        scorer.fitted_threshold.fill_(threshold)
+    apply_scorer(scorer, list(results), options=options, threshold=None)
+    return {**report, "temperature": float(1.0 / scorer.scale.item()), "threshold": threshold,
+            "accuracy": accuracy}
+
+
+def answer_figures(results: Sequence[Result], gold_ids: Sequence[str]) -> Dict[str, float]:
+    """Accuracy (NIL included), ECE of the answers' probabilities, the mean
+    negative log-probability of the gold answer, and the share of linkable
+    mentions answered NIL."""
+    correct = [r["id"] == g for r, g in zip(results, gold_ids)]
+    nll = []
+    for result, gold in zip(results, gold_ids):
+        prob = result["nil_prob"] if gold == NIL else next(
+            (c["prob"] for c in result["candidates"] if c["id"] == gold), 0.0)
+        nll.append(-math.log(max(prob, 1e-12)))
+    linkable = [r["id"] == NIL for r, g in zip(results, gold_ids) if g != NIL]
+    return {
+        "accuracy": sum(correct) / len(correct) if correct else 0.0,
+        "ece": expected_calibration_error([r["score"] for r in results], correct),
+        "nll": sum(nll) / len(nll) if nll else 0.0,
+        "nil_on_linkable": sum(linkable) / len(linkable) if linkable else 0.0,
+    }
+
+
+def _folds(groups: Sequence[Any], folds: int, seed: int) -> List[int]:
+    """A fold number per item; items of one group share their fold."""
+    unique = list(dict.fromkeys(groups))
+    random.Random(seed).shuffle(unique)
+    fold_of = {group: i % folds for i, group in enumerate(unique)}
+    return [fold_of[group] for group in groups]
+
+
+def cross_fit(
+    scorer: CandidateScorer,
+    results: Sequence[Result],
+    gold_ids: Sequence[str],
+    groups: Sequence[Any],
+    *,
+    options: ScorerOptions,
+    folds: int = FOLDS,
+    seed: int = 0,
+    on_fold: Optional[Callable[[], None]] = None,
+) -> List[Result]:
+    """Out-of-fold copies of ``results``: each scored (threshold 0) by the
+    scorer fitted on the other folds, starting from its current weights.
+    Items of one group (the same mention under several picture conditions)
+    stay in one fold. The scorer is left as it was."""
+    initial = {name: value.detach().clone() for name, value in scorer.state_dict().items()}
+    fold_of = _folds(groups, folds, seed)
+    out: List[Optional[Result]] = [None] * len(results)
+    for fold in range(folds):
+        inside = [i for i, f in enumerate(fold_of) if f != fold]
+        outside = [i for i, f in enumerate(fold_of) if f == fold]
+        if not outside:
+            continue
+        scorer.load_state_dict(initial)
+        try:
+            fit_weights(scorer, [results[i] for i in inside], [gold_ids[i] for i in inside], options=options)
+        except ValueError:
+            pass  # no usable mention in the other folds: scored by the weights it started with
+        held_out = [copy.deepcopy(results[i]) for i in outside]
+        apply_scorer(scorer, held_out, options=options, threshold=0.0)
+        for i, result in zip(outside, held_out):
+            out[i] = result
+        if on_fold is not None:
+            on_fold()
+    scorer.load_state_dict(initial)
+    return out  # type: ignore[return-value]
+
+
+def calibrate_scorer(
+    scorer: CandidateScorer,
+    results: Sequence[Result],
+    gold_ids: Sequence[str],
+    groups: Sequence[Any],
+    *,
+    options: ScorerOptions,
+    folds: int = FOLDS,
+    seed: int = 0,
+    progress: bool = False,
+) -> Tuple[Dict[str, Any], List[Result]]:
+    """Cross-fit, choose the NIL threshold on the out-of-fold probabilities,
+    then fit on everything. Returns the report (``before``: the scorer as it
+    came; ``out_of_fold``: every mention scored by a fit that did not see
+    it) and the out-of-fold results, answered with the chosen threshold.
+    ``results`` end up scored by the final fit. ``progress``: a line per fit."""
+    before = [copy.deepcopy(r) for r in results]
+    apply_scorer(scorer, before, options=options, threshold=None)
+    folds = min(folds, len(set(groups)))
+    bar = progress_bar(total=(folds if folds >= 2 else 0) + 1, desc=f"Calibration: fits on {len(results)} items",
+                       unit="fit", disable=not progress)
+    with bar:
+        if folds >= 2:
+            held_out = cross_fit(scorer, results, gold_ids, groups, options=options, folds=folds, seed=seed,
+                                 on_fold=lambda: bar.update(1))
+        report = fit_weights(scorer, results, gold_ids, options=options)
+        bar.update(1)
+    if folds < 2:  # one mention: nothing to hold out, the figures are in sample
+        folds = 0
+        held_out = [copy.deepcopy(r) for r in results]
+        apply_scorer(scorer, held_out, options=options, threshold=0.0)
+    threshold, _ = choose_threshold(held_out, gold_ids)
+    for result in held_out:
+        decide(result, threshold)
+    with torch.no_grad():
+        scorer.fitted_threshold.fill_(threshold)
+    apply_scorer(scorer, list(results), options=options, threshold=None)
+    report.update({
+        "folds": folds,
+        "temperature": float(1.0 / scorer.scale.item()),
+        "threshold": threshold,
+        "before": answer_figures(before, gold_ids),
+        "out_of_fold": answer_figures(held_out, gold_ids),
+        "in_sample": answer_figures(results, gold_ids),
+        "weights": scorer_weights(scorer),
+    })
+    return report, held_out
+
+
+def scorer_weights(scorer: CandidateScorer) -> Dict[str, Any]:
+    """The fitted weights by name, for reports."""
+    lexical = scorer.lexical_weights(torch.ones_like(scorer.feature_weights)).tolist()
+    return {
+        "scale": float(scorer.scale.item()),
+        "lexical": dict(zip(LEXICAL_FEATURES, lexical)),
+        "branches": dict(zip(scorer.branches, scorer.branch_weights.tolist())),
+        "nil": dict(zip(NIL_FEATURES, scorer.nil_weights.tolist())),
+        "gate": scorer.gate_weights.tolist(),
+        "text_boost": float(scorer.text_boost.item()),
+    }
+
+
+def choose_threshold(results: Sequence[Result], gold_ids: Sequence[str]) -> Tuple[float, float]:
+    """The threshold on the best candidate's probability that maximises the
+    share of correct answers (NIL included); the smallest on ties."""
+    pairs = []
+    for result, gold in zip(results, gold_ids):
+        best = result["candidates"][0] if result["candidates"] else None
+        if best is None or best["prob"] < result["nil_prob"]:
+            pairs.append((-1.0, gold == NIL, gold == NIL))  # NIL at any threshold
+        else:
+            pairs.append((best["prob"], best["id"] == gold, gold == NIL))
+    total = len(pairs)
+    if not total:
+        return 0.0, 0.0
+    # Linked when prob >= t: correct links at or above t, NIL golds below it.
+    always_nil = sum(nil for p, _, nil in pairs if p < 0)
+    linkable = sorted(((p, ok, nil) for p, ok, nil in pairs if p >= 0), key=lambda x: x[0])
+    nil_below, above_ok = 0, sum(ok for _, ok, _ in linkable)
+    best_t, best_correct = 0.0, always_nil + above_ok
+    for index, (p, ok, nil) in enumerate(linkable):
+        # t just above this p: it and everything below it become NIL
+        nil_below += nil
+        above_ok -= ok
+        if index + 1 < len(linkable) and linkable[index + 1][0] == p:
+            continue
+        t = linkable[index + 1][0] if index + 1 < len(linkable) else min(1.0, p + 1e-6)
+        correct = always_nil + nil_below + above_ok
+        if correct > best_correct:
+            best_t, best_correct = t, correct
+    return best_t, best_correct / total
+
+
+def expected_calibration_error(confidences: Sequence[float], correct: Sequence[bool], bins: int = ECE_BINS) -> float:
+    """ECE with equal-width bins: the gap between confidence and accuracy,
+    weighted by the share of answers in each bin."""
+    total = len(confidences)
+    if not total:
+        return 0.0
+    error = 0.0
+    for b in range(bins):
+        low, high = b / bins, (b + 1) / bins
+        members = [i for i, c in enumerate(confidences) if (low < c <= high) or (b == 0 and c == 0.0)]
+        if members:
+            accuracy = sum(correct[i] for i in members) / len(members)
+            confidence = sum(confidences[i] for i in members) / len(members)
+            error += len(members) / total * abs(accuracy - confidence)
+    return error
