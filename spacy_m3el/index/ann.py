@@ -124,16 +124,18 @@ class AnnIndex:
         matrix: numpy.ndarray,
         *,
         factory: Optional[str] = None,
-        nprobe: int = 32,
+        nprobe: Optional[int] = 32,
         shortlist: int = 256,
         queries: Optional[torch.Tensor] = None,
         recall_k: int = 64,
+        target_recall: float = 0.99,
         seed: int = 0,
         progress: bool = False,
     ) -> "AnnIndex":
         """Train and fill an index on ``matrix`` (fp16 [E, D], read in
         chunks) and measure its recall@``recall_k`` on ``queries`` (default:
-        rows of the matrix itself)."""
+        rows of the matrix itself). ``nprobe=None``: chosen by
+        :meth:`choose_nprobe` to reach ``target_recall``."""
         faiss = _faiss()
         size, dim = matrix.shape
         factory = factory or default_factory(size, dim)
@@ -153,13 +155,36 @@ class AnnIndex:
             starts = progress_bar(starts, desc=f"Filling the {factory} index", unit="chunk")
         for start in starts:
             index.add(numpy.asarray(matrix[start : start + EXACT_CHUNK_ROWS * 4], dtype=numpy.float32))
-        ann = cls(index, {"factory": factory, "n_entities": size, "dim": dim, "nprobe": nprobe,
+        ann = cls(index, {"factory": factory, "n_entities": size, "dim": dim, "nprobe": nprobe or 1,
                           "shortlist": shortlist})
         if queries is None:
             rows = numpy.sort(rng.choice(size, min(size, RECALL_QUERIES), replace=False))
             queries = torch.from_numpy(numpy.asarray(matrix[rows], dtype=numpy.float32))
+        if nprobe is None and ivf is not None:
+            ann.meta["nprobe_choice"] = ann.choose_nprobe(matrix, queries, recall_k, target_recall)
         ann.meta["recall"] = ann.recall(matrix, queries, recall_k)
         return ann
+
+    def choose_nprobe(self, matrix: numpy.ndarray, queries: torch.Tensor, k: int, target: float) -> Dict[str, Any]:
+        """Set ``nprobe`` to twice the fewest lists (1, 2, 4, ...) whose
+        recall@``k`` on ``queries`` reaches ``target``: the queries are KB
+        entities standing in for mentions, and real mentions lie further from
+        their entities (on an 8.7k-entity KB, real mentions found 0.90 of the
+        exact top 64 where the stand-ins found more), hence the margin.
+        Returns what was measured, kept in the meta."""
+        nlist = int(_ivf_part(self.index).nlist)
+        measured: Dict[str, float] = {}
+        nprobe = 1
+        while True:
+            self.nprobe = nprobe
+            measured[str(nprobe)] = self.recall(matrix, queries, k)["recall"]
+            if measured[str(nprobe)] >= target or nprobe >= nlist:
+                break
+            nprobe = min(2 * nprobe, nlist)
+        self.nprobe = min(2 * nprobe, nlist)
+        self.meta["nprobe"] = self.nprobe
+        return {"target": target, "k": k, "stand_in_recall_by_nprobe": measured, "margin": 2,
+                "chosen": self.nprobe, "lists": nlist}
 
     def search(self, matrix: numpy.ndarray, query: torch.Tensor, k: int) -> torch.Tensor:
         """Rows [B, k] of the best entities, best first (-1 pads when the

@@ -26,6 +26,8 @@ from .streamed import StreamedBuild
 
 #: KB entities that stand in for mentions when an ANN index's recall is measured.
 RECALL_SAMPLE = 256
+#: ``ann_index = "auto"`` keeps exact search below this many entities: exact, and fast enough.
+AUTO_EXACT_BELOW = 50_000
 #: KBs above this size are streamed to disk when their index is built: their
 #: backbone features would not stay in the feature cache anyway.
 STREAM_ABOVE = 20_000
@@ -42,6 +44,7 @@ class IndexKeeper:
         # (index, KB, KB revision, pooling, borrowed weights) last found valid: the check
         # hashes every weight, so it is done once per state.
         self._verified: Optional[Tuple[Any, ...]] = None
+        self._told_exact: Optional[int] = None
 
     # ------------------------------------------------------------ validity
     def identity(self, kb: MultimodalKB) -> Dict[str, Any]:
@@ -159,13 +162,18 @@ class IndexKeeper:
         """Exact search when ``ann_index`` is null; else the index's ANN
         index, built (and its recall measured) when it has none of that kind."""
         wanted = self.settings.ann_index
-        index.use_ann = wanted is not None
-        if wanted is None:
+        index.use_ann = wanted is not None and not (wanted == "auto" and len(index) < AUTO_EXACT_BELOW)
+        if not index.use_ann:
+            if wanted is not None and self._told_exact != len(index):
+                self._told_exact = len(index)
+                msg.info(f"m3el_linker: ann_index \"auto\" over {len(index)} entities: exact search (below "
+                         f"{AUTO_EXACT_BELOW:,} entities it is exact and fast)")
             return index
         ann = index.ann_index()
         if ann is None or ann.meta.get("requested") != wanted:
             ann = self.build_ann(kb, index, progress=progress)
-        ann.nprobe, ann.shortlist = self.settings.ann_nprobe, self.settings.ann_shortlist
+        ann.nprobe = self.settings.ann_nprobe if self.settings.ann_nprobe is not None else int(ann.meta["nprobe"])
+        ann.shortlist = self.settings.ann_shortlist
         return index
 
     @torch.no_grad()
@@ -177,7 +185,8 @@ class IndexKeeper:
             self.stand_in_mentions(kb, spread_rows(len(kb), RECALL_SAMPLE)))
         ann = AnnIndex.build(index.arrays[RETRIEVAL], factory=None if wanted == "auto" else wanted,
                              nprobe=self.settings.ann_nprobe, shortlist=self.settings.ann_shortlist,
-                             queries=queries, recall_k=max(self.settings.n_candidates, 1), progress=progress)
+                             queries=queries, recall_k=max(self.settings.n_candidates, 1),
+                             target_recall=self.settings.ann_target_recall, progress=progress)
         ann.meta["requested"] = wanted
         ann_recall_report(ann, len(kb))
         index.ann = ann

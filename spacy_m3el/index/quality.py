@@ -47,9 +47,11 @@ def pooling_agreement(keeper: "IndexKeeper", kb: MultimodalKB, pooled: EntityInd
 def ann_recall_report(ann: AnnIndex, size: int) -> None:
     """Say the ANN index's measured recall; warn when it is low."""
     recall = ann.meta["recall"]
+    choice = ann.meta.get("nprobe_choice")
+    chosen = (f", chosen as twice the fewest lists reaching {choice['target']} on them" if choice else "")
     msg.info(f"m3el_linker: ANN index {ann.factory} over {size} entities: recall@{recall['k']} "
              f"{recall['recall']:.3f} against exact search ({recall['queries']} KB entities standing in "
-             f"for mentions, nprobe {recall['nprobe']}, shortlist {recall['shortlist']})")
+             f"for mentions, nprobe {recall['nprobe']}{chosen}, shortlist {recall['shortlist']})")
     if recall["recall"] < ANN_RECALL_WARNING:
         warn(f"m3el_linker: the ANN index {ann.factory} finds only {recall['recall']:.1%} of exact search's "
              f"top {recall['k']} candidates (KB entities standing in for mentions; real mentions lie further "

@@ -86,8 +86,14 @@ class LinkerSettings:
                                              "\"IVF1024,SQ8\"): approximate search in an index built with "
                                              "the entity index and saved beside it, its shortlist rescored "
                                              "exactly; its recall@K is measured when built (needs "
-                                             "spacy-m3el[ann]).")
-    ann_nprobe: int = _option(32, "ANN index: inverted lists visited per mention (more: slower, higher recall).")
+                                             "spacy-m3el[ann]). \"auto\" keeps exact search below 50,000 "
+                                             "entities, where it is both exact and fast.")
+    ann_nprobe: Optional[int] = _option(None, "ANN index: inverted lists visited per mention (more: slower, "
+                                              "higher recall). null: chosen when the index is built, twice the "
+                                              "fewest lists whose recall@K on KB entities standing in for "
+                                              "mentions reaches ann_target_recall, and saved with it.")
+    ann_target_recall: float = _option(0.99, "ANN index: the recall@K against exact search that the chosen "
+                                             "ann_nprobe must reach on the stand-ins.")
     ann_shortlist: int = _option(256, "ANN index: candidates per mention rescored exactly before the top-K "
                                       "is kept.")
     overwrite: bool = _option(True, "Replace KB ids that the spans already have.")
@@ -124,9 +130,13 @@ class LinkerSettings:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.inference_precision not in PRECISIONS:
             raise ValueError(f"inference_precision must be one of {PRECISIONS}, got {self.inference_precision!r}")
-        for name, least in (("image_workers", 0), ("build_processes", 1), ("ann_nprobe", 1), ("ann_shortlist", 1)):
+        for name, least in (("image_workers", 0), ("build_processes", 1), ("ann_shortlist", 1)):
             if getattr(self, name) < least:
                 raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
+        if self.ann_nprobe is not None and self.ann_nprobe < 1:
+            raise ValueError(f"ann_nprobe must be >= 1 or null (chosen when the index is built), got {self.ann_nprobe}")
+        if not 0.0 < self.ann_target_recall <= 1.0:
+            raise ValueError(f"ann_target_recall must be in (0, 1], got {self.ann_target_recall}")
         if self.ann_index is not None and not self.ann_index.strip():
             raise ValueError("ann_index must be null (exact search), \"auto\" or a faiss index_factory string")
         if self.entity_batch_size < 1:

@@ -86,3 +86,22 @@ def test_cache_searches_with_its_index_only_when_asked(tmp_path):
     loaded.save(tmp_path / "again")  # an index never read is copied as it is
     assert (tmp_path / "again" / "ann.faiss").read_bytes() == (tmp_path / "cache" / "ann.faiss").read_bytes()
     assert loaded.ann is None and loaded.ann_index().factory == "IVF4,Flat"  # read at first use
+
+
+def test_nprobe_is_chosen_to_reach_the_target_recall_and_saved(tmp_path):
+    matrix = clustered(6000, clusters=60)
+    noise = torch.randn(120, matrix.shape[1], generator=torch.Generator().manual_seed(0))
+    queries = torch.from_numpy(matrix[::50].astype(numpy.float32)) + 0.3 * noise
+    ann = AnnIndex.build(matrix, factory="IVF64,Flat", nprobe=None, shortlist=64, queries=queries, recall_k=32,
+                         target_recall=0.95)
+    choice = ann.meta["nprobe_choice"]
+    by_nprobe = {int(n): r for n, r in choice["stand_in_recall_by_nprobe"].items()}
+    first = min(n for n, r in by_nprobe.items() if r >= 0.95)
+    assert list(by_nprobe) == [2 ** i for i in range(len(by_nprobe))]  # 1, 2, 4, ... up to the first that reaches it
+    assert max(by_nprobe) == first >= 2 and all(r < 0.95 for n, r in by_nprobe.items() if n < first)
+    assert ann.nprobe == choice["chosen"] == min(2 * first, 64) and ann.meta["recall"]["nprobe"] == ann.nprobe
+    assert ann.meta["recall"]["recall"] >= by_nprobe[first]  # the margin never loses recall
+    ann.save(tmp_path)
+    assert AnnIndex.load(tmp_path, n_entities=6000).nprobe == ann.nprobe
+    fixed = AnnIndex.build(matrix, factory="IVF64,Flat", nprobe=3, queries=queries, recall_k=32)
+    assert fixed.nprobe == 3 and "nprobe_choice" not in fixed.meta

@@ -185,3 +185,13 @@ def test_an_ann_index_with_low_recall_is_reported(picture_dir):
     with pytest.warns(M3ELWarning, match=r"finds only .*Raise ann_nprobe \(now 1\)"):
         cache = linker.build_entity_index()
     assert cache.ann.meta["recall"]["recall"] < 0.95
+
+
+def test_auto_keeps_exact_search_below_50000_entities(linker, capsys):
+    linker.configure(ann_index="auto")
+    try:
+        index = linker.build_entity_index()
+    finally:
+        linker.configure(ann_index=None)
+    assert not index.use_ann and index.ann is None  # exact: recall 1, and fast at this size
+    assert f'ann_index "auto" over {N_ENTITIES} entities: exact search' in capsys.readouterr().out

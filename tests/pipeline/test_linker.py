@@ -418,3 +418,22 @@ def test_saving_never_encodes_the_kb(picture_dir, tmp_path):
     assert doc.ents[0].kb_id_.startswith("E") and loaded.get_pipe("m3el_linker").index_keeper.index is not None
     loaded.to_disk(tmp_path / "with_cache")
     assert (tmp_path / "with_cache" / "m3el_linker" / "index" / "meta.json").exists()
+
+
+def test_a_pipeline_saved_with_its_index_in_kb_cache_loads_it(trained, tmp_path):
+    """Pipelines saved before the index had its own folder kept it in kb/cache/: read, not rebuilt."""
+    import shutil
+
+    nlp, examples = trained
+    linker = nlp.get_pipe("m3el_linker")
+    assert linker.entity_index is not None
+    nlp.to_disk(tmp_path / "p")
+    saved = tmp_path / "p" / "m3el_linker"
+    shutil.move(saved / "index", saved / "kb" / "cache")
+    meta = json.loads((saved / "kb" / "cache" / "meta.json").read_text())
+    del meta["kb"]  # nor did they record the KB's entity ids
+    (saved / "kb" / "cache" / "meta.json").write_text(json.dumps(meta))
+    loaded = spacy.load(tmp_path / "p").get_pipe("m3el_linker")
+    index = loaded.index_keeper.index
+    assert index is not None and loaded.entity_index is index  # valid: taken as it is
+    assert loaded.index_keeper.is_current(loaded.kb)
