@@ -8,9 +8,11 @@ functions serve the component and the benchmarks; ``exhaustive_scores`` is
 the paper's protocol (the full score against every entity) for comparison.
 Free of spaCy: rows are KB row numbers, not ids.
 """
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
+import numpy
 import torch
 
 from ..index.entity_index import EntityIndex
@@ -124,3 +126,34 @@ def exhaustive_scores(
             for m in range(0, batch, mention_chunk)
         ]))
     return torch.cat(blocks, dim=1)
+
+
+@torch.no_grad()
+def late_interaction_bounds(matcher: M3ELMatcher, index: EntityIndex) -> torch.Tensor:
+    """[E] a bound on each entity's late-interaction (G2L) part of the score,
+    whatever the mention: ``|score - decomposable| <= bound``. G2L is
+    ``cls . LayerNorm(context)``; a layer-normalised vector z has
+    ``||z|| <= sqrt(h)``, so ``|cls . (gamma * z + beta)| <= sqrt(h) ||cls * gamma|| + |cls . beta|``."""
+    bound = torch.zeros(len(index))
+    for name, weight in matcher.branch_weights().items():
+        if not name.endswith("_g2l"):
+            continue
+        modality = name[: -len("_g2l")]
+        norm = (matcher.text_matching if modality == "text" else matcher.image_matching).layer_norm
+        gamma, beta = norm.weight.detach().float().cpu(), norm.bias.detach().float().cpu()
+        for start in range(0, len(index), 65536):
+            cls = torch.from_numpy(numpy.asarray(index.arrays[f"{modality}_cls"][start : start + 65536],
+                                                 dtype=numpy.float32))
+            part = math.sqrt(cls.shape[1]) * (cls * gamma).norm(dim=1) + (cls @ beta).abs()
+            bound[start : start + len(part)] += weight * part
+    return bound
+
+
+@torch.no_grad()
+def decomposable_scores(matcher: M3ELMatcher, mention: Side, index: EntityIndex) -> torch.Tensor:
+    """[B, E] the decomposable part of the score (G2G, T2V, V2T) of every
+    mention against every entity: one product with the retrieval matrix."""
+    query = matcher.mention_retrieval_vectors(mention).float().cpu()
+    matrix = index.arrays["retrieval"]
+    return torch.cat([query @ torch.from_numpy(numpy.asarray(matrix[start : start + 65536], dtype=numpy.float32)).T
+                      for start in range(0, len(index), 65536)], dim=1)
