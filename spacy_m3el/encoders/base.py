@@ -198,6 +198,12 @@ class MultimodalEncoder(nn.Module, ABC):
 
     def encode_images(self, images: Sequence[Optional[Image.Image]]) -> ImageFeatures:
         """Preprocess and encode N images (None = no image)."""
+        if all(image is None for image in images):  # nothing to preprocess or run
+            global_shape, token_shape = self.image_output_shapes()
+            device = self.device
+            return ImageFeatures(torch.zeros((len(images), *global_shape), device=device),
+                                 torch.zeros((len(images), *token_shape), device=device),
+                                 torch.zeros(len(images), dtype=torch.bool, device=device))
         return self.encode_preprocessed(PreprocessedImages(*self.preprocess_images(images)))
 
     def encode_preprocessed(self, images: PreprocessedImages) -> ImageFeatures:

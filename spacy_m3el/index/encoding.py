@@ -15,6 +15,7 @@ which rows are encoded where. The route is
    retrieval vectors, fp16), and :meth:`EntityEncoding.meta`: what built them.
 """
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -23,12 +24,13 @@ import torch
 
 from ..data.images import ImageLoader, ImageRef, RecordBadImages
 from ..data.lru import LRUCache
-from ..encoders.base import PreprocessedImages
+from ..encoders.base import PreprocessedImages, inference_dtype
 from ..kb.base import MultimodalKB
 from ..model import M3ELMatcher
 from ..model.matching import Side
 from ..progress import progress_bar
 from .entity_index import INDEX_FORMAT, RETRIEVAL, EntityIndex
+from .features import EntityFeatureStore
 from .store import concatenate
 
 Layout = List[List[Any]]
@@ -90,13 +92,36 @@ class EntityEncoding:
         self.settings = settings
         #: The KB image loader: failures are recorded in ``images.failures``.
         self.images = images
+        self._digest: Tuple[Any, str] = (None, "")
+        self._store: Optional[EntityFeatureStore] = None
+
+    def digest(self, kb: MultimodalKB) -> str:
+        """:func:`kb_digest`, computed once per KB state."""
+        state = (id(kb), kb.revision)
+        if self._digest[0] != state:
+            self._digest = (state, kb_digest(kb))
+        return self._digest[1]
+
+    def feature_store(self, kb: MultimodalKB) -> Optional[EntityFeatureStore]:
+        """The store of ``kb``'s backbone features (None: the backbone trains,
+        or borrows a text model whose features may change)."""
+        network, encoder = self.network, self.network.encoder
+        if network.feature_cache is None or not encoder.caches_text:
+            return None
+        dtype = inference_dtype(self.settings.inference_precision, encoder.device)
+        key = json.dumps([self.digest(kb), str(dtype), encoder.cache_identity()], sort_keys=True, default=str)
+        if self._store is None or self._store.key != key:
+            image_global, image_tokens = encoder.image_output_shapes()
+            self._store = EntityFeatureStore(len(kb), text_dim=encoder.text_dim, text_length=encoder.max_text_length,
+                                             image_global=image_global, image_tokens=image_tokens, key=key)
+        return self._store
 
     # ------------------------------------------------------------ identity
     def identity(self, kb: MultimodalKB, *, max_queries: Optional[int]) -> Dict[str, Any]:
         """What an index must have been built from to be valid for ``kb``
         and the current weights: format, pooling (None: exact), weights, KB entities."""
         return {"format": INDEX_FORMAT, "max_queries": max_queries, "fingerprint": self.network.fingerprint(),
-                "kb": kb_digest(kb), "n_entities": len(kb)}
+                "kb": self.digest(kb), "n_entities": len(kb)}
 
     def meta(self, kb: MultimodalKB, layout: Layout, *, max_queries: Optional[int],
              unreadable: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -126,11 +151,21 @@ class EntityEncoding:
 
     def side(self, kb: MultimodalKB, batch: EntityRows) -> Side:
         """The matcher's entity side of ``batch``; images that turn out
-        unreadable are added to ``batch.unreadable``."""
+        unreadable are added to ``batch.unreadable``. Backbone features of a
+        frozen backbone come from (or go to) the KB's
+        :class:`~.features.EntityFeatureStore`."""
         network = self.network
         preprocessed = isinstance(batch.images, PreprocessedImages)
+        store = None if preprocessed else self.feature_store(kb)
         with torch.no_grad():
-            items = network.encode(batch.texts, batch.images, use_feature_cache=not preprocessed)
+            if store is not None and store.has(batch.rows):
+                items = store.get(batch.rows, next(network.matcher.parameters()).device)
+            else:
+                # Through the feature cache, as ever: the store keeps what it gave (fp16), so a later
+                # build reads the very features a cache hit would give.
+                items = network.encode(batch.texts, batch.images, use_feature_cache=not preprocessed)
+                if store is not None:
+                    store.put(batch.rows, items)
             if not preprocessed:
                 batch.unreadable.extend(
                     (kb.entity_id(row), self.images.failures.get(ref.key, "unreadable"))

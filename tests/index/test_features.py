@@ -1,0 +1,56 @@
+"""The KB's backbone features kept on disk: after a training update the
+entity index is rebuilt by the trained layers alone, and equals a rebuild
+that ran the backbone."""
+import numpy
+import pytest
+import torch
+
+from spacy_m3el.pipeline.linker import find_linker
+
+from tests.pipeline.test_linker import train_pipeline
+
+
+@pytest.fixture(scope="module")
+def linker(picture_dir):
+    nlp, _ = train_pipeline(picture_dir, epochs=1)
+    return find_linker(nlp)
+
+
+def test_a_rebuild_after_an_update_runs_only_the_trained_layers(linker, monkeypatch):
+    encoding, encoder = linker.index_keeper.encoding, linker.network.encoder
+    first = encoding.encode(linker.kb, max_queries=None)
+    store = encoding.feature_store(linker.kb)
+    assert store is not None and store.filled.all() and len(store) == len(linker.kb)
+    with torch.no_grad():  # what a training update does to the matcher (the backbone is frozen)
+        for parameter in linker.network.matcher.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+
+    def backbone_called(*args, **kwargs):
+        raise AssertionError("the backbone ran")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(encoder, "encode_text", backbone_called)
+        patched.setattr(encoder, "encode_image_masked", backbone_called)
+        rebuilt = encoding.encode(linker.kb, max_queries=None)
+    encoding._store = None  # a new store: the backbone runs again
+    linker.network.feature_cache.clear()
+    fresh = encoding.encode(linker.kb, max_queries=None)
+    assert encoding.feature_store(linker.kb) is not store
+    assert not numpy.array_equal(rebuilt.arrays["retrieval"], first.arrays["retrieval"])  # the new weights
+    for name, array in fresh.arrays.items():
+        numpy.testing.assert_array_equal(rebuilt.arrays[name], array, err_msg=name)
+    assert rebuilt.meta["unreadable_kb_images"] == fresh.meta["unreadable_kb_images"]
+
+
+def test_a_changed_kb_or_precision_gets_its_own_store(linker):
+    encoding = linker.index_keeper.encoding
+    linker.configure(inference_precision="float32")
+    try:
+        store = encoding.feature_store(linker.kb)
+        assert encoding.feature_store(linker.kb) is store
+        linker.configure(inference_precision="bfloat16")
+        assert encoding.feature_store(linker.kb) is not store
+    finally:
+        linker.configure(inference_precision="auto")
+    linker.kb.add_entity("E-new", name="a new item", check_images=False)
+    assert len(encoding.feature_store(linker.kb)) == len(linker.kb)
