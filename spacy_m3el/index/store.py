@@ -23,6 +23,8 @@ from ..errors import KBError
 from ..fileio import inside, read_json, write_json
 
 META = "meta.json"
+#: Rows written per block: bounded memory when the array is memory-mapped.
+WRITE_ROWS = 16_384
 
 
 def checksum(array: numpy.ndarray, previous: int = 0) -> int:
@@ -60,17 +62,20 @@ def write_arrays(folder: Path, shapes: Dict[str, Sequence[int]],
     folder.mkdir(parents=True, exist_ok=True)
     checksums = {}
     for name, shape in shapes.items():
-        total, written = 0, 0
+        total, written, header = 0, 0, False
         with open(folder / f"{name}.npy", "wb") as out:
             for part in chunks(name):
-                if not written:
+                if not header:
+                    header = True
                     numpy.lib.format.write_array_header_2_0(out, {
                         "descr": numpy.lib.format.dtype_to_descr(part.dtype), "fortran_order": False,
                         "shape": tuple(int(s) for s in shape)})
-                part = padded(numpy.asarray(part), int(shape[1]) if len(shape) > 1 else 0)
-                total = checksum(part, total)
-                out.write(numpy.ascontiguousarray(part).tobytes())
-                written += part.shape[0]
+                width = int(shape[1]) if len(shape) > 1 else 0
+                for start in range(0, part.shape[0], WRITE_ROWS):  # a memory-mapped part is read a block at a time
+                    block = numpy.ascontiguousarray(padded(numpy.asarray(part[start : start + WRITE_ROWS]), width))
+                    total = checksum(block, total)
+                    out.write(block.tobytes())
+                    written += block.shape[0]
         if written != shape[0]:
             raise KBError(f"{folder / (name + '.npy')}: {written} rows written, {shape[0]} expected")
         checksums[name] = total

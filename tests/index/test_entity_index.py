@@ -268,3 +268,18 @@ def test_damaged_index_files_are_named(tmp_path):
     (tmp_path / "index" / "meta.json").write_text('{"n_entities": ')
     with pytest.raises(KBError, match="meta.json is not valid JSON"):
         EntityIndex.load(tmp_path / "index", n_entities=2)
+
+
+def test_files_are_written_a_block_at_a_time_from_several_parts(default_shaped, tmp_path, monkeypatch):
+    from spacy_m3el.index import store
+
+    matcher, batches, _ = default_shaped
+    index = built(matcher, batches, max_queries=None)
+    monkeypatch.setattr(store, "WRITE_ROWS", 5)  # blocks that cut the parts
+    shapes = {name: list(array.shape) for name, array in index.arrays.items()}
+    parts = {name: [array[:0], array[:7], array[7:]] for name, array in index.arrays.items()}  # an empty part too
+    checksums = store.write_arrays(tmp_path / "index", shapes, lambda name: parts[name])
+    store.write_meta(tmp_path / "index", {**index.meta, "checksums": checksums})
+    loaded = EntityIndex.load(tmp_path / "index", n_entities=12)  # the checksums hold
+    for name, array in index.arrays.items():
+        numpy.testing.assert_array_equal(loaded.arrays[name], array)
