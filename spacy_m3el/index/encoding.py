@@ -37,11 +37,14 @@ Layout = List[List[Any]]
 
 
 def kb_digest(kb: MultimodalKB) -> str:
-    """Identifies the KB's entities and their order."""
+    """Identifies the KB's entities, their order and their texts (name,
+    description). Not their image files: a KB's pictures are renamed when it
+    is saved (content-addressed), and reading them all would cost a build."""
     digest = hashlib.sha1()
-    for entity_id in kb.entity_ids:
-        digest.update(entity_id.encode())
-        digest.update(b"\0")
+    for row, entity_id in enumerate(kb.entity_ids):
+        for part in (entity_id, kb.name(row), kb.description(row)):
+            digest.update(part.encode())
+            digest.update(b"\0")
     return digest.hexdigest()
 
 
