@@ -152,14 +152,15 @@ class EntityEncoding:
         pixels, mask = encoder.preprocess_images(decoded)
         return EntityRows(list(rows), texts, PreprocessedImages(pixels, mask), unreadable)
 
-    def side(self, kb: MultimodalKB, batch: EntityRows) -> Side:
+    def side(self, kb: MultimodalKB, batch: EntityRows, *, keep_features: bool = False) -> Side:
         """The matcher's entity side of ``batch``; images that turn out
-        unreadable are added to ``batch.unreadable``. Backbone features of a
-        frozen backbone come from (or go to) the KB's
+        unreadable are added to ``batch.unreadable``. With ``keep_features``
+        (builds of the whole KB, which training repeats) the backbone
+        features of a frozen backbone come from, or go to, the KB's
         :class:`~.features.EntityFeatureStore`."""
         network = self.network
         preprocessed = isinstance(batch.images, PreprocessedImages)
-        store = None if preprocessed else self.feature_store(kb)
+        store = self.feature_store(kb) if keep_features and not preprocessed else None
         with torch.no_grad():
             if store is not None and store.has(batch.rows):
                 items = store.get(batch.rows, next(network.matcher.parameters()).device)
@@ -179,8 +180,10 @@ class EntityEncoding:
     def encode(self, kb: MultimodalKB, rows: Optional[Sequence[int]] = None, *, max_queries: Optional[int],
                progress: bool = False) -> EntityIndex:
         """The index of ``rows`` (default: every entity, in KB order), in
-        memory, through the feature cache. ``max_queries=None``: exact."""
+        memory, through the feature cache (and, for the whole KB, the feature
+        store). ``max_queries=None``: exact."""
         self.network.eval()
+        whole = rows is None  # a part (update-kb's changed rows, a Ray shard) is encoded once: no store
         rows = list(range(len(kb))) if rows is None else list(rows)
         size = self.settings.entity_batch_size
         batches = [rows[i : i + size] for i in range(0, len(rows), size)]
@@ -191,7 +194,7 @@ class EntityEncoding:
         def sides():
             for chunk in batches:
                 batch = self.rows(kb, chunk)
-                yield self.side(kb, batch)
+                yield self.side(kb, batch, keep_features=whole)
                 unreadable.extend(batch.unreadable)
 
         arrays, layout = index_arrays(self.network.matcher, sides(), max_queries=max_queries)
