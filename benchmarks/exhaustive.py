@@ -20,7 +20,6 @@ process's (2 torch threads on the 2-core machine).
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import spacy
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import random_picture, run_info  # noqa: E402
-from kb_scale import WORK, cpu_seconds, write  # noqa: E402
+from kb_scale import WORK, timed_run as timed, write  # noqa: E402
 
 from spacy_m3el.data.readers import MultimodalCorpus  # noqa: E402
 from spacy_m3el.evaluation import exhaustive  # noqa: E402
@@ -39,12 +38,6 @@ from spacy_m3el.pipeline.linker import find_linker  # noqa: E402
 
 PIPELINE = ROOT / "training" / "clipart_mel" / "model-best"
 DEMO = ROOT / "assets" / "clipart_mel"
-
-
-def timed(function):
-    start_cpu, start = cpu_seconds(), time.perf_counter()
-    result = function()
-    return result, {"wall_s": round(time.perf_counter() - start, 2), "cpu_s": round(cpu_seconds() - start_cpu, 2)}
 
 
 def main() -> None:

@@ -79,6 +79,13 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def timed_run(function):
+    """``function()``'s result and its wall and CPU seconds (this process and its reaped children)."""
+    start_cpu, start = cpu_seconds(), time.perf_counter()
+    result = function()
+    return result, {"wall_s": round(time.perf_counter() - start, 2), "cpu_s": round(cpu_seconds() - start_cpu, 2)}
+
+
 def rss_mb(kind: str = "VmRSS") -> float:
     """This process's resident memory in MB: all of it (VmRSS), anonymous
     memory only (RssAnon) or mapped file pages (RssFile, page cache)."""

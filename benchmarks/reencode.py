@@ -23,7 +23,6 @@ image features each, which the 1 GB feature cache cannot hold for 17,000.
 import argparse
 import random
 import sys
-import time
 from pathlib import Path
 
 import numpy
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import random_picture, run_info  # noqa: E402
-from kb_scale import WORK, cpu_seconds, write  # noqa: E402
+from kb_scale import WORK, timed_run as timed, write  # noqa: E402
 
 from spacy_m3el.kb.base import MultimodalKB  # noqa: E402
 from spacy_m3el.pipeline.linker import find_linker  # noqa: E402
@@ -47,12 +46,6 @@ WORDS = ("river old city museum painting bridge famous northern station music pl
 
 def sentence(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "."
-
-
-def timed(function):
-    start_cpu, start = cpu_seconds(), time.perf_counter()
-    result = function()
-    return result, {"wall_s": round(time.perf_counter() - start, 2), "cpu_s": round(cpu_seconds() - start_cpu, 2)}
 
 
 def main() -> None:
