@@ -213,8 +213,8 @@ class MiniLMEfficientNetEncoder(EfficientNetLite0Images, MultimodalEncoder):
         """For a frozen backbone under autocast: the text model with its Linear
         weights stored in the autocast dtype, so autocast does not cast every
         weight again at every call (the same results: autocast runs those
-        products in that dtype anyway; 9.4 -> 5.0 ms for one 28-token text in
-        bfloat16 on this CPU). Embeddings and LayerNorms are shared, in float32.
+        products in that dtype anyway; ``benchmarks/profile_doc.py`` measures
+        the two). Embeddings and LayerNorms are shared, in float32.
         None when there is nothing to gain (float32, or a backbone that trains)."""
         kind = device.type
         if not (getattr(self, "frozen", False) and not torch.is_grad_enabled() and torch.is_autocast_enabled(kind)):

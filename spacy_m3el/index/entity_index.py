@@ -257,7 +257,8 @@ def saved_index(folders: Sequence[Path], *, n_entities: int) -> Optional[EntityI
         if (folder / META).is_file():
             return EntityIndex.load(folder, n_entities=n_entities)
         if folder.is_dir() and any(folder.iterdir()):
-            raise KBError(f"{folder}: the entity index folder has no {META}")
+            raise KBError(f"{folder}: the entity index folder has no {META} (an interrupted save?): delete the "
+                          "folder, and the index is built again at first use (or with build-cache)")
     return None
 
 

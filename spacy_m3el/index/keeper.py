@@ -144,7 +144,7 @@ class IndexKeeper:
                  f"be read, e.g. {unreadable[:5]} (details: linker.inputs.kb_images.failures)", stacklevel=5)
         max_queries = index.meta.get("max_queries")
         if max_queries is not None:
-            index.meta["pooling_agreement"] = agreement = self.pooling_agreement(kb, index)
+            index.meta["pooling_agreement"] = agreement = pooling_agreement(self, kb, index)
             msg.info(f"m3el_linker: entity index with G2L queries pooled to {max_queries}: top-1 agrees with "
                      f"the exact score for {agreement['top1']:.1%} of {agreement['sample']} KB entities "
                      "standing in for mentions")
@@ -200,8 +200,3 @@ class IndexKeeper:
         batch = self.encoding.rows(kb, rows)
         with torch.no_grad():
             return network.matcher.mention_side(network.encode(batch.texts, batch.images))
-
-    def pooling_agreement(self, kb: MultimodalKB, pooled: EntityIndex) -> Dict[str, Any]:
-        """Top-1 agreement of the pooled and the exact rerank of the same
-        candidates (see :func:`.quality.pooling_agreement`)."""
-        return pooling_agreement(self, kb, pooled)

@@ -34,7 +34,7 @@ class MentionEncoder:
         """The mention side of M3EL for these spans. Mentions whose image
         could not be loaded (``on_bad_image = "warn"``) are counted in ``bad_images``."""
         network = self.network
-        if network.training:  # train()/eval() set the whole tree: the root says it (a walk costs ~1 ms)
+        if network.training:  # train()/eval() set the whole tree: the root says it, without a walk of it
             network.eval()
         texts, refs = self.inputs.mentions(spans, where=where)
         shared = network.encoder if isinstance(network.encoder, SharedTextEncoder) else None

@@ -38,6 +38,8 @@ class LinkerState:
         self.calibration_stale = False
         # Said once, on the first call after loading.
         self.warning: Optional[str] = None
+        #: The NIL mentions that training leaves out have been warned about (once per linker).
+        self.told_about_nil = False
 
     def to_dict(self) -> Dict[str, Any]:
         return {"updates": self.updates, "calibrated": not self.calibration_stale}

@@ -93,11 +93,11 @@ def _scorer_inputs(linker: "M3ELLinker", batch: TrainingBatch) -> Dict[str, Any]
 
 
 def _tell_about_nil(linker: "M3ELLinker", examples: List[Example]) -> None:
-    if getattr(linker, "_told_about_nil", False):
+    if linker.state.told_about_nil:
         return
     nil = sum(1 for eg in examples for ent in eg.reference.ents if ent.kb_id_ == NIL)
     if nil:
-        linker._told_about_nil = True
+        linker.state.told_about_nil = True
         warn(f"m3el_linker: {nil} NIL mention(s) in a training batch have no entity to contrast, so "
              "M3EL's losses leave them out; the NIL option is fitted on held-out data instead "
              "(calibrate_on_score, or M3ELLinker.calibrate)", stacklevel=5)
