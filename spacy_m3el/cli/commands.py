@@ -137,6 +137,9 @@ def calibrate(
             "in_sample": "in sample (the final fit, on what it fitted)"}
     msg.table([(label, *(f"{report[what][k]:.4f}" for k in shown)) for what, label in fits.items()],
               header=(f"{report['mentions']} mentions x pictures {list(report['conditions'])}", *shown))
+    shares = ", ".join(f"{condition} {share:.2f}" for condition, share in report["picture_shares"].items())
+    msg.info(f"The fits weigh the picture conditions {shares} (calibration_pictures); the rows above "
+             "count every mention once per condition, the rows below per condition")
     msg.table([(condition, *(f"{figures[k]:.4f}" for k in shown))
                for condition, figures in report["conditions"].items()], header=("out of fold, pictures", *shown))
     save_pipeline(nlp, output)

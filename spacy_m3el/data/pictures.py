@@ -16,8 +16,6 @@ from spacy.training import Example
 from ..extensions import image_source, register_extensions
 
 CONDITIONS = ("given", "none", "half", "shuffled")
-#: The conditions calibration fits on, each mention once in each.
-CALIBRATION_MIX = ("given", "none", "shuffled")
 
 
 def check_condition(condition: str, *, allow_all: bool = False) -> None:

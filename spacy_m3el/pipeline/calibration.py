@@ -10,6 +10,9 @@ the picture gate and the NIL option, then picks the NIL threshold that
 maximises accuracy. ``calibrate_scorer`` does the same with cross-fitting:
 every mention also gets probabilities from a scorer fitted without it, the
 threshold is chosen on those, and the figures it reports are out of sample.
+Every fit and the threshold can weigh the held-out items (``weights``): the
+linker weighs each picture condition by the share of mentions it expects
+under it.
 """
 import copy
 import math
@@ -164,10 +167,12 @@ def fit_weights(
     gold_ids: Sequence[str],
     *,
     options: ScorerOptions,
+    weights: Optional[Sequence[float]] = None,
     max_iter: int = 200,
 ) -> Dict[str, Any]:
     """Fit the scorer's weights to held-out mentions (their results and gold
-    ids, NIL included) by L-BFGS; the threshold is left alone. Without NIL
+    ids, NIL included) by L-BFGS, each mention's loss weighed by
+    ``weights`` (default: equal); the threshold is left alone. Without NIL
     mentions the NIL option stays off."""
     labels = _labels(results, gold_ids)
     kept = [i for i, label in enumerate(labels) if label is not None]
@@ -180,6 +185,7 @@ def fit_weights(
     tensors = to_tensors(subset, scorer.branches)
     width = tensors.m3el.shape[1]
     target = torch.tensor([width if labels[i] == -1 else labels[i] for i in kept])
+    item_weights = _normalised([1.0] * len(results) if weights is None else weights, len(results))[kept]
     has_nil = bool((target == width).any())
     params = [scorer.log_scale, scorer.feature_weights]
     if options.branches and scorer.branches:
@@ -197,6 +203,7 @@ def fit_weights(
             scorer.nil_weights.copy_(torch.tensor([NIL_OFF] + [0.0] * (len(NIL_FEATURES) - 1)))
     device = scorer.log_scale.device
     target = target.to(device)
+    item_weights = (item_weights / item_weights.sum()).to(device)
     valid = tensors.valid.to(device)
     optimizer = torch.optim.LBFGS(params, max_iter=max_iter, line_search_fn="strong_wolfe")
 
@@ -204,7 +211,7 @@ def fit_weights(
         optimizer.zero_grad()
         logits, nil_logits = _logits(scorer, tensors, options)
         joint = torch.cat([logits.masked_fill(~valid, float("-inf")), nil_logits[:, None]], dim=1)
-        loss = torch.nn.functional.cross_entropy(joint, target)
+        loss = (torch.nn.functional.cross_entropy(joint, target, reduction="none") * item_weights).sum()
         penalty = scorer.feature_weights.pow(2).sum() + scorer.branch_weights.pow(2).sum()
         if options.gate:
             penalty = penalty + scorer.gate_weights[1:].pow(2).sum() + scorer.text_boost.pow(2).sum()
@@ -230,6 +237,16 @@ def fit_weights(
         param.grad = None  # else the next training step would apply the fit's gradients
     return {"mentions": len(results), "fitted_on": len(kept), "nil_option": has_nil,
             "nil_mentions": int(sum(1 for g in gold_ids if g == NIL)), "nll_before": before, "nll_after": after}
+
+
+def _normalised(weights: Sequence[float], count: int) -> torch.Tensor:
+    """``weights`` as a float tensor, checked: one per item, finite, >= 0, not all 0."""
+    values = torch.tensor([float(w) for w in weights], dtype=torch.float64)
+    if len(values) != count:
+        raise ValueError(f"calibration: {len(values)} weights for {count} items; give one weight per item")
+    if not bool(torch.isfinite(values).all()) or bool((values < 0).any()) or float(values.sum()) <= 0:
+        raise ValueError("calibration: item weights must be finite, >= 0 and not all 0")
+    return values.float()
 
 
 def fit(
@@ -287,6 +304,7 @@ def cross_fit(
     groups: Sequence[Any],
     *,
     options: ScorerOptions,
+    weights: Optional[Sequence[float]] = None,
     folds: int = FOLDS,
     seed: int = 0,
     on_fold: Optional[Callable[[], None]] = None,
@@ -305,7 +323,8 @@ def cross_fit(
             continue
         scorer.load_state_dict(initial)
         try:
-            fit_weights(scorer, [results[i] for i in inside], [gold_ids[i] for i in inside], options=options)
+            fit_weights(scorer, [results[i] for i in inside], [gold_ids[i] for i in inside], options=options,
+                        weights=None if weights is None else [weights[i] for i in inside])
         except ValueError:
             pass  # no usable mention in the other folds: scored by the weights it started with
         held_out = [copy.deepcopy(results[i]) for i in outside]
@@ -325,12 +344,14 @@ def calibrate_scorer(
     groups: Sequence[Any],
     *,
     options: ScorerOptions,
+    weights: Optional[Sequence[float]] = None,
     folds: int = FOLDS,
     seed: int = 0,
     progress: bool = False,
 ) -> Tuple[Dict[str, Any], List[Result]]:
     """Cross-fit, choose the NIL threshold on the out-of-fold probabilities,
-    then fit on everything. Returns the report (``before``: the scorer as it
+    then fit on everything (fits and threshold weigh the items by
+    ``weights``; default: equal). Returns the report (``before``: the scorer as it
     came; ``out_of_fold``: every mention scored by a fit that did not see
     it) and the out-of-fold results, answered with the chosen threshold.
     ``results`` end up scored by the final fit. ``progress``: a line per fit."""
@@ -341,15 +362,15 @@ def calibrate_scorer(
                        unit="fit", disable=not progress)
     with bar:
         if folds >= 2:
-            held_out = cross_fit(scorer, results, gold_ids, groups, options=options, folds=folds, seed=seed,
-                                 on_fold=lambda: bar.update(1))
-        report = fit_weights(scorer, results, gold_ids, options=options)
+            held_out = cross_fit(scorer, results, gold_ids, groups, options=options, weights=weights, folds=folds,
+                                 seed=seed, on_fold=lambda: bar.update(1))
+        report = fit_weights(scorer, results, gold_ids, options=options, weights=weights)
         bar.update(1)
     if folds < 2:  # one mention: nothing to hold out, the figures are in sample
         folds = 0
         held_out = [copy.deepcopy(r) for r in results]
         apply_scorer(scorer, held_out, options=options, threshold=0.0)
-    threshold, _ = choose_threshold(held_out, gold_ids)
+    threshold, _ = choose_threshold(held_out, gold_ids, weights=weights)
     for result in held_out:
         decide(result, threshold)
     with torch.no_grad():
@@ -380,19 +401,23 @@ def scorer_weights(scorer: CandidateScorer) -> Dict[str, Any]:
     }
 
 
-def choose_threshold(results: Sequence[Result], gold_ids: Sequence[str]) -> Tuple[float, float]:
+def choose_threshold(
+    results: Sequence[Result], gold_ids: Sequence[str], *, weights: Optional[Sequence[float]] = None
+) -> Tuple[float, float]:
     """The threshold on the best candidate's probability that maximises the
-    share of correct answers (NIL included); the smallest on ties."""
-    pairs = []
-    for result, gold in zip(results, gold_ids):
-        best = result["candidates"][0] if result["candidates"] else None
-        if best is None or best["prob"] < result["nil_prob"]:
-            pairs.append((-1.0, gold == NIL, gold == NIL))  # NIL at any threshold
-        else:
-            pairs.append((best["prob"], best["id"] == gold, gold == NIL))
-    total = len(pairs)
-    if not total:
+    (weighted) share of correct answers (NIL included); the smallest on ties."""
+    if not results:
         return 0.0, 0.0
+    item_weights = _normalised([1.0] * len(results) if weights is None else weights, len(results)).tolist()
+    pairs = []
+    for result, gold, weight in zip(results, gold_ids, item_weights):
+        best = result["candidates"][0] if result["candidates"] else None
+        # (probability, weight if the link is right, weight if NIL is right)
+        if best is None or best["prob"] < result["nil_prob"]:
+            pairs.append((-1.0, weight * (gold == NIL), weight * (gold == NIL)))  # NIL at any threshold
+        else:
+            pairs.append((best["prob"], weight * (best["id"] == gold), weight * (gold == NIL)))
+    total = sum(item_weights)
     # Linked when prob >= t: correct links at or above t, NIL golds below it.
     always_nil = sum(nil for p, _, nil in pairs if p < 0)
     linkable = sorted(((p, ok, nil) for p, ok, nil in pairs if p >= 0), key=lambda x: x[0])
@@ -406,7 +431,7 @@ def choose_threshold(results: Sequence[Result], gold_ids: Sequence[str]) -> Tupl
             continue
         t = linkable[index + 1][0] if index + 1 < len(linkable) else min(1.0, p + 1e-6)
         correct = always_nil + nil_below + above_ok
-        if correct > best_correct:
+        if correct > best_correct + 1e-9:  # weighted sums: ties must not turn on rounding
             best_t, best_correct = t, correct
     return best_t, best_correct / total
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List
 from spacy.tokens import Doc, Span
 from spacy.training import Example, validate_examples
 
-from ..data.pictures import CALIBRATION_MIX, with_pictures
+from ..data.pictures import with_pictures
 from ..errors import warn
 from ..evaluation.exhaustive import evaluate_exhaustive
 from ..evaluation.scoring import aligned_mentions
@@ -26,7 +26,9 @@ def calibrate_linker(linker: "M3ELLinker", examples: Iterable[Example], *,
     picture gate, NIL option) and the NIL threshold on held-out examples
     with gold links (NIL included), each mention with its picture,
     without one and with another mention's picture (seeded), so that
-    none of these gets answers fitted to the other. The fit is
+    none of these gets answers fitted to the other; each condition
+    weighs as much as the share of mentions the linker expects under it
+    (``calibration_pictures``). The fit is
     cross-validated: the threshold is chosen, and the report's
     ``out_of_fold`` figures computed, on probabilities from fits that
     did not see the mention; the predicted docs are annotated with those
@@ -47,9 +49,9 @@ def calibrate_linker(linker: "M3ELLinker", examples: Iterable[Example], *,
                          f"'{NIL}') among the predicted entities: pass held-out examples whose reference "
                          "entities carry kb_id and whose predicted docs have the same entity spans (the "
                          "spacy-m3el.Corpus.v1 reader with gold_ents = true gives both)")
-    results, gold, groups, conditions = [], [], [], []
-    mix = CALIBRATION_MIX if linker.network.matcher.uses_image else ("given",)
-    for condition in progress_bar(mix, desc=f"Calibration: linking {len(docs)} docs under each picture condition",
+    results, gold, groups, conditions, weights = [], [], [], [], []
+    mix = linker.settings.calibration_mix() if linker.network.matcher.uses_image else {"given": 1.0}
+    for condition in progress_bar(list(mix), desc=f"Calibration: linking {len(docs)} docs under each picture condition",
                                   unit="condition", disable=not progress):
         linked = _linked_under(linker, docs, condition)
         for group, (kb_id, span) in enumerate(pairs):
@@ -59,11 +61,13 @@ def calibrate_linker(linker: "M3ELLinker", examples: Iterable[Example], *,
             gold.append(kb_id)
             groups.append(group)
             conditions.append(condition)
-    report, held_out = calibrate_scorer(linker.network.scorer, results, gold, groups,
+            weights.append(mix[condition])
+    report, held_out = calibrate_scorer(linker.network.scorer, results, gold, groups, weights=weights,
                                         options=linker.scorer_options, progress=progress)
     # Mentions, not (mention, picture condition) pairs; fitted_on counts the pairs.
     report["mentions"] = len(pairs)
     report["nil_mentions"] = sum(kb_id == NIL for kb_id, _ in pairs)
+    report["picture_shares"] = mix
     report["conditions"] = {
         condition: answer_figures([r for r, c in zip(held_out, conditions) if c == condition],
                                   [g for g, c in zip(gold, conditions) if c == condition])

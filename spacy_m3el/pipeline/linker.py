@@ -77,6 +77,7 @@ def make_m3el_linker(
     picture_dropout: float,
     picture_mismatch: float,
     calibrate_on_score: bool,
+    calibration_pictures: Dict[str, float],
     labels_discard: List[str],
     use_gold_ents: bool,
     hard_negatives: int,

@@ -6,6 +6,7 @@ and the README's option table is checked against ``describe()``.
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Dict, List, Optional
 
+from ..data.pictures import CONDITIONS
 from ..encoders.base import PRECISIONS
 
 ON_BAD_IMAGE = ("raise", "warn")
@@ -13,9 +14,22 @@ SCORE_PROTOCOLS = ("two-stage", "exhaustive")
 
 
 def _option(default: Any, meaning: str, **kwargs: Any) -> Any:
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"meaning": meaning}, **kwargs)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"meaning": meaning}, **kwargs)
     return field(default=default, metadata={"meaning": meaning}, **kwargs)
+
+
+def _check_picture_shares(shares: Any) -> None:
+    if not isinstance(shares, dict) or not shares:
+        raise ValueError(f"calibration_pictures must map picture conditions {CONDITIONS} to shares, got {shares!r}")
+    unknown = sorted(set(shares) - set(CONDITIONS))
+    if unknown:
+        raise ValueError(f"calibration_pictures: unknown picture condition(s) {unknown}; use {CONDITIONS}")
+    for condition, share in shares.items():
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not share >= 0:
+            raise ValueError(f"calibration_pictures[{condition!r}] must be a number >= 0, got {share!r}")
+    if not sum(shares.values()) > 0:
+        raise ValueError("calibration_pictures: the shares must not all be 0")
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,12 @@ class LinkerSettings:
                                              "temperature, feature weights, picture gate, NIL option and NIL "
                                              "threshold on its examples (the dev set during spacy train) with "
                                              "their pictures, without and shuffled, and reports out-of-fold figures.")
+    calibration_pictures: Dict[str, float] = _option(
+        {"given": 0.6, "none": 0.2, "shuffled": 0.2},
+        "Calibration: the share of mentions expected with their own picture (given), without one (none) and with "
+        "a picture that shows something else (shuffled); the fit weighs the held-out mentions under each "
+        "condition by it (the defaults match picture_dropout and picture_mismatch). A linker without an image "
+        "branch fits on the given pictures alone; a condition set to 0 is left out.")
     labels_discard: List[str] = _option([], "Entity labels the linker leaves alone.")
     use_gold_ents: bool = _option(True, "Train on the gold entity spans even where the predicted doc "
                                         "has no such entity.")
@@ -125,6 +145,9 @@ class LinkerSettings:
         if self.picture_dropout + self.picture_mismatch > 1.0:
             raise ValueError("picture_dropout + picture_mismatch must be at most 1 (shares of the same mentions), "
                              f"got {self.picture_dropout} + {self.picture_mismatch}")
+        _check_picture_shares(self.calibration_pictures)
+        object.__setattr__(self, "calibration_pictures", {key: float(value) for key, value in
+                                                          self.calibration_pictures.items()})
         for name in ("hard_negatives", "context_chars"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -142,6 +165,14 @@ class LinkerSettings:
         if self.entity_batch_size < 1:
             raise ValueError(f"entity_batch_size must be >= 1, got {self.entity_batch_size}")
         object.__setattr__(self, "labels_discard", list(self.labels_discard))
+
+    def calibration_mix(self) -> Dict[str, float]:
+        """The picture conditions calibration links the held-out mentions
+        under, "given" first, each with its share (the shares sum to 1)."""
+        total = sum(self.calibration_pictures.values())
+        mix = {"given": self.calibration_pictures.get("given", 0.0) / total}
+        mix.update({c: v / total for c, v in self.calibration_pictures.items() if c != "given" and v > 0})
+        return mix
 
     def update(self, **changes: Any) -> Dict[str, Any]:
         """Apply ``changes`` in place (every holder of these settings sees

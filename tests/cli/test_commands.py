@@ -173,6 +173,7 @@ def test_calibrate_fits_on_held_out_data_and_saves(linker_dir, picture_dir, tmp_
     # Fitted on each mention with its picture, without and shuffled; figures out of fold per condition.
     assert re.search(r"mentions\s+48", result.output) and re.search(r"fitted_on\s+144", result.output)
     assert re.search(r"after \(held out: 5-fold[^)]*\)\s+[01]\.\d+", result.output) and re.search(r"\nshuffled\s+[01]\.\d+", result.output)
+    assert "weigh the picture conditions given 0.60, none 0.20, shuffled 0.20" in " ".join(result.output.split())
     scorer = find_linker(spacy.load(tmp_path / "calibrated")).network.scorer
     assert not math.isnan(float(scorer.fitted_threshold))
     result = run("evaluate", tmp_path / "calibrated", tmp_path / "dev.spacy", "--output", tmp_path / "m.json")

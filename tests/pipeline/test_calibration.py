@@ -214,3 +214,38 @@ def test_the_scale_cannot_overflow():
     with torch.no_grad():
         scorer.log_scale.fill_(500.0)
     assert bool(torch.isfinite(scorer.scale).all())
+
+
+def test_weighted_threshold_follows_the_heavier_items():
+    def result(prob):
+        return {"candidates": [{"id": "E1", "prob": prob}], "nil_prob": 0.0}
+
+    # A right link at 0.3, a NIL mention linked at 0.4, a right link at 0.9: a threshold above 0.4 trades
+    # the first for the second (2 of 3 right either way: the smallest threshold wins) until one weighs more.
+    results = [result(0.3), result(0.4), result(0.9)]
+    gold = ["E1", NIL, "E1"]
+    assert choose_threshold(results, gold) == (0.0, pytest.approx(2 / 3))
+    threshold, share = choose_threshold(results, gold, weights=[1, 3, 1])
+    assert 0.4 < threshold <= 0.9 and share == pytest.approx(0.8)
+    assert choose_threshold(results, gold, weights=[3, 1, 1]) == (0.0, pytest.approx(0.8))
+    with pytest.raises(ValueError, match="one weight per item"):
+        choose_threshold(results, gold, weights=[1, 1])
+    with pytest.raises(ValueError, match=">= 0"):
+        choose_threshold(results, gold, weights=[1, -1, 1])
+
+
+def test_a_zero_weight_leaves_items_out_of_the_fit():
+    from spacy_m3el.pipeline.calibration import fit_weights
+
+    kept, kept_gold = data(11, 120)
+    noise, noise_gold = data(12, 80, prior_decides=False)
+    alone, weighted = CandidateScorer(BRANCHES), CandidateScorer(BRANCHES)
+    fit_weights(alone, kept, kept_gold, options=ScorerOptions())
+    fit_weights(weighted, kept + noise, kept_gold + noise_gold, options=ScorerOptions(),
+                weights=[1.0] * len(kept) + [0.0] * len(noise))
+    for (name, a), (_, b) in zip(alone.named_parameters(), weighted.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-4), name
+    # With their weight the other items change the fit: the prior decides less there.
+    everything = CandidateScorer(BRANCHES)
+    fit_weights(everything, kept + noise, kept_gold + noise_gold, options=ScorerOptions())
+    assert not torch.allclose(everything.feature_weights, alone.feature_weights, atol=1e-2)
