@@ -21,9 +21,12 @@ mapped-file part (RssFile: shared libraries, memory-mapped stores, which the
 kernel can drop). Variants: ``default`` (the config as shipped) and
 ``cache256`` (``feature_cache_mb = 256``: each of the frozen backbone's two
 feature stores, texts and images, capped at 256 MB instead of 1 GB), which
-says how much of the peak the feature cache is.
+says how much of the peak the feature cache is. ``--reference COMMIT`` adds
+the default variant as that commit ran it (a git worktree of it under
+benchmarks/work/, its code first on PYTHONPATH): before and now in one run.
 """
 import argparse
+import os
 import random
 import subprocess
 import sys
@@ -107,15 +110,25 @@ def status(pid: int) -> Dict[str, float]:
     return values
 
 
-def train(paths: Dict[str, Path], out: Path, steps: int, extra: List[str]) -> Dict[str, float]:
-    command = [sys.executable, "-m", "spacy", "train", str(ROOT / "configs" / "demo_cpu.cfg"),
+def reference_tree(commit: str) -> Path:
+    """A git worktree of ``commit`` under benchmarks/work/ (made once)."""
+    tree = WORK / f"reference_{commit}"
+    if not tree.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=ROOT, check=True)
+    return tree
+
+
+def train(paths: Dict[str, Path], out: Path, steps: int, extra: List[str], code: Path = ROOT) -> Dict[str, float]:
+    """Peak memory of one `spacy train` run of the code in ``code``."""
+    command = [sys.executable, "-m", "spacy", "train", str(code / "configs" / "demo_cpu.cfg"),
                "--output", str(out), "--paths.train", str(paths["train"]), "--paths.dev", str(paths["dev"]),
                "--paths.kb", str(paths["kb"]), "--paths.image_dir", str(paths["images"]),
                "--training.max_steps", str(steps), "--training.eval_frequency", str(steps),
                "--training.logger.progress_bar", "false", *extra]
     print(" ".join(command), flush=True)
     started = time.time()
-    child = subprocess.Popen(command, cwd=ROOT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")])))
+    child = subprocess.Popen(command, cwd=code, env=env)
     peak: Dict[str, float] = {}
     done = threading.Event()
 
@@ -148,20 +161,28 @@ def main() -> None:
     parser.add_argument("--dev", type=int, default=300)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--reference", default=None, help="A commit whose default variant runs too")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     folder = WORK / f"training_memory_{args.entities}_{args.mentions}_{args.dev}"
     paths = make_data(folder, args.entities, args.mentions, args.dev)
     rows = {}
-    for variant in args.variants:
-        rows[variant] = train(paths, folder / f"out_{variant}", args.steps, VARIANTS[variant])
-        print(f"{variant}: {rows[variant]}", flush=True)
+    runs = [(variant, VARIANTS[variant], ROOT) for variant in args.variants]
+    if args.reference:
+        runs.insert(0, (f"default at {args.reference}", [], reference_tree(args.reference)))
+    for name, extra, code in runs:
+        rows[name] = train(paths, folder / f"out_{name.replace(' ', '_')}", args.steps, extra, code)
+        print(f"{name}: {rows[name]}", flush=True)
     name = args.out or ("training_memory.json" if (args.entities, args.mentions) == (17000, 20000)
                         else f"training_memory_{args.entities}_{args.mentions}.json")
     write(str(name), {**run_info(), "inputs": {"entities": args.entities, "train_mentions": args.mentions,
                                                "dev_mentions": args.dev, "steps": args.steps, "batch_size": 32,
                                                "pictures": "one distinct 160 x 160 JPEG per entity and mention",
-                                               "config": "configs/demo_cpu.cfg"},
+                                               "config": "configs/demo_cpu.cfg",
+                                               "code": {"now": subprocess.run(
+                                                   ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                                   capture_output=True, text=True).stdout.strip(),
+                                                   "reference": args.reference}},
                       "variants": rows})
 
 

@@ -203,6 +203,9 @@ def fit_weights(
             scorer.nil_weights.copy_(torch.tensor([NIL_OFF] + [0.0] * (len(NIL_FEATURES) - 1)))
     device = scorer.log_scale.device
     target = target.to(device)
+    if not float(item_weights.sum()) > 0:
+        raise ValueError(f"calibration: every one of the {len(kept)} mentions whose gold entity is among their "
+                         "candidates (or NIL) has weight 0: nothing to fit")
     item_weights = (item_weights / item_weights.sum()).to(device)
     valid = tensors.valid.to(device)
     optimizer = torch.optim.LBFGS(params, max_iter=max_iter, line_search_fn="strong_wolfe")

@@ -51,8 +51,8 @@ def calibrate_linker(linker: "M3ELLinker", examples: Iterable[Example], *,
                          "spacy-m3el.Corpus.v1 reader with gold_ents = true gives both)")
     results, gold, groups, conditions, weights = [], [], [], [], []
     mix = linker.settings.calibration_mix() if linker.network.matcher.uses_image else {"given": 1.0}
-    for condition in progress_bar(list(mix), desc=f"Calibration: linking {len(docs)} docs under each picture condition",
-                                  unit="condition", disable=not progress):
+    for condition in progress_bar(list(mix), unit="condition", disable=not progress,
+                                  desc=f"Calibration: linking {len(docs)} docs under each picture condition"):
         linked = _linked_under(linker, docs, condition)
         for group, (kb_id, span) in enumerate(pairs):
             doc = linked[id(span.doc)]

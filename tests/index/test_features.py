@@ -1,6 +1,8 @@
 """The KB's backbone features kept on disk: after a training update the
 entity index is rebuilt by the trained layers alone, and equals a rebuild
 that ran the backbone."""
+from pathlib import Path
+
 import numpy
 import pytest
 import torch
@@ -54,3 +56,20 @@ def test_a_changed_kb_or_precision_gets_its_own_store(linker):
         linker.configure(inference_precision="auto")
     linker.kb.add_entity("E-new", name="a new item", check_images=False)
     assert len(encoding.feature_store(linker.kb)) == len(linker.kb)
+
+
+def test_row_files_read_back_what_was_written_in_any_order_and_zeros_elsewhere(tmp_path):
+    from spacy_m3el.index.features import _RowFile
+
+    rows = _RowFile(tmp_path / "x.bin", 10, (3, 2), numpy.float16)
+    values = numpy.arange(4 * 6, dtype=numpy.float16).reshape(4, 3, 2)
+    rows.write(numpy.array([7, 2, 3, 4]), values)  # runs [7] and [2, 3, 4]
+    numpy.testing.assert_array_equal(rows.read(numpy.array([2, 3, 4, 7])), values[[1, 2, 3, 0]])
+    numpy.testing.assert_array_equal(rows.read(numpy.array([9, 0])), numpy.zeros((2, 3, 2), numpy.float16))
+    assert rows.read(numpy.array([], dtype=numpy.int64)).shape == (0, 3, 2)
+    flags = _RowFile(tmp_path / "m.bin", 4, (), numpy.bool_)
+    flags.write(numpy.array([1, 3]), numpy.array([True, True]))
+    assert flags.read(numpy.arange(4)).tolist() == [False, True, False, True]
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # Linux: positioned I/O, the files are not mapped into the process
+        assert str(tmp_path) not in maps.read_text()

@@ -249,3 +249,8 @@ def test_a_zero_weight_leaves_items_out_of_the_fit():
     everything = CandidateScorer(BRANCHES)
     fit_weights(everything, kept + noise, kept_gold + noise_gold, options=ScorerOptions())
     assert not torch.allclose(everything.feature_weights, alone.feature_weights, atol=1e-2)
+    # Weight only on mentions whose gold is not among their candidates: nothing to fit, said so.
+    missing = [dict(r, candidates=r["candidates"][1:]) for r in noise[:2]]
+    with pytest.raises(ValueError, match="weight 0"):
+        fit_weights(CandidateScorer(BRANCHES), noise[2:] + missing, noise_gold[2:] + ["E0", "E0"],
+                    options=ScorerOptions(), weights=[0.0] * (len(noise) - 2) + [1.0, 1.0])
