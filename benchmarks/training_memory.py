@@ -16,12 +16,13 @@ default backbone, batch 32) for ``--steps`` steps with one dev evaluation at
 the last step (the entity index built for all entities, the calibration on
 the dev mentions), in a child process whose /proc status is sampled every
 0.5 s: peak resident memory (VmHWM), and at the moment of the largest
-VmRSS its anonymous part (RssAnon: Python objects, tensors, caches) and its
-mapped-file part (RssFile: shared libraries, memory-mapped stores, which the
-kernel can drop). Variants: ``default`` (the config as shipped) and
-``cache256`` (``feature_cache_mb = 256``: each of the frozen backbone's two
-feature stores, texts and images, capped at 256 MB instead of 1 GB), which
-says how much of the peak the feature cache is. ``--reference COMMIT`` adds
+VmRSS its anonymous part (RssAnon: Python objects, tensors, caches), its
+mapped-file part (RssFile: shared libraries, memory-mapped files, which the
+kernel can drop) and the child's last log line (what it was doing), plus a
+timeline every 5 s. Variants: ``default`` (the config as shipped) and
+``cache1024`` (``feature_cache_mb = 1024``: each of the frozen backbone's
+two feature stores, texts and images, capped at 1 GB, the default before
+256 MB), which says what the cap saves. ``--reference COMMIT`` adds
 the default variant as that commit ran it (a git worktree of it under
 benchmarks/work/, its code first on PYTHONPATH): before and now in one run.
 """
@@ -33,7 +34,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -44,7 +45,7 @@ from kb_scale import WORK, write  # noqa: E402
 WORDS = ("river old city museum painting bridge famous northern station music player football club novel author "
          "island mountain church school science history village company market garden king queen war film actor "
          "season league album singer tower castle harbour railway valley lake festival university").split()
-VARIANTS = {"default": [], "cache256": ["--components.m3el_linker.model.feature_cache_mb", "256"]}
+VARIANTS = {"default": [], "cache1024": ["--components.m3el_linker.model.feature_cache_mb", "1024"]}
 
 
 def sentence(rng: random.Random, words: int) -> str:
@@ -118,7 +119,7 @@ def reference_tree(commit: str) -> Path:
     return tree
 
 
-def train(paths: Dict[str, Path], out: Path, steps: int, extra: List[str], code: Path = ROOT) -> Dict[str, float]:
+def train(paths: Dict[str, Path], out: Path, steps: int, extra: List[str], code: Path = ROOT) -> Dict[str, Any]:
     """Peak memory of one `spacy train` run of the code in ``code``."""
     command = [sys.executable, "-m", "spacy", "train", str(code / "configs" / "demo_cpu.cfg"),
                "--output", str(out), "--paths.train", str(paths["train"]), "--paths.dev", str(paths["dev"]),
@@ -128,30 +129,48 @@ def train(paths: Dict[str, Path], out: Path, steps: int, extra: List[str], code:
     print(" ".join(command), flush=True)
     started = time.time()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")])))
-    child = subprocess.Popen(command, cwd=code, env=env)
-    peak: Dict[str, float] = {}
+    child = subprocess.Popen(command, cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, errors="replace")
+    peak: Dict[str, Any] = {}
+    timeline: List[Dict[str, Any]] = []
+    last_line = [""]  # the child's latest log line: what it was doing at a sample
     done = threading.Event()
 
+    def echo() -> None:
+        for line in child.stdout:
+            sys.stdout.write(line)
+            if line.strip():
+                last_line[0] = line.strip()[:160]
+        sys.stdout.flush()
+
     def sample() -> None:
+        next_point = 0.0
         while not done.is_set():
-            now = status(child.pid)
+            now, elapsed = status(child.pid), time.time() - started
             if now.get("VmHWM"):
                 peak["VmHWM"] = now["VmHWM"]
             if now.get("VmRSS", 0) > peak.get("VmRSS", 0):
                 peak.update({"VmRSS": now["VmRSS"], "RssAnon": now.get("RssAnon", 0.0),
-                             "RssFile": now.get("RssFile", 0.0), "at_s": time.time() - started})
+                             "RssFile": now.get("RssFile", 0.0), "at_s": elapsed, "doing": last_line[0]})
+            if now and elapsed >= next_point:
+                timeline.append({"t_s": round(elapsed), **{k: round(v) for k, v in now.items()},
+                                 "doing": last_line[0]})
+                next_point = elapsed + 5.0
             time.sleep(0.5)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    threads = [threading.Thread(target=sample, daemon=True), threading.Thread(target=echo, daemon=True)]
+    for thread in threads:
+        thread.start()
     code = child.wait()
     done.set()
-    sampler.join()
+    for thread in threads:
+        thread.join()
     if code != 0:
         raise SystemExit(f"spacy train exited with {code}")
     return {"peak_rss_mb": peak.get("VmHWM"), "largest_sampled_rss_mb": peak.get("VmRSS"),
             "anon_mb_then": peak.get("RssAnon"), "file_mb_then": peak.get("RssFile"),
-            "largest_at_s": peak.get("at_s"), "wall_s": time.time() - started}
+            "largest_at_s": peak.get("at_s"), "doing_then": peak.get("doing"), "wall_s": time.time() - started,
+            "timeline_mb": timeline}
 
 
 def main() -> None:
@@ -160,7 +179,7 @@ def main() -> None:
     parser.add_argument("--mentions", type=int, default=20000)
     parser.add_argument("--dev", type=int, default=300)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS))
     parser.add_argument("--reference", default=None, help="A commit whose default variant runs too")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -172,7 +191,7 @@ def main() -> None:
         runs.insert(0, (f"default at {args.reference}", [], reference_tree(args.reference)))
     for name, extra, code in runs:
         rows[name] = train(paths, folder / f"out_{name.replace(' ', '_')}", args.steps, extra, code)
-        print(f"{name}: {rows[name]}", flush=True)
+        print(f"{name}: {dict((k, v) for k, v in rows[name].items() if k != 'timeline_mb')}", flush=True)
     name = args.out or ("training_memory.json" if (args.entities, args.mentions) == (17000, 20000)
                         else f"training_memory_{args.entities}_{args.mentions}.json")
     write(str(name), {**run_info(), "inputs": {"entities": args.entities, "train_mentions": args.mentions,

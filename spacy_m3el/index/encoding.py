@@ -165,9 +165,11 @@ class EntityEncoding:
             if store is not None and store.has(batch.rows):
                 items = store.get(batch.rows, next(network.matcher.parameters()).device)
             else:
-                # Through the feature cache, as ever: the store keeps what it gave (fp16), so a later
-                # build reads the very features a cache hit would give.
-                items = network.encode(batch.texts, batch.images, use_feature_cache=not preprocessed)
+                # Through the feature cache, in its precision (fp16), so that a later build reads from
+                # the store the very features a cache hit would give; but the store keeps them, so the
+                # cache does not (the whole KB would crowd out the mentions, for nothing).
+                items = network.encode(batch.texts, batch.images, use_feature_cache=not preprocessed,
+                                       remember_features=store is None)
                 if store is not None:
                     store.put(batch.rows, items)
             if not preprocessed:

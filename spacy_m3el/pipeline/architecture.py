@@ -33,7 +33,7 @@ class M3ELNetwork(nn.Module):
     with a feature cache when the backbone is frozen."""
 
     def __init__(
-        self, encoder: MultimodalEncoder, matcher: M3ELMatcher, *, feature_cache_bytes: int = 2**30
+        self, encoder: MultimodalEncoder, matcher: M3ELMatcher, *, feature_cache_bytes: int = 256 * 2**20
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -48,25 +48,27 @@ class M3ELNetwork(nn.Module):
     def encode(
         self, texts: Union[Sequence[str], TextFeatures],
         images: Union[Sequence[Optional[ImageRef]], PreprocessedImages], *, use_feature_cache: bool = True,
+        remember_features: bool = True,
     ) -> EncodedItems:
         """Model inputs for N items: texts (or text features computed
         elsewhere, e.g. by an upstream transformer) and images (references,
         decoded when needed, or preprocessed already). Through the feature
         cache of a frozen backbone unless ``use_feature_cache`` is False
-        (preprocessed images never go through it)."""
+        (preprocessed images never go through it); ``remember_features=False``
+        reads the cache but adds nothing to it (features kept elsewhere)."""
         device = next(self.matcher.parameters()).device
         cache = self.feature_cache if use_feature_cache else None
         with self.backbone_autocast():
             if isinstance(texts, TextFeatures):
                 text = texts
             elif cache is not None:
-                text = cache.encode_texts(texts)
+                text = cache.encode_texts(texts, remember=remember_features)
             else:
                 text = self.encoder.encode_texts(texts)
             if isinstance(images, PreprocessedImages):
                 image = self.encoder.encode_preprocessed(images)
             elif cache is not None:
-                image = cache.encode_images(images)
+                image = cache.encode_images(images, remember=remember_features)
             else:
                 image = self.encoder.encode_images([ref.load() if ref is not None else None for ref in images])
         items = join_features(text, image).to(device)
@@ -207,7 +209,7 @@ def build_m3el_model(
     cross_modal: str = _DEFAULT["cross_modal"],
     mixed_precision: bool = False,
     grad_scaler_config: Optional[Dict[str, Any]] = None,
-    feature_cache_mb: int = 1024,
+    feature_cache_mb: int = 256,
 ) -> Model:
     """Registered as ``spacy-m3el.M3EL.v1`` (spacy_architectures): the
     backbone and the matcher in a PyTorch shim. Every matcher option is a

@@ -144,3 +144,20 @@ def test_feature_cache_is_bounded_by_bytes(tiny_clip_dir, picture_dir):
     cache.encode(["x"] * 8, refs)
     assert len(cache.images) == 3 and cache.images.bytes <= 3 * per_image
     assert refs[-1].key in cache.images and refs[0].key not in cache.images
+
+
+def test_feature_cache_can_encode_without_remembering(tiny_clip_dir, picture_dir):
+    from spacy_m3el.data.images import ImageRef
+    from spacy_m3el.encoders import CLIPEncoder, FeatureCache
+
+    encoder = CLIPEncoder(name_or_path=tiny_clip_dir, frozen=True)
+    cache = FeatureCache(encoder)
+    refs = [ImageRef.from_source(picture_dir / f"item{k}.png") for k in range(2)]
+    passing = (cache.encode_texts(["a red apple", "a clock"], remember=False),
+               cache.encode_images(refs, remember=False))
+    assert len(cache) == 0
+    kept = (cache.encode_texts(["a red apple", "a clock"]), cache.encode_images(refs))
+    assert len(cache.texts) == 2 and len(cache.images) == 2
+    for before, after in zip(passing, kept):  # the same values: both in the store's precision
+        for name in vars(before):
+            assert torch.equal(getattr(before, name), getattr(after, name)), name

@@ -37,6 +37,7 @@ def test_a_rebuild_after_an_update_runs_only_the_trained_layers(linker, monkeypa
     encoding._store = None  # a new store: the backbone runs again
     linker.network.feature_cache.clear()
     fresh = encoding.encode(linker.kb, max_queries=None)
+    assert len(linker.network.feature_cache) == 0  # the store keeps the KB's features, the cache does not
     assert encoding.feature_store(linker.kb) is not store
     assert not numpy.array_equal(rebuilt.arrays["retrieval"], first.arrays["retrieval"])  # the new weights
     for name, array in fresh.arrays.items():
