@@ -3,7 +3,7 @@
     python benchmarks/training_memory.py [--entities 17000] [--mentions 20000] [--steps 300]
     # -> results/training_memory.json
 
-Inputs (synthetic, written once under benchmarks/work/training_memory/):
+Inputs (synthetic, written once under benchmarks/work/training_memory_<sizes>/):
 ``--entities`` KB entities, each with a name, a 30-word description and a
 picture of its own (a distinct 160 x 160 JPEG), named in groups of 5 that
 share a surface form (so the alias table gives 5 candidates); ``--mentions``
@@ -12,9 +12,10 @@ training mentions (a 25-word sentence each, a picture of its own) and
 entities and 18,092 training mentions; the defaults are that size.
 
 Each variant runs ``python -m spacy train configs/demo_cpu.cfg`` (frozen
-default backbone, batch 32) for ``--steps`` steps with one dev evaluation at
-the last step (the entity index built for all entities, the calibration on
-the dev mentions), in a child process whose /proc status is sampled every
+default backbone, batch 32) for ``--steps`` steps with a dev evaluation
+before the first step (spaCy's loop evaluates at step 0) and at the last
+(each: the entity index of all entities, the calibration on the dev
+mentions), in a child process whose /proc status is sampled every
 0.5 s: peak resident memory (VmHWM), and at the moment of the largest
 VmRSS its anonymous part (RssAnon: Python objects, tensors, caches), its
 mapped-file part (RssFile: shared libraries, memory-mapped files, which the

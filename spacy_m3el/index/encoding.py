@@ -31,6 +31,7 @@ from ..model.matching import Side
 from ..progress import progress_bar
 from .entity_index import INDEX_FORMAT, RETRIEVAL, EntityIndex
 from .features import EntityFeatureStore
+from .memory import PeriodicRelease, release_freed_memory
 from .store import concatenate
 
 Layout = List[List[Any]]
@@ -97,6 +98,7 @@ class EntityEncoding:
         self.images = images
         self._digest: Tuple[Any, str] = (None, "")
         self._store: Optional[EntityFeatureStore] = None
+        self._release = PeriodicRelease(every=16)  # a build's freed batches, back to the OS as it goes
 
     def digest(self, kb: MultimodalKB) -> str:
         """:func:`kb_digest`, computed once per KB state."""
@@ -157,7 +159,8 @@ class EntityEncoding:
         unreadable are added to ``batch.unreadable``. With ``keep_features``
         (builds of the whole KB, which training repeats) the backbone
         features of a frozen backbone come from, or go to, the KB's
-        :class:`~.features.EntityFeatureStore`."""
+        :class:`~.features.EntityFeatureStore`. Every 16th call hands the
+        memory that the batches freed back to the OS (see :mod:`.memory`)."""
         network = self.network
         preprocessed = isinstance(batch.images, PreprocessedImages)
         store = self.feature_store(kb) if keep_features and not preprocessed else None
@@ -177,7 +180,9 @@ class EntityEncoding:
                     (kb.entity_id(row), self.images.failures.get(ref.key, "unreadable"))
                     for row, ref, has in zip(batch.rows, batch.images, items.image_mask.tolist())
                     if ref is not None and not has)
-            return network.matcher.entity_side(items)
+            side = network.matcher.entity_side(items)
+        self._release.step()
+        return side
 
     def encode(self, kb: MultimodalKB, rows: Optional[Sequence[int]] = None, *, max_queries: Optional[int],
                progress: bool = False) -> EntityIndex:
@@ -200,6 +205,7 @@ class EntityEncoding:
                 unreadable.extend(batch.unreadable)
 
         arrays, layout = index_arrays(self.network.matcher, sides(), max_queries=max_queries)
+        release_freed_memory()  # the batches' rows, now copied into the index's arrays
         meta = self.meta(kb, layout, max_queries=max_queries, unreadable=[entity_id for entity_id, _ in unreadable])
         if len(rows) != len(kb):  # a part (update-kb, a Ray shard): not an index of this KB
             meta.update(kb=None, n_entities=len(rows))

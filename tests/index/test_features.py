@@ -7,6 +7,9 @@ import numpy
 import pytest
 import torch
 
+from spacy_m3el.index import encoding as encoding_module
+from spacy_m3el.index import memory
+from spacy_m3el.index.memory import PeriodicRelease
 from spacy_m3el.pipeline.linker import find_linker
 
 from tests.pipeline.test_linker import train_pipeline
@@ -74,3 +77,14 @@ def test_row_files_read_back_what_was_written_in_any_order_and_zeros_elsewhere(t
     maps = Path("/proc/self/maps")
     if maps.exists():  # Linux: positioned I/O, the files are not mapped into the process
         assert str(tmp_path) not in maps.read_text()
+
+
+def test_a_whole_kb_build_gives_freed_memory_back_as_it_goes(linker, monkeypatch):
+    calls = []
+    monkeypatch.setattr(memory, "release_freed_memory", lambda: calls.append("batch") or True)
+    monkeypatch.setattr(encoding_module, "release_freed_memory", lambda: calls.append("end") or True)
+    encoding = linker.index_keeper.encoding
+    monkeypatch.setattr(encoding, "_release", PeriodicRelease(every=1))
+    encoding.encode(linker.kb, max_queries=None)
+    batches = -(-len(linker.kb) // linker.settings.entity_batch_size)
+    assert calls == ["batch"] * batches + ["end"]
