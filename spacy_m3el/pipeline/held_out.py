@@ -11,6 +11,7 @@ from ..data.pictures import with_pictures
 from ..errors import warn
 from ..evaluation.exhaustive import evaluate_exhaustive
 from ..evaluation.scoring import aligned_mentions
+from ..index.memory import release_freed_memory
 from ..kb.base import NIL
 from ..progress import pictures_removed_on_purpose, progress_bar
 from .calibration import answer_figures, apply_scorer, calibrate_scorer
@@ -128,4 +129,5 @@ def score_linker(linker: "M3ELLinker", examples: Iterable[Example],
         exhaustive = evaluate_exhaustive(linker, examples, progress=True)
         scores.update({key: value for key, value in exhaustive.items() if key.startswith("m3el_")})
         scores["m3el_top1_agreement"] = exhaustive["top1_agreement"]
+    release_freed_memory()  # an evaluation's copies, links and rankings, before training goes on
     return scores

@@ -9,6 +9,7 @@ from spacy.training import Example, validate_examples
 from thinc.api import Optimizer
 
 from ..errors import warn
+from ..index.memory import release_freed_memory
 from ..kb.base import NIL
 from .features import in_batch_features
 from .inputs import TrainingBatch, training_batch
@@ -16,6 +17,9 @@ from .shared_transformer import UpstreamBatch, find_listener
 
 if TYPE_CHECKING:  # pragma: no cover
     from .linker import M3ELLinker
+
+#: Updates between two hand-backs of freed memory to the OS (see :mod:`spacy_m3el.index.memory`).
+RELEASE_EVERY = 50
 
 
 def training_step(linker: "M3ELLinker", examples: Iterable[Example], *, sgd: Optional[Optimizer],
@@ -61,6 +65,8 @@ def training_step(linker: "M3ELLinker", examples: Iterable[Example], *, sgd: Opt
     linker.index_keeper.drop()  # built by the old weights
     linker.state.calibration_stale = True
     linker.state.updates = (linker.state.updates or 0) + 1
+    if linker.state.updates % RELEASE_EVERY == 0:
+        release_freed_memory()  # the batches' freed tensors, pinned in the C heap by what training keeps
     losses[linker.name] += loss
     return losses
 

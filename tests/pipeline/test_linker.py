@@ -161,6 +161,23 @@ def test_an_update_drops_the_stale_entity_cache(picture_dir):
     assert linker.index_keeper.index.meta["fingerprint"] == linker.network.fingerprint() != before
 
 
+def test_training_and_evaluation_hand_freed_memory_back(picture_dir, monkeypatch):
+    from spacy_m3el.pipeline import held_out, training
+
+    nlp, examples = train_pipeline(picture_dir, epochs=1)
+    calls = []
+    monkeypatch.setattr(training, "RELEASE_EVERY", 2)
+    monkeypatch.setattr(training, "release_freed_memory", lambda: calls.append("update") or True)
+    monkeypatch.setattr(held_out, "release_freed_memory", lambda: calls.append("score") or True)
+    nlp.get_pipe("m3el_linker").state.updates = 0
+    optimizer = nlp.create_optimizer()
+    for _ in range(2):  # 4 updates: the 2nd and the 4th hand memory back
+        nlp.update(examples[:20], sgd=optimizer)
+        nlp.update(examples[20:40], sgd=optimizer)
+    nlp.evaluate(examples[:10])
+    assert calls == ["update", "update", "score"]
+
+
 def test_nil_by_threshold_and_by_missing_candidates(trained, picture_dir):
     nlp, examples = trained
     linker = nlp.get_pipe("m3el_linker")
