@@ -1,4 +1,5 @@
-"""Giving the memory that a long build frees back to the operating system.
+"""Giving the memory that a long build or training run frees back to the
+operating system.
 
 A whole-KB build allocates and frees large batch tensors (decoded
 pictures, backbone activations) between the small ones it keeps (index
@@ -39,7 +40,9 @@ def release_freed_memory() -> bool:
 
 class PeriodicRelease:
     """Calls :func:`release_freed_memory` every ``every`` batches of a long
-    loop (a trim walks the heap: a few ms, too much for every batch)."""
+    loop, not at every batch: a trim walks the whole heap, and the pages it
+    returns are faulted in again when reused (measured in training, a trim
+    every 10 updates cost 34 % more CPU, every 50 no measurable cost)."""
 
     def __init__(self, every: int = 16) -> None:
         if every < 1:

@@ -9,6 +9,7 @@ from spacy.training import Example
 
 from spacy_m3el import MultimodalKB
 from spacy_m3el.kb.base import NIL
+from spacy_m3el.pipeline import held_out, training
 
 N_ENTITIES = 20
 CONTEXTS = [
@@ -162,8 +163,6 @@ def test_an_update_drops_the_stale_entity_cache(picture_dir):
 
 
 def test_training_and_evaluation_hand_freed_memory_back(picture_dir, monkeypatch):
-    from spacy_m3el.pipeline import held_out, training
-
     nlp, examples = train_pipeline(picture_dir, epochs=1)
     calls = []
     monkeypatch.setattr(training, "RELEASE_EVERY", 2)
