@@ -88,13 +88,14 @@ def test_an_update_links_as_a_full_rebuild_and_encodes_only_the_changes(demo_pip
            [[(text, kb_id) for text, kb_id, _ in doc] for doc in rebuilt]
     for doc_u, doc_r in zip(updated, rebuilt):
         for (_, _, cands_u), (_, _, cands_r) in zip(doc_u, doc_r):
-            # Encoded in other batches, the scores differ in the last float bits: near-ties deep in the
+            # Encoded in other batches, the scores differ in the last bits of the inference precision
+            # (bfloat16 on a CPU that has it: a relative step of 2**-8, 0.4 %): near-ties deep in the
             # list may swap, the head does not.
             assert [c for c, _ in cands_u[:5]] == [c for c, _ in cands_r[:5]]
             scores_u, scores_r = dict(cands_u), dict(cands_r)
             common = set(scores_u) & set(scores_r)
             assert len(common) >= 0.95 * len(scores_r)
-            assert [scores_u[c] for c in common] == pytest.approx([scores_r[c] for c in common], rel=1e-3, abs=1e-2)
+            assert [scores_u[c] for c in common] == pytest.approx([scores_r[c] for c in common], rel=2**-8, abs=1e-2)
     gadget = [ent for ent in updated[1] if ent[0] == "gadget"][0]
     assert {c for c, _ in gadget[2]} >= {"NEW1", "NEW2"}
     # In place, atomically: the pipeline directory itself is replaced by the updated one.
