@@ -85,7 +85,7 @@ class _RowFile:
                 raise OSError(f"entity feature store: {size} bytes missing at offset {offset}")
             parts.append(part)
             size, offset = size - len(part), offset + len(part)
-        return b"".join(parts) if len(parts) != 1 else parts[0]
+        return b"".join(parts)  # one part: returned as it is, not copied
 
 
 def _remove(files: List[_RowFile], folder: str) -> None:
