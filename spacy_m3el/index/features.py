@@ -8,7 +8,8 @@ holds mention and entity features together in 1 GB of RAM, so on a large KB
 the index ran the backbone again. :class:`EntityFeatureStore` keeps the
 entity side apart: fp16 rows in files of a temporary folder, one row per KB
 row, filled the first time a row is encoded and read at every later
-rebuild. The files are read and written with positioned reads and writes,
+rebuild (on POSIX systems the files are unlinked as soon as they are open,
+so nothing outlives the process). They are read and written with positioned reads and writes,
 not memory-mapped: their pages stay in the kernel's page cache instead of
 counting in the process's resident memory, and no file offset is shared
 with a forked process.
@@ -111,6 +112,10 @@ class EntityFeatureStore:
         }
         self.files = {name: _RowFile(self.folder / f"{name}.bin", n_rows, shape, dtype)
                       for name, (shape, dtype) in layout.items()}
+        if os.name == "posix":
+            # Unlinked while open: the kernel frees the files with their last descriptor, so a run that is
+            # killed (or exits without finalizers) leaves nothing behind in the temporary folder.
+            shutil.rmtree(self.folder, ignore_errors=True)
         weakref.finalize(self, _remove, list(self.files.values()), str(self.folder))
         self.filled = numpy.zeros(n_rows, dtype=bool)
 

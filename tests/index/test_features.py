@@ -1,6 +1,10 @@
 """The KB's backbone features kept on disk: after a training update the
 entity index is rebuilt by the trained layers alone, and equals a rebuild
 that ran the backbone."""
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy
@@ -40,7 +44,8 @@ def test_a_rebuild_after_an_update_runs_only_the_trained_layers(linker, monkeypa
     encoding._store = None  # a new store: the backbone runs again
     linker.network.feature_cache.clear()
     fresh = encoding.encode(linker.kb, max_queries=None)
-    assert len(linker.network.feature_cache) == 0  # the store keeps the KB's features, the cache does not
+    # The cache keeps them too while they fit (here, all): training then scores the index's very features.
+    assert len(linker.network.feature_cache.texts) == len(linker.kb)
     assert encoding.feature_store(linker.kb) is not store
     assert not numpy.array_equal(rebuilt.arrays["retrieval"], first.arrays["retrieval"])  # the new weights
     for name, array in fresh.arrays.items():
@@ -88,3 +93,25 @@ def test_a_whole_kb_build_gives_freed_memory_back_as_it_goes(linker, monkeypatch
     encoding.encode(linker.kb, max_queries=None)
     batches = -(-len(linker.kb) // linker.settings.entity_batch_size)
     assert calls == ["batch"] * batches + ["end"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="open files cannot be unlinked on Windows")
+def test_a_store_leaves_no_files_behind_even_when_its_process_is_killed(tmp_path):
+    script = (
+        "import os, signal, sys, tempfile, torch\n"
+        "from spacy_m3el.index.features import EntityFeatureStore\n"
+        "from spacy_m3el.model import EncodedItems\n"
+        "store = EntityFeatureStore(4, text_dim=3, text_length=5, image_global=(2,), image_tokens=(2, 2), key='k')\n"
+        "items = EncodedItems(torch.ones(2, 3), torch.ones(2, 4, 3), torch.ones(2, 4, dtype=torch.bool),\n"
+        "                     torch.ones(2, 2), torch.ones(2, 2, 2), torch.tensor([True, False]))\n"
+        "store.put([1, 3], items)\n"
+        "back = store.get([3, 1], torch.device('cpu'))\n"
+        "assert back.text_tokens.shape == (2, 4, 3) and back.image_mask.tolist() == [False, True], back\n"
+        "print(sorted(os.listdir(tempfile.gettempdir())), flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert done.stdout.strip() == "[]"  # unlinked while the store was in use
+    assert list(tmp_path.iterdir()) == []
