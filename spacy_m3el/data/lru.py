@@ -45,9 +45,13 @@ class LRUCache(Generic[V]):
                 self.items.move_to_end(key)
             return value
 
-    def put(self, key: Hashable, value: V) -> None:
-        """Store ``value``, evicting the least recently used past the bounds."""
+    def put(self, key: Hashable, value: V, *, evict: bool = True) -> bool:
+        """Store ``value``, evicting the least recently used past the bounds;
+        with ``evict=False`` only when it fits beside what is stored.
+        Returns whether it was stored."""
         with self._lock:
+            if not evict and key not in self.items and not self._fits(value):
+                return False
             if key in self.items:
                 self._discard(key)
             self.items[key] = value
@@ -57,6 +61,12 @@ class LRUCache(Generic[V]):
                 self.max_bytes is not None and self.bytes > self.max_bytes and len(self.items) > 1
             ):
                 self._discard(next(iter(self.items)))
+            return True
+
+    def _fits(self, value: V) -> bool:
+        if len(self.items) >= self.max_items:
+            return False
+        return self.max_bytes is None or self.bytes + self.sizeof(value) <= self.max_bytes  # type: ignore[misc]
 
     def _discard(self, key: Hashable) -> None:
         value = self.items.pop(key)

@@ -82,7 +82,7 @@ class FeatureCache:
         return f"{torch.get_autocast_dtype(device)}:"
 
     @torch.no_grad()
-    def _encode_texts(self, texts: Sequence[str], remember: bool = True) -> Dict[str, Features]:
+    def _encode_texts(self, texts: Sequence[str], make_room: bool = True) -> Dict[str, Features]:
         found: Dict[str, Features] = {}
         missing = []
         mode = self._precision_key()
@@ -99,12 +99,12 @@ class FeatureCache:
             lengths = tokens["attention_mask"].sum(dim=1).tolist()
             for i, text in enumerate(chunk):
                 found[text] = self._store((text_global[i], text_tokens[i, : lengths[i]]))
-                if remember:
-                    self.texts.put(mode + text, found[text])
+                self.texts.put(mode + text, found[text], evict=make_room)
         return found
 
     @torch.no_grad()
-    def _encode_images(self, refs: Sequence[Optional[ImageRef]], remember: bool = True) -> Dict[str, Optional[Features]]:
+    def _encode_images(self, refs: Sequence[Optional[ImageRef]],
+                       make_room: bool = True) -> Dict[str, Optional[Features]]:
         found: Dict[str, Optional[Features]] = {}
         missing: List[ImageRef] = []
         mode = self._precision_key()
@@ -122,8 +122,7 @@ class FeatureCache:
             image_global, image_tokens = self.encoder.encode_image(pixels.to(self.encoder.device))
             for i, (key, _) in enumerate(chunk):
                 features = self._store((image_global[i], image_tokens[i]))
-                if remember:
-                    self.images.put(mode + key, features)
+                self.images.put(mode + key, features, evict=make_room)
                 found[key] = features
         return found
 
@@ -141,22 +140,23 @@ class FeatureCache:
         with ThreadPoolExecutor(max_workers=threads) as pool:
             return list(pool.map(prepare, refs))
 
-    def encode_texts(self, texts: Sequence[str], *, remember: bool = True) -> TextFeatures:
+    def encode_texts(self, texts: Sequence[str], *, make_room: bool = True) -> TextFeatures:
         """Features of N texts, as a padded batch. Texts of an encoder whose
         text model may change under it (``caches_text`` False) are encoded
-        anew, with gradients when it is training. ``remember=False``: what
-        is not stored already is encoded (in the store's precision) but not
-        kept, for features kept elsewhere."""
+        anew, with gradients when it is training. ``make_room=False``: new
+        features are kept only where they fit without evicting others (for
+        features kept elsewhere too, which must not crowd out the rest);
+        either way they come in the store's precision."""
         if not self.encoder.caches_text:
             return self.encoder.encode_texts(texts)
-        found = self._encode_texts(texts, remember)
+        found = self._encode_texts(texts, make_room)
         globals_, token_rows = zip(*(found[t] for t in texts))
         text_tokens, text_mask = pad_tokens([row.float() for row in token_rows])
         return TextFeatures(torch.stack([g.float() for g in globals_]), text_tokens, text_mask)
 
-    def encode_images(self, images: Sequence[Optional[ImageRef]], *, remember: bool = True) -> ImageFeatures:
-        """Features of N images (None = no image); ``remember`` as for texts."""
-        found = self._encode_images(images, remember)
+    def encode_images(self, images: Sequence[Optional[ImageRef]], *, make_room: bool = True) -> ImageFeatures:
+        """Features of N images (None = no image); ``make_room`` as for texts."""
+        found = self._encode_images(images, make_room)
         global_shape, token_shape = self.encoder.image_output_shapes()
         image_global = torch.zeros((len(images), *global_shape))
         image_tokens = torch.zeros((len(images), *token_shape))

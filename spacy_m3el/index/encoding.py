@@ -169,10 +169,12 @@ class EntityEncoding:
                 items = store.get(batch.rows, next(network.matcher.parameters()).device)
             else:
                 # Through the feature cache, in its precision (fp16), so that a later build reads from
-                # the store the very features a cache hit would give; but the store keeps them, so the
-                # cache does not (the whole KB would crowd out the mentions, for nothing).
+                # the store the very features a cache hit would give. The cache keeps them too while it has
+                # room: training then scores the same entity features as the index (recomputed in other
+                # batches they differ in the last bits, which moved the demo's figures by 2 points), but a
+                # large KB does not crowd the mentions out of it.
                 items = network.encode(batch.texts, batch.images, use_feature_cache=not preprocessed,
-                                       remember_features=store is None)
+                                       make_room=store is None)
                 if store is not None:
                     store.put(batch.rows, items)
             if not preprocessed:

@@ -48,27 +48,28 @@ class M3ELNetwork(nn.Module):
     def encode(
         self, texts: Union[Sequence[str], TextFeatures],
         images: Union[Sequence[Optional[ImageRef]], PreprocessedImages], *, use_feature_cache: bool = True,
-        remember_features: bool = True,
+        make_room: bool = True,
     ) -> EncodedItems:
         """Model inputs for N items: texts (or text features computed
         elsewhere, e.g. by an upstream transformer) and images (references,
         decoded when needed, or preprocessed already). Through the feature
         cache of a frozen backbone unless ``use_feature_cache`` is False
-        (preprocessed images never go through it); ``remember_features=False``
-        reads the cache but adds nothing to it (features kept elsewhere)."""
+        (preprocessed images never go through it); ``make_room=False`` adds
+        new features to the cache only where they fit without evicting others
+        (features kept elsewhere too)."""
         device = next(self.matcher.parameters()).device
         cache = self.feature_cache if use_feature_cache else None
         with self.backbone_autocast():
             if isinstance(texts, TextFeatures):
                 text = texts
             elif cache is not None:
-                text = cache.encode_texts(texts, remember=remember_features)
+                text = cache.encode_texts(texts, make_room=make_room)
             else:
                 text = self.encoder.encode_texts(texts)
             if isinstance(images, PreprocessedImages):
                 image = self.encoder.encode_preprocessed(images)
             elif cache is not None:
-                image = cache.encode_images(images, remember=remember_features)
+                image = cache.encode_images(images, make_room=make_room)
             else:
                 image = self.encoder.encode_images([ref.load() if ref is not None else None for ref in images])
         items = join_features(text, image).to(device)

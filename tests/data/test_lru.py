@@ -26,3 +26,14 @@ def test_evicts_by_bytes_but_keeps_the_newest_item():
     assert len(cache) == 0 and cache.bytes == 0
     with pytest.raises(ValueError, match="sizeof"):
         LRUCache(1, max_bytes=5)
+
+
+def test_a_put_without_eviction_keeps_what_is_stored():
+    cache = LRUCache(3, max_bytes=10, sizeof=len)
+    assert cache.put("a", "xxxx") and cache.put("b", "yyyy", evict=False)
+    assert not cache.put("c", "zzzz", evict=False)  # 12 bytes > 10: left out, nothing evicted
+    assert list(cache.items) == ["a", "b"] and cache.bytes == 8
+    assert cache.put("c", "zz", evict=False) and list(cache.items) == ["a", "b", "c"]
+    assert not cache.put("d", "", evict=False)  # the item bound
+    assert cache.put("a", "x", evict=False) and cache.bytes == 7  # a stored key is replaced
+    assert cache.put("d", "dddd") and "b" not in cache  # with eviction, as before

@@ -146,18 +146,22 @@ def test_feature_cache_is_bounded_by_bytes(tiny_clip_dir, picture_dir):
     assert refs[-1].key in cache.images and refs[0].key not in cache.images
 
 
-def test_feature_cache_can_encode_without_remembering(tiny_clip_dir, picture_dir):
+def test_feature_cache_can_keep_new_features_only_where_they_fit(tiny_clip_dir, picture_dir):
     from spacy_m3el.data.images import ImageRef
     from spacy_m3el.encoders import CLIPEncoder, FeatureCache
+    from spacy_m3el.encoders.cache import feature_bytes
 
     encoder = CLIPEncoder(name_or_path=tiny_clip_dir, frozen=True)
-    cache = FeatureCache(encoder)
-    refs = [ImageRef.from_source(picture_dir / f"item{k}.png") for k in range(2)]
-    passing = (cache.encode_texts(["a red apple", "a clock"], remember=False),
-               cache.encode_images(refs, remember=False))
-    assert len(cache) == 0
-    kept = (cache.encode_texts(["a red apple", "a clock"]), cache.encode_images(refs))
-    assert len(cache.texts) == 2 and len(cache.images) == 2
-    for before, after in zip(passing, kept):  # the same values: both in the store's precision
-        for name in vars(before):
-            assert torch.equal(getattr(before, name), getattr(after, name)), name
+    probe = FeatureCache(encoder)
+    refs = [ImageRef.from_source(picture_dir / f"item{k}.png") for k in range(5)]
+    probe.encode_images(refs[:1])
+    per_image = feature_bytes(probe.images.get(next(iter(probe.images.items))))
+    cache = FeatureCache(encoder, max_bytes=3 * per_image)
+    cache.encode_images(refs[:2])  # mentions, say
+    passing = cache.encode_images(refs[2:], make_room=False)  # a KB build: one more fits, the rest pass through
+    assert [ref.key in cache.images for ref in refs] == [True, True, True, False, False]
+    cache.encode_texts(["a red apple"], make_room=False)
+    assert len(cache.texts) == 1  # room left: kept
+    kept = FeatureCache(encoder).encode_images(refs[2:])
+    for name in vars(passing):  # the same values: both in the store's precision
+        assert torch.equal(getattr(passing, name), getattr(kept, name)), name
