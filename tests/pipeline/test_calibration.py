@@ -254,3 +254,38 @@ def test_a_zero_weight_leaves_items_out_of_the_fit():
     with pytest.raises(ValueError, match="weight 0"):
         fit_weights(CandidateScorer(BRANCHES), noise[2:] + missing, noise_gold[2:] + ["E0", "E0"],
                     options=ScorerOptions(), weights=[0.0] * (len(noise) - 2) + [1.0, 1.0])
+
+
+def test_a_threshold_is_kept_only_when_its_gain_is_more_than_chance():
+    from spacy_m3el.pipeline.calibration import threshold_changes, threshold_is_significant
+
+    def result(prob, best="E1"):
+        return {"candidates": [{"id": best, "prob": prob}], "nil_prob": 0.05}
+
+    # Below 0.5: three NIL mentions and one right link; above it two right links.
+    results = [result(0.3), result(0.35), result(0.4), result(0.45), result(0.9), result(0.95)]
+    gold = [NIL, NIL, NIL, "E1", "E1", "E1"]
+    assert threshold_changes(results, gold, 0.5) == (3, 1)
+    assert threshold_changes(results, gold, 0.0) == (0, 0)
+    assert all("id" not in r for r in results)  # the results are left as they were
+    assert not threshold_is_significant(3, 1)  # 2 < 2 * sqrt(4)
+    assert not threshold_is_significant(3, 0)  # 3 < 2 * sqrt(3)
+    assert threshold_is_significant(4, 0) and threshold_is_significant(30, 10)
+    assert not threshold_is_significant(0, 0) and not threshold_is_significant(1, 5)
+
+
+def test_cross_fitting_reports_the_threshold_it_tried_and_keeps_it_only_when_significant():
+    from spacy_m3el.pipeline.calibration import calibrate_scorer, threshold_is_significant
+
+    results, gold = data(8, 200)
+    nil_results, _ = data(9, 60, with_alias=False)
+    for r in nil_results:  # no gold among the candidates: M3EL's scores carry no bump
+        for c in r["candidates"]:
+            c["score"] -= 6.0
+    scorer = CandidateScorer(BRANCHES)
+    report, _ = calibrate_scorer(scorer, results + nil_results, gold + [NIL] * 60, list(range(260)),
+                                 options=ScorerOptions())
+    tried = report["threshold_tried"]
+    assert set(tried) == {"threshold", "right", "wrong"}
+    kept = threshold_is_significant(tried["right"], tried["wrong"])
+    assert report["threshold"] == (tried["threshold"] if kept else 0.0) == float(scorer.fitted_threshold)
