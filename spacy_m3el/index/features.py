@@ -9,10 +9,10 @@ the index ran the backbone again. :class:`EntityFeatureStore` keeps the
 entity side apart: fp16 rows in files of a temporary folder, one row per KB
 row, filled the first time a row is encoded and read at every later
 rebuild (on POSIX systems the files are unlinked as soon as they are open,
-so nothing outlives the process). They are read and written with positioned reads and writes,
-not memory-mapped: their pages stay in the kernel's page cache instead of
-counting in the process's resident memory, and no file offset is shared
-with a forked process.
+so nothing outlives the process). They are read and written with
+positioned reads and writes, not memory-mapped: their pages stay in the
+kernel's page cache instead of counting in the process's resident memory,
+and no file offset is shared with a forked process.
 """
 import os
 import shutil

@@ -43,9 +43,9 @@ class LinkerSettings:
     use_alias_candidates: bool = _option(True, "Add the KB alias table's entities for the mention text "
                                                "to the candidates.")
     threshold: Optional[float] = _option(None, "Link to NIL when the best candidate's probability is below "
-                                               "this, in [0, 1] (null: the threshold chosen on dev data by the "
-                                               "calibration, else 0). NIL is also chosen when its own "
-                                               "probability is the highest.")
+                                               "this, in [0, 1] (null: the threshold the calibration chose on "
+                                               "dev data, where it beat the NIL option alone beyond chance, else "
+                                               "0). NIL is also chosen when its own probability is the highest.")
     incl_prior: bool = _option(True, "Candidate scorer: use the alias table's prior and whether the "
                                      "candidate came from the alias table.")
     incl_name_match: bool = _option(True, "Candidate scorer: use whether the mention text is the "
