@@ -129,8 +129,16 @@ def calibrate(
     examples = list(MultimodalCorpus(data, image_dir=image_dir)(nlp))
     link_gold_mentions(nlp, linker, examples, progress=True)
     report = linker.calibrate(examples, progress=True)
-    msg.table([(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in report.items() if not isinstance(v, dict)],
-              header=("calibration", "value"))
+    msg.table([(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in report.items()
+               if not isinstance(v, (dict, list)) and v is not None], header=("calibration", "value"))
+    tried = report["threshold_tried"]
+    msg.info(f"NIL threshold tried: {tried['threshold']:.4f} (out of fold it turned {tried['right']} answers right "
+             f"and {tried['wrong']} wrong; kept only when that is more than chance)")
+    if report["confidence_map"]:
+        knots = ", ".join(f"{x:.2f}->{y:.2f}" for x, y in report["confidence_map"])
+        msg.info(f"Confidence map (answer probability -> share right out of fold): {knots}")
+    else:
+        msg.info("No confidence map: fewer than 100 held-out answers; answers keep their probability")
     shown = ["accuracy", "ece", "nll", "nil_on_linkable"]
     fits = {"before": "before (as it came)",
             "out_of_fold": f"after (held out: {report['folds']}-fold, each mention by a fit without it)",

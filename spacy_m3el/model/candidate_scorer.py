@@ -57,6 +57,10 @@ NIL_OFF = -50.0
 MAX_LOG_SCALE = 20.0
 #: Floor of the log prior of a candidate that is in the alias table.
 MIN_LOG_PRIOR = math.log(1e-4)
+#: Knots of the confidence map (answer probability -> probability that the answer is right).
+CONFIDENCE_KNOTS = 32
+#: State a pipeline saved before it existed may lack (it then maps every confidence to itself).
+OPTIONAL_STATE = ("confidence_x", "confidence_y")
 
 
 class CandidateScorer(nn.Module):
@@ -77,6 +81,10 @@ class CandidateScorer(nn.Module):
         # Set by a calibration fit: the NIL threshold on the best candidate's
         # probability chosen on held-out data (NaN: never fitted).
         self.register_buffer("fitted_threshold", torch.tensor(float("nan")))
+        # Set by a cross-fitted calibration: a monotone map of the answer's probability to the share of
+        # such answers that were right on held-out data, as knots (NaN: unused knots; all NaN: identity).
+        self.register_buffer("confidence_x", torch.full((CONFIDENCE_KNOTS,), float("nan")))
+        self.register_buffer("confidence_y", torch.full((CONFIDENCE_KNOTS,), float("nan")))
 
     @property
     def scale(self) -> torch.Tensor:

@@ -15,6 +15,7 @@ from ..data.images import ImageRef
 from ..encoders import FeatureCache, MultimodalEncoder, SharedTextEncoder, TextFeatures, join_features
 from ..encoders.base import PreprocessedImages, float_features, inference_autocast
 from ..model import CandidateScorer, EncodedItems, M3ELConfig, M3ELMatcher
+from ..model.candidate_scorer import OPTIONAL_STATE
 
 
 def _single_thread_after_fork() -> None:
@@ -164,6 +165,7 @@ def _deserialize(network: M3ELNetwork, data: bytes, device: torch.device) -> M3E
     missing, unexpected = network.load_state_dict(state, strict=False)
     if network.encoder.frozen:
         missing = [k for k in missing if not k.startswith("encoder.")]
+    missing = [k for k in missing if k.rpartition(".")[2] not in OPTIONAL_STATE]
     if missing or unexpected:
         raise ValueError(
             "The saved M3EL weights do not fit this model's configuration: "

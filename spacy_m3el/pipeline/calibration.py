@@ -12,6 +12,11 @@ every mention also gets probabilities from a scorer fitted without it, the
 threshold is chosen on those (and kept only when its gain there is more
 than chance: with calibrated probabilities the NIL option alone already
 gives the most likely answer), and the figures it reports are out of sample.
+Last, it fits the confidence map: the answer's probability mapped,
+monotonically, to the share of such answers that were right out of fold
+(isotonic regression): one scorer serves mentions with their picture,
+without one and with a wrong one, and its probabilities come out under- or
+over-confident by condition in a way no temperature fixes.
 Every fit and the threshold can weigh the held-out items (``weights``): the
 linker weighs each picture condition by the share of mentions it expects
 under it.
@@ -22,11 +27,12 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy
 import torch
 
 from ..errors import warn
 from ..kb.base import NIL
-from ..model.candidate_scorer import LEXICAL_FEATURES, NIL_FEATURES, NIL_OFF, CandidateScorer
+from ..model.candidate_scorer import CONFIDENCE_KNOTS, LEXICAL_FEATURES, NIL_FEATURES, NIL_OFF, CandidateScorer
 from ..progress import progress_bar
 
 Result = Dict[str, Any]
@@ -40,6 +46,10 @@ FOLDS = 5
 #: of 792 out-of-fold dev answers right (0-1 wrong) sent 1.7-5.4 % more of the test's linkable mentions without
 #: a picture to NIL, for at most one more right answer.
 THRESHOLD_MIN_Z = 2.0
+#: Fewest held-out answers the confidence map is fitted on (else answers keep their probability).
+MIN_MAP_ANSWERS = 100
+#: Pseudo-answers at the scorer's own probability that every step of the map is shrunk towards.
+MAP_PRIOR_WEIGHT = 1.0
 #: NIL features read from a result (the picture gate gives the last one).
 RESULT_NIL_FEATURES = NIL_FEATURES[:3]
 
@@ -127,7 +137,8 @@ def apply_scorer(
     """Give every candidate its probability, sort the candidates by it and
     decide each mention: the best candidate when its probability is at least
     NIL's and the threshold, else NIL. ``result["score"]`` is the probability
-    of the answer given (the candidate's, or NIL's)."""
+    that the answer given is right: the answer's probability (the
+    candidate's, or NIL's) through the scorer's confidence map."""
     if not results:
         return
     tensors = to_tensors(results, scorer.branches)
@@ -141,6 +152,67 @@ def apply_scorer(
         candidates.sort(key=lambda c: -c["prob"])
         result["nil_prob"] = nil_prob
         decide(result, cutoff)
+    map_confidence(scorer, results)
+
+
+def map_confidence(scorer: CandidateScorer, results: Sequence[Result]) -> None:
+    """``result["score"]`` through the scorer's confidence map (where it has one)."""
+    knots = confidence_knots(scorer)
+    if knots is not None:
+        mapped = numpy.interp([r["score"] for r in results], *knots)
+        for result, value in zip(results, mapped.tolist()):
+            result["score"] = value
+
+
+def confidence_knots(scorer: CandidateScorer) -> Optional[Tuple[numpy.ndarray, numpy.ndarray]]:
+    """The confidence map's knots (x increasing, y non-decreasing), or None."""
+    x = scorer.confidence_x.detach().cpu().numpy()
+    y = scorer.confidence_y.detach().cpu().numpy()
+    used = ~numpy.isnan(x)
+    return (x[used].astype(numpy.float64), y[used].astype(numpy.float64)) if used.any() else None
+
+
+def set_confidence_map(scorer: CandidateScorer, knots: Optional[Tuple[numpy.ndarray, numpy.ndarray]]) -> None:
+    """Keep ``knots`` in the scorer (None: every answer keeps its probability)."""
+    with torch.no_grad():
+        scorer.confidence_x.fill_(float("nan"))
+        scorer.confidence_y.fill_(float("nan"))
+        if knots is not None:
+            count = len(knots[0])
+            scorer.confidence_x[:count] = torch.as_tensor(knots[0], dtype=scorer.confidence_x.dtype)
+            scorer.confidence_y[:count] = torch.as_tensor(knots[1], dtype=scorer.confidence_y.dtype)
+
+
+def fit_confidence_map(
+    confidences: Sequence[float], correct: Sequence[bool], weights: Optional[Sequence[float]] = None, *,
+    knots: int = CONFIDENCE_KNOTS,
+) -> Optional[Tuple[numpy.ndarray, numpy.ndarray]]:
+    """Isotonic regression of ``correct`` on ``confidences`` (weighted; pool
+    adjacent violators), as at most ``knots`` knots (x: the mean confidence
+    of each step, y: its share right, shrunk towards x by ``MAP_PRIOR_WEIGHT``
+    answers). None with fewer than ``MIN_MAP_ANSWERS`` weighted answers."""
+    values = _normalised([1.0] * len(confidences) if weights is None else weights, len(confidences)).double().numpy()
+    answers = int((values > 0).sum())
+    if answers < MIN_MAP_ANSWERS:
+        return None
+    values = values * answers / values.sum()  # in answers, for the shrinkage
+    order = numpy.argsort(numpy.asarray(confidences, dtype=numpy.float64), kind="stable")
+    steps: List[List[float]] = []  # [weight, weight * confidence, weight * right]
+    for i in order.tolist():
+        if values[i] <= 0:
+            continue
+        steps.append([values[i], values[i] * confidences[i], values[i] * float(correct[i])])
+        while len(steps) > 1 and (steps[-2][2] / steps[-2][0] >= steps[-1][2] / steps[-1][0]
+                                  or steps[-2][1] / steps[-2][0] >= steps[-1][1] / steps[-1][0]):
+            last = steps.pop()
+            steps[-1] = [a + b for a, b in zip(steps[-1], last)]
+    while len(steps) > knots:  # the lightest pair of neighbours becomes one step
+        i = min(range(len(steps) - 1), key=lambda j: steps[j][0] + steps[j + 1][0])
+        steps[i : i + 2] = [[a + b for a, b in zip(steps[i], steps[i + 1])]]
+    table = numpy.array(steps)
+    x = table[:, 1] / table[:, 0]
+    y = (table[:, 2] + MAP_PRIOR_WEIGHT * x) / (table[:, 0] + MAP_PRIOR_WEIGHT)
+    return x, numpy.maximum.accumulate(y)
 
 
 def decide(result: Result, cutoff: float) -> None:
@@ -199,6 +271,7 @@ def fit_weights(
         params.append(scorer.branch_weights)
     if options.gate:
         params += [scorer.gate_weights, scorer.text_boost]
+    set_confidence_map(scorer, None)  # fitted to the weights it had
     with torch.no_grad():
         # A weight kept >= 0 that went below 0 would get no gradient.
         scorer.feature_weights.copy_(torch.where(scorer.nonnegative, scorer.feature_weights.clamp(min=0.0),
@@ -385,8 +458,10 @@ def calibrate_scorer(
     threshold = candidate if threshold_is_significant(right, wrong) else 0.0
     for result in held_out:
         decide(result, threshold)
+    knots = _cross_fitted_map(held_out, gold_ids, groups, weights=weights, folds=folds, seed=seed)
     with torch.no_grad():
         scorer.fitted_threshold.fill_(threshold)
+    set_confidence_map(scorer, knots)
     apply_scorer(scorer, list(results), options=options, threshold=None)
     report.update({
         "folds": folds,
@@ -394,12 +469,39 @@ def calibrate_scorer(
         "threshold": threshold,
         # The accuracy-maximising threshold, and the out-of-fold answers it would turn right and wrong.
         "threshold_tried": {"threshold": candidate, "right": right, "wrong": wrong},
+        "confidence_map": None if knots is None else [[round(float(x), 4), round(float(y), 4)]
+                                                      for x, y in zip(*knots)],
         "before": answer_figures(before, gold_ids),
         "out_of_fold": answer_figures(held_out, gold_ids),
         "in_sample": answer_figures(results, gold_ids),
         "weights": scorer_weights(scorer),
     })
     return report, held_out
+
+
+def _cross_fitted_map(
+    held_out: Sequence[Result], gold_ids: Sequence[str], groups: Sequence[Any], *,
+    weights: Optional[Sequence[float]], folds: int, seed: int,
+) -> Optional[Tuple[numpy.ndarray, numpy.ndarray]]:
+    """The confidence map of the decided out-of-fold answers; their scores
+    are mapped by maps fitted without their fold, so figures on them stay out
+    of sample (in sample when there are no folds)."""
+    confidences = [r["score"] for r in held_out]
+    correct = [r["id"] == gold for r, gold in zip(held_out, gold_ids)]
+    weights = [1.0] * len(held_out) if weights is None else list(weights)
+    knots = fit_confidence_map(confidences, correct, weights)
+    if knots is None:
+        return None
+    fold_of = _folds(groups, folds, seed) if folds >= 2 else [0] * len(held_out)
+    for fold in set(fold_of):
+        inside = [i for i, f in enumerate(fold_of) if f != fold] or list(range(len(held_out)))
+        fold_knots = fit_confidence_map([confidences[i] for i in inside], [correct[i] for i in inside],
+                                        [weights[i] for i in inside]) if len(inside) < len(held_out) else knots
+        for i, f in enumerate(fold_of):
+            if f == fold:
+                held_out[i]["score"] = confidences[i] if fold_knots is None else \
+                    float(numpy.interp(confidences[i], *fold_knots))
+    return knots
 
 
 def scorer_weights(scorer: CandidateScorer) -> Dict[str, Any]:

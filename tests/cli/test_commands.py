@@ -174,8 +174,10 @@ def test_calibrate_fits_on_held_out_data_and_saves(linker_dir, picture_dir, tmp_
     assert re.search(r"mentions\s+48", result.output) and re.search(r"fitted_on\s+144", result.output)
     assert re.search(r"after \(held out: 5-fold[^)]*\)\s+[01]\.\d+", result.output) and re.search(r"\nshuffled\s+[01]\.\d+", result.output)
     assert "weigh the picture conditions given 0.60, none 0.20, shuffled 0.20" in " ".join(result.output.split())
+    assert re.search(r"NIL threshold tried: [01]\.\d+ \(out of fold it turned \d+ answers right", result.output)
+    assert "Confidence map (answer probability -> share right out of fold): 0." in " ".join(result.output.split())
     scorer = find_linker(spacy.load(tmp_path / "calibrated")).network.scorer
-    assert not math.isnan(float(scorer.fitted_threshold))
+    assert not math.isnan(float(scorer.fitted_threshold)) and not math.isnan(float(scorer.confidence_x[0]))
     result = run("evaluate", tmp_path / "calibrated", tmp_path / "dev.spacy", "--output", tmp_path / "m.json")
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["m3el_n_nil"] == 8 and 0.0 <= metrics["m3el_ece"] <= 1.0 and metrics["m3el_nil_r"] > 0.5

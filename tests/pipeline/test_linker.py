@@ -2,6 +2,7 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy
 import pytest
 import spacy
 from spacy.tokens import DocBin
@@ -10,6 +11,7 @@ from spacy.training import Example
 from spacy_m3el import MultimodalKB
 from spacy_m3el.kb.base import NIL
 from spacy_m3el.pipeline import held_out, training
+from spacy_m3el.pipeline.linker import find_linker
 
 N_ENTITIES = 20
 CONTEXTS = [
@@ -94,8 +96,13 @@ def test_linked_doc_has_kb_id_score_and_candidates(trained, picture_dir):
     ent = doc.ents[0]
     assert ent.kb_id_ == "E7"
     first = ent._.m3el_candidates[0]
-    # m3el_score is the probability of the answer; the raw M3EL score stays per candidate.
-    assert 0.0 <= ent._.m3el_score <= 1.0 and ent._.m3el_score == pytest.approx(first["prob"])
+    # m3el_score is the probability that the answer is right: the answer's probability through the
+    # confidence map the calibration fitted; the raw M3EL score stays per candidate.
+    from spacy_m3el.pipeline.calibration import confidence_knots
+
+    knots = confidence_knots(find_linker(nlp).network.scorer)
+    assert knots is not None  # the dev set's 3 picture conditions give enough answers
+    assert 0.0 <= ent._.m3el_score <= 1.0 and ent._.m3el_score == pytest.approx(numpy.interp(first["prob"], *knots))
     assert set(first["branches"]) == {"text", "image", "t2v", "v2t"}
     assert first["score"] == pytest.approx(sum(first["branches"].values()) / 4, rel=1e-4)
     assert set(first["features"]) == {"log_prior", "from_alias", "name_exact", "name_normalized"}
@@ -120,6 +127,24 @@ def test_save_and_load_give_identical_predictions(trained, picture_dir, tmp_path
     from_bytes.add_pipe("m3el_linker").from_bytes(nlp.get_pipe("m3el_linker").to_bytes())
     doc = from_bytes(examples[3].predicted.copy())
     assert doc.ents[0].kb_id_ == docs_a[3].ents[0].kb_id_
+
+
+def test_weights_saved_before_the_confidence_map_still_load(trained):
+    from safetensors.torch import load, save
+
+    from spacy_m3el.pipeline.architecture import _deserialize, _serialize
+
+    network = find_linker(trained[0]).network
+    device = next(network.parameters()).device
+    state = load(_serialize(network))
+    older = {k: v for k, v in state.items() if k not in ("scorer.confidence_x", "scorer.confidence_y")}
+    assert len(older) == len(state) - 2
+    try:
+        _deserialize(network, save(older), device)
+        with pytest.raises(ValueError, match="missing \\['scorer.log_scale'\\]"):
+            _deserialize(network, save({k: v for k, v in older.items() if k != "scorer.log_scale"}), device)
+    finally:
+        _deserialize(network, save(state), device)
 
 
 def test_cache_settings_are_saved_and_a_change_rebuilds_the_cache(trained, tmp_path):
@@ -337,7 +362,7 @@ def test_calibrated_linker_gives_probabilities_and_says_nil(picture_dir):
     doc = nlp.make_doc("Nobody had heard of the Zorgl before.")
     doc.ents = [doc.char_span(24, 29, label="THING")]
     doc = nlp(doc)
-    assert doc.ents[0].kb_id_ == NIL and doc.ents[0]._.m3el_score == doc.ents[0]._.m3el_nil_prob > 0.5
+    assert doc.ents[0].kb_id_ == NIL and doc.ents[0]._.m3el_nil_prob > 0.5 and doc.ents[0]._.m3el_score > 0.5
     scores = nlp.evaluate(examples)
     assert scores["m3el_hits1"] > 0.9 and scores["m3el_accuracy"] > 0.9
     for eg in examples:
