@@ -50,7 +50,7 @@ class LRUCache(Generic[V]):
         with ``evict=False`` only when it fits beside what is stored.
         Returns whether it was stored."""
         with self._lock:
-            if not evict and key not in self.items and not self._fits(value):
+            if not evict and not self._fits(key, value):
                 return False
             if key in self.items:
                 self._discard(key)
@@ -63,10 +63,15 @@ class LRUCache(Generic[V]):
                 self._discard(next(iter(self.items)))
             return True
 
-    def _fits(self, value: V) -> bool:
-        if len(self.items) >= self.max_items:
+    def _fits(self, key: Hashable, value: V) -> bool:
+        """Whether storing ``value`` under ``key`` stays within the bounds without evicting."""
+        stored = self.items.get(key)
+        if stored is None and len(self.items) >= self.max_items:
             return False
-        return self.max_bytes is None or self.bytes + self.sizeof(value) <= self.max_bytes  # type: ignore[misc]
+        if self.max_bytes is None:
+            return True
+        freed = self.sizeof(stored) if stored is not None else 0  # type: ignore[misc]
+        return self.bytes - freed + self.sizeof(value) <= self.max_bytes  # type: ignore[misc]
 
     def _discard(self, key: Hashable) -> None:
         value = self.items.pop(key)

@@ -36,4 +36,5 @@ def test_a_put_without_eviction_keeps_what_is_stored():
     assert cache.put("c", "zz", evict=False) and list(cache.items) == ["a", "b", "c"]
     assert not cache.put("d", "", evict=False)  # the item bound
     assert cache.put("a", "x", evict=False) and cache.bytes == 7  # a stored key is replaced
+    assert not cache.put("a", "xxxxxxx", evict=False) and cache.get("a") == "x"  # unless the new value overflows
     assert cache.put("d", "dddd") and "b" not in cache  # with eviction, as before
