@@ -492,15 +492,18 @@ def _cross_fitted_map(
     knots = fit_confidence_map(confidences, correct, weights)
     if knots is None:
         return None
-    fold_of = _folds(groups, folds, seed) if folds >= 2 else [0] * len(held_out)
+    if folds < 2:
+        for result, confidence in zip(held_out, confidences):
+            result["score"] = float(numpy.interp(confidence, *knots))
+        return knots
+    fold_of = _folds(groups, folds, seed)  # the cross-fit's folds
     for fold in set(fold_of):
-        inside = [i for i, f in enumerate(fold_of) if f != fold] or list(range(len(held_out)))
+        inside = [i for i, f in enumerate(fold_of) if f != fold]
         fold_knots = fit_confidence_map([confidences[i] for i in inside], [correct[i] for i in inside],
-                                        [weights[i] for i in inside]) if len(inside) < len(held_out) else knots
-        for i, f in enumerate(fold_of):
-            if f == fold:
-                held_out[i]["score"] = confidences[i] if fold_knots is None else \
-                    float(numpy.interp(confidences[i], *fold_knots))
+                                        [weights[i] for i in inside])
+        for i in (i for i, f in enumerate(fold_of) if f == fold):
+            held_out[i]["score"] = confidences[i] if fold_knots is None else \
+                float(numpy.interp(confidences[i], *fold_knots))
     return knots
 
 
