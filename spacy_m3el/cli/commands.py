@@ -116,12 +116,13 @@ def calibrate(
     image_dir: Optional[Path] = typer.Option(None, help="Base of relative image paths"),
     gpu_id: int = typer.Option(-1, help="GPU to use (-1: CPU)"),
 ) -> None:
-    """Fit the linker's temperature, feature weights, NIL option and NIL
-    threshold on held-out data and save the pipeline (spacy train already
+    """Fit the linker's temperature, feature weights, NIL option, NIL
+    threshold and confidence map on held-out data and save the pipeline (spacy train already
     does this on the dev set unless calibrate_on_score is off)."""
     from ..data.readers import MultimodalCorpus
     from ..evaluation.end_to_end import link_gold_mentions
     from ..fileio import save_pipeline
+    from ..pipeline.calibration import MIN_MAP_ANSWERS
     from ..pipeline.linker import find_linker
 
     nlp = _load(pipeline, gpu_id)
@@ -138,7 +139,7 @@ def calibrate(
         knots = ", ".join(f"{x:.2f}->{y:.2f}" for x, y in report["confidence_map"])
         msg.info(f"Confidence map (answer probability -> share right out of fold): {knots}")
     else:
-        msg.info("No confidence map: fewer than 100 held-out answers; answers keep their probability")
+        msg.info(f"No confidence map: fewer than {MIN_MAP_ANSWERS} held-out answers; answers keep their probability")
     shown = ["accuracy", "ece", "nll", "nil_on_linkable"]
     fits = {"before": "before (as it came)",
             "out_of_fold": f"after (held out: {report['folds']}-fold, each mention by a fit without it)",

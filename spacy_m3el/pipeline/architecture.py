@@ -165,7 +165,7 @@ def _deserialize(network: M3ELNetwork, data: bytes, device: torch.device) -> M3E
     missing, unexpected = network.load_state_dict(state, strict=False)
     if network.encoder.frozen:
         missing = [k for k in missing if not k.startswith("encoder.")]
-    missing = [k for k in missing if k.rpartition(".")[2] not in OPTIONAL_STATE]
+    missing = [k for k in missing if k not in {f"scorer.{name}" for name in OPTIONAL_STATE}]
     if missing or unexpected:
         raise ValueError(
             "The saved M3EL weights do not fit this model's configuration: "
