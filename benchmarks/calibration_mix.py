@@ -39,7 +39,7 @@ from spacy_m3el.pipeline.calibration import (  # noqa: E402
 )
 from spacy_m3el.kb.base import NIL  # noqa: E402
 from spacy_m3el.model import CandidateScorer  # noqa: E402
-from spacy_m3el.data.pictures import CONDITIONS, examples_with_pictures  # noqa: E402
+from spacy_m3el.data.pictures import CONDITIONS, PICTURE_IS_OWN, examples_with_pictures  # noqa: E402
 from spacy_m3el.pipeline.held_out import result_of  # noqa: E402
 from spacy_m3el.pipeline.linker import find_linker  # noqa: E402
 from spacy_m3el.data.readers import MultimodalCorpus  # noqa: E402
@@ -76,14 +76,15 @@ def refit(dev: dict, test: dict, branches, options: ScorerOptions, mix, nonnegat
     scorer = CandidateScorer(branches)
     if not nonnegative_prior:
         scorer.nonnegative.zero_()
-    results, gold, groups, weights = [], [], [], []
+    results, gold, groups, weights, fits = [], [], [], [], []
     for condition, share in mix.items():
         for group, (kb_id, result) in enumerate(dev[condition]):
             results.append(copy.deepcopy(result))
             gold.append(kb_id)
             groups.append(group)
             weights.append(share)
-    report, _ = calibrate_scorer(scorer, results, gold, groups, options=options, weights=weights)
+            fits.append(PICTURE_IS_OWN[condition])
+    report, _ = calibrate_scorer(scorer, results, gold, groups, options=options, weights=weights, picture_fits=fits)
     tried = report["threshold_tried"]
 
     def test_figures(threshold):

@@ -16,6 +16,8 @@ from spacy.training import Example
 from ..extensions import image_source, register_extensions
 
 CONDITIONS = ("given", "none", "half", "shuffled")
+#: Whether a mention's picture under each condition is its own (None: it has none).
+PICTURE_IS_OWN = {"given": True, "none": None, "half": True, "shuffled": False}
 
 
 def check_condition(condition: str, *, allow_all: bool = False) -> None:

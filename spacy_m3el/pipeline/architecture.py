@@ -14,8 +14,9 @@ from torch import nn
 from ..data.images import ImageRef
 from ..encoders import FeatureCache, MultimodalEncoder, SharedTextEncoder, TextFeatures, join_features
 from ..encoders.base import PreprocessedImages, float_features, inference_autocast
+from ..errors import warn
 from ..model import CandidateScorer, EncodedItems, M3ELConfig, M3ELMatcher
-from ..model.candidate_scorer import OPTIONAL_STATE
+from ..model.candidate_scorer import LEGACY_KEY, OPTIONAL_STATE
 
 
 def _single_thread_after_fork() -> None:
@@ -162,6 +163,13 @@ def _serialize(network: M3ELNetwork) -> bytes:
 
 def _deserialize(network: M3ELNetwork, data: bytes, device: torch.device) -> M3ELNetwork:
     state = load_safetensors(data)
+    if f"scorer.{LEGACY_KEY}" in state:
+        scorer_state = {k[len("scorer."):]: v for k, v in state.items() if k.startswith("scorer.")}
+        state = {k: v for k, v in state.items() if not k.startswith("scorer.")}
+        state.update({f"scorer.{k}": v for k, v in network.scorer.upgrade_legacy_state(scorer_state).items()})
+        warn("These M3EL weights were saved before the candidate scorer had a text expert: its weights were "
+             "carried over, but mentions whose picture it distrusts now score differently. Refit it with "
+             "`python -m spacy_m3el calibrate`.")
     missing, unexpected = network.load_state_dict(state, strict=False)
     if network.encoder.frozen:
         missing = [k for k in missing if not k.startswith("encoder.")]

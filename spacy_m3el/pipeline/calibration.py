@@ -5,8 +5,8 @@ where each candidate keeps its raw M3EL ``score``, its ``branches`` and its
 lexical ``features``: the probabilities can be recomputed from results alone
 (after a fit, without running the model again). ``fit`` is a multinomial
 logistic regression over each mention's candidates plus NIL, solved with
-L-BFGS: it sets the inverse temperature, the feature and branch weights,
-the picture gate and the NIL option, then picks the NIL threshold that
+L-BFGS: it sets both experts' inverse temperatures, feature weights and NIL
+options, the branch weights and the picture gate, then picks the NIL threshold that
 maximises accuracy. ``calibrate_scorer`` does the same with cross-fitting:
 every mention also gets probabilities from a scorer fitted without it, the
 threshold is chosen on those (and kept only when its gain there is more
@@ -38,6 +38,9 @@ from ..progress import progress_bar
 Result = Dict[str, Any]
 #: L2 penalty on every fitted weight except the scale and the NIL bias.
 L2 = 1e-3
+#: Penalty on the text expert's squared distance from the picture expert: weak, it only decides
+#: where held-out data say nothing (on the demo, as strong as L2 cost the pictured mentions 0.03 nats).
+TEXT_EXPERT_SHRINKAGE = 1e-5
 ECE_BINS = 10
 #: Folds of the cross-fit that gives out-of-sample probabilities.
 FOLDS = 5
@@ -50,8 +53,8 @@ THRESHOLD_MIN_Z = 2.0
 MIN_MAP_ANSWERS = 100
 #: Pseudo-answers at the scorer's own probability that every step of the map is shrunk towards.
 MAP_PRIOR_WEIGHT = 1.0
-#: NIL features read from a result (the picture gate gives the last one).
-RESULT_NIL_FEATURES = NIL_FEATURES[:3]
+#: NIL features read from a result.
+RESULT_NIL_FEATURES = NIL_FEATURES
 
 
 @dataclass(frozen=True)
@@ -240,6 +243,50 @@ def _labels(results: Sequence[Result], gold_ids: Sequence[str]) -> List[Optional
     return labels
 
 
+def fit_picture_gate(
+    scorer: CandidateScorer,
+    results: Sequence[Result],
+    picture_fits: Sequence[Optional[bool]],
+    *,
+    weights: Optional[Sequence[float]] = None,
+    max_iter: int = 200,
+) -> bool:
+    """Fit the picture gate as a classifier of whether a mention's picture is
+    its own (``picture_fits`` True) or another mention's (False; None: not
+    known, left out), weighed by ``weights``: the gate then is the
+    probability that the picture shows the mention, at the share of wrong
+    pictures the weights imply. False (gate unchanged) unless both kinds
+    of pictured mentions are there."""
+    item_weights = _normalised([1.0] * len(results) if weights is None else weights, len(results))
+    kept = [i for i, (result, fits) in enumerate(zip(results, picture_fits))
+            if fits is not None and "image" in (result.get("modalities") or []) and float(item_weights[i]) > 0]
+    labels = torch.tensor([float(picture_fits[i]) for i in kept])
+    if not kept or labels.min() == labels.max():
+        return False
+    tensors = to_tensors([results[i] for i in kept], scorer.branches)
+    device = scorer.gate_weights.device
+    inputs = scorer.gate_inputs(tensors.branches.to(device), tensors.valid.to(device))
+    labels = labels.to(device)
+    item_weights = item_weights[kept].to(device)
+    # Each kind weighs half: the gate's odds are the evidence's, not the mix's share of wrong pictures.
+    for value in (0.0, 1.0):
+        item_weights = torch.where(labels == value, item_weights / item_weights[labels == value].sum() / 2,
+                                   item_weights)
+    optimizer = torch.optim.LBFGS([scorer.gate_weights], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        raw = scorer.gate_weights[0] + inputs @ scorer.gate_weights[1:]
+        loss = (torch.nn.functional.binary_cross_entropy_with_logits(raw, labels, reduction="none")
+                * item_weights).sum() + L2 * scorer.gate_weights[1:].pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
+    scorer.gate_weights.grad = None
+    return True
+
+
 def fit_weights(
     scorer: CandidateScorer,
     results: Sequence[Result],
@@ -247,12 +294,16 @@ def fit_weights(
     *,
     options: ScorerOptions,
     weights: Optional[Sequence[float]] = None,
+    picture_fits: Optional[Sequence[Optional[bool]]] = None,
     max_iter: int = 200,
 ) -> Dict[str, Any]:
     """Fit the scorer's weights to held-out mentions (their results and gold
     ids, NIL included) by L-BFGS, each mention's loss weighed by
     ``weights`` (default: equal); the threshold is left alone. Without NIL
-    mentions the NIL option stays off."""
+    mentions the NIL option stays off. With ``picture_fits`` (per item:
+    whether its picture is its own, None where not known) the picture gate
+    is fitted first, as a classifier of that (:func:`fit_picture_gate`), and
+    kept while the rest is fitted; else it is fitted with the rest."""
     labels = _labels(results, gold_ids)
     kept = [i for i, label in enumerate(labels) if label is not None]
     if not kept:
@@ -260,32 +311,40 @@ def fit_weights(
             f"calibration needs mentions whose gold entity is among their candidates (or NIL); none of the "
             f"{len(results)} is: check that the examples' KB ids are this KB's, or raise n_candidates"
         )
+    all_weights = _normalised([1.0] * len(results) if weights is None else weights, len(results))
+    if not float(all_weights[kept].sum()) > 0:
+        raise ValueError(f"calibration: every one of the {len(kept)} mentions whose gold entity is among their "
+                         "candidates (or NIL) has weight 0: nothing to fit")
+    kept = [i for i in kept if float(all_weights[i]) > 0]  # exactly as if they were not there
     subset = [results[i] for i in kept]
     tensors = to_tensors(subset, scorer.branches)
     width = tensors.m3el.shape[1]
     target = torch.tensor([width if labels[i] == -1 else labels[i] for i in kept])
-    item_weights = _normalised([1.0] * len(results) if weights is None else weights, len(results))[kept]
+    item_weights = all_weights[kept]
     has_nil = bool((target == width).any())
     params = [scorer.log_scale, scorer.feature_weights]
     if options.branches and scorer.branches:
         params.append(scorer.branch_weights)
     if options.gate:
-        params += [scorer.gate_weights, scorer.text_boost]
+        gate_fitted = picture_fits is not None and fit_picture_gate(scorer, results, picture_fits, weights=weights,
+                                                                    max_iter=max_iter)
+        params += [scorer.text_log_scale, scorer.text_feature_weights]
+        if not gate_fitted:
+            params.append(scorer.gate_weights)
     set_confidence_map(scorer, None)  # fitted to the weights it had
     with torch.no_grad():
         # A weight kept >= 0 that went below 0 would get no gradient.
-        scorer.feature_weights.copy_(torch.where(scorer.nonnegative, scorer.feature_weights.clamp(min=0.0),
-                                                 scorer.feature_weights))
-        if has_nil:
-            params.append(scorer.nil_weights)
-            scorer.nil_weights.copy_(torch.tensor([0.0] * len(NIL_FEATURES)))
-        else:
-            scorer.nil_weights.copy_(torch.tensor([NIL_OFF] + [0.0] * (len(NIL_FEATURES) - 1)))
+        for lexical in (scorer.feature_weights, scorer.text_feature_weights):
+            lexical.copy_(torch.where(scorer.nonnegative, lexical.clamp(min=0.0), lexical))
+        nil_options = [scorer.nil_weights, scorer.text_nil_weights] if options.gate else [scorer.nil_weights]
+        for nil in nil_options:
+            if has_nil:
+                params.append(nil)
+                nil.copy_(torch.tensor([0.0] * len(NIL_FEATURES)))
+            else:
+                nil.copy_(torch.tensor([NIL_OFF] + [0.0] * (len(NIL_FEATURES) - 1)))
     device = scorer.log_scale.device
     target = target.to(device)
-    if not float(item_weights.sum()) > 0:
-        raise ValueError(f"calibration: every one of the {len(kept)} mentions whose gold entity is among their "
-                         "candidates (or NIL) has weight 0: nothing to fit")
     item_weights = (item_weights / item_weights.sum()).to(device)
     valid = tensors.valid.to(device)
     optimizer = torch.optim.LBFGS(params, max_iter=max_iter, line_search_fn="strong_wolfe")
@@ -296,10 +355,14 @@ def fit_weights(
         joint = torch.cat([logits.masked_fill(~valid, float("-inf")), nil_logits[:, None]], dim=1)
         loss = (torch.nn.functional.cross_entropy(joint, target, reduction="none") * item_weights).sum()
         penalty = scorer.feature_weights.pow(2).sum() + scorer.branch_weights.pow(2).sum()
-        if options.gate:
-            penalty = penalty + scorer.gate_weights[1:].pow(2).sum() + scorer.text_boost.pow(2).sum()
         if has_nil:
             penalty = penalty + scorer.nil_weights[1:].pow(2).sum()
+        if options.gate:
+            # The text expert is shrunk towards the picture expert, not towards 0: where the held-out
+            # mentions all have a trusted picture it has nothing to learn from and scores as that one does.
+            penalty = penalty + TEXT_EXPERT_SHRINKAGE / L2 * text_expert_distance(scorer, nil=has_nil)
+            if not gate_fitted:
+                penalty = penalty + scorer.gate_weights[1:].pow(2).sum()
         loss = loss + L2 * penalty
         loss.backward()
         return loss
@@ -320,6 +383,16 @@ def fit_weights(
         param.grad = None  # else the next training step would apply the fit's gradients
     return {"mentions": len(results), "fitted_on": len(kept), "nil_option": has_nil,
             "nil_mentions": int(sum(1 for g in gold_ids if g == NIL)), "nll_before": before, "nll_after": after}
+
+
+def text_expert_distance(scorer: CandidateScorer, *, nil: bool) -> torch.Tensor:
+    """Squared distance of the text expert's weights (scale, lexical, and NIL's with ``nil``) from the
+    picture expert's (which it does not pull)."""
+    distance = (scorer.text_log_scale - scorer.log_scale.detach()).pow(2).sum()
+    distance = distance + (scorer.text_feature_weights - scorer.feature_weights.detach()).pow(2).sum()
+    if nil:
+        distance = distance + (scorer.text_nil_weights - scorer.nil_weights.detach()).pow(2).sum()
+    return distance
 
 
 def _normalised(weights: Sequence[float], count: int) -> torch.Tensor:
@@ -388,6 +461,7 @@ def cross_fit(
     *,
     options: ScorerOptions,
     weights: Optional[Sequence[float]] = None,
+    picture_fits: Optional[Sequence[Optional[bool]]] = None,
     folds: int = FOLDS,
     seed: int = 0,
     on_fold: Optional[Callable[[], None]] = None,
@@ -407,7 +481,8 @@ def cross_fit(
         scorer.load_state_dict(initial)
         try:
             fit_weights(scorer, [results[i] for i in inside], [gold_ids[i] for i in inside], options=options,
-                        weights=None if weights is None else [weights[i] for i in inside])
+                        weights=None if weights is None else [weights[i] for i in inside],
+                        picture_fits=None if picture_fits is None else [picture_fits[i] for i in inside])
         except ValueError:
             pass  # no usable mention in the other folds: scored by the weights it started with
         held_out = [copy.deepcopy(results[i]) for i in outside]
@@ -428,15 +503,17 @@ def calibrate_scorer(
     *,
     options: ScorerOptions,
     weights: Optional[Sequence[float]] = None,
+    picture_fits: Optional[Sequence[Optional[bool]]] = None,
     folds: int = FOLDS,
     seed: int = 0,
     progress: bool = False,
 ) -> Tuple[Dict[str, Any], List[Result]]:
     """Cross-fit, choose the NIL threshold on the out-of-fold probabilities,
     then fit on everything (fits and threshold weigh the items by
-    ``weights``; default: equal). Returns the report (``before``: the scorer as it
-    came; ``out_of_fold``: every mention scored by a fit that did not see
-    it) and the out-of-fold results, answered with the chosen threshold.
+    ``weights``; default: equal; ``picture_fits``: see :func:`fit_weights`).
+    Returns the report (``before``: the scorer as it came; ``out_of_fold``:
+    every mention scored by a fit that did not see it) and the out-of-fold
+    results, answered with the chosen threshold.
     ``results`` end up scored by the final fit. ``progress``: a line per fit."""
     before = [copy.deepcopy(r) for r in results]
     apply_scorer(scorer, before, options=options, threshold=None)
@@ -445,9 +522,9 @@ def calibrate_scorer(
                        unit="fit", disable=not progress)
     with bar:
         if folds >= 2:
-            held_out = cross_fit(scorer, results, gold_ids, groups, options=options, weights=weights, folds=folds,
-                                 seed=seed, on_fold=lambda: bar.update(1))
-        report = fit_weights(scorer, results, gold_ids, options=options, weights=weights)
+            held_out = cross_fit(scorer, results, gold_ids, groups, options=options, weights=weights,
+                                 picture_fits=picture_fits, folds=folds, seed=seed, on_fold=lambda: bar.update(1))
+        report = fit_weights(scorer, results, gold_ids, options=options, weights=weights, picture_fits=picture_fits)
         bar.update(1)
     if folds < 2:  # one mention: nothing to hold out, the figures are in sample
         folds = 0
@@ -509,14 +586,18 @@ def _cross_fitted_map(
 
 def scorer_weights(scorer: CandidateScorer) -> Dict[str, Any]:
     """The fitted weights by name, for reports."""
-    lexical = scorer.lexical_weights(torch.ones_like(scorer.feature_weights)).tolist()
+    every = torch.ones_like(scorer.feature_weights)
     return {
         "scale": float(scorer.scale.item()),
-        "lexical": dict(zip(LEXICAL_FEATURES, lexical)),
+        "lexical": dict(zip(LEXICAL_FEATURES, scorer.lexical_weights(every).tolist())),
         "branches": dict(zip(scorer.branches, scorer.branch_weights.tolist())),
         "nil": dict(zip(NIL_FEATURES, scorer.nil_weights.tolist())),
         "gate": scorer.gate_weights.tolist(),
-        "text_boost": float(scorer.text_boost.item()),
+        "text_expert": {
+            "scale": float(scorer.text_scale.item()),
+            "lexical": dict(zip(LEXICAL_FEATURES, scorer.lexical_weights(every, text_expert=True).tolist())),
+            "nil": dict(zip(NIL_FEATURES, scorer.text_nil_weights.tolist())),
+        },
     }
 
 

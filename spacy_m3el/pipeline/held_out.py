@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List
 from spacy.tokens import Doc, Span
 from spacy.training import Example, validate_examples
 
-from ..data.pictures import with_pictures
+from ..data.pictures import PICTURE_IS_OWN, with_pictures
 from ..errors import warn
 from ..evaluation.exhaustive import evaluate_exhaustive
 from ..evaluation.scoring import aligned_mentions
@@ -23,13 +23,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def calibrate_linker(linker: "M3ELLinker", examples: Iterable[Example], *,
                      progress: bool = False) -> Dict[str, Any]:
-    """Fit the candidate scorer (temperature, feature and branch weights,
-    picture gate, NIL option) and the NIL threshold on held-out examples
+    """Fit the candidate scorer (temperatures, feature and branch weights,
+    picture gate, NIL options) and the NIL threshold on held-out examples
     with gold links (NIL included), each mention with its picture,
     without one and with another mention's picture (seeded), so that
     none of these gets answers fitted to the other; each condition
     weighs as much as the share of mentions the linker expects under it
-    (``calibration_pictures``). The fit is
+    (``calibration_pictures``). The picture gate is fitted first, to tell
+    the mentions' own pictures from the others'. The fit is
     cross-validated: the threshold is chosen, and the report's
     ``out_of_fold`` figures computed, on probabilities from fits that
     did not see the mention; the predicted docs are annotated with those
@@ -64,6 +65,7 @@ def calibrate_linker(linker: "M3ELLinker", examples: Iterable[Example], *,
             conditions.append(condition)
             weights.append(mix[condition])
     report, held_out = calibrate_scorer(linker.network.scorer, results, gold, groups, weights=weights,
+                                        picture_fits=[PICTURE_IS_OWN[c] for c in conditions],
                                         options=linker.scorer_options, progress=progress)
     # Mentions, not (mention, picture condition) pairs; fitted_on counts the pairs.
     report["mentions"] = len(pairs)

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from spacy_m3el.model import LEXICAL_FEATURES, NIL_FEATURES, CandidateScorer
@@ -115,11 +116,43 @@ def test_the_alias_prior_weight_is_never_negative():
     assert weights.tolist() == [0.0, 0.0, -3.0, 0.5]  # log_prior, from_alias kept >= 0; name features free
 
 
-def test_the_nil_option_reads_a_distrusted_picture():
+def test_the_gate_blends_the_picture_expert_and_the_text_expert():
     scorer = CandidateScorer(BRANCHES)
     with torch.no_grad():
-        scorer.nil_weights.copy_(torch.tensor([0.0, 0.0, 1.0, 2.0]))
-    features = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 1.0]])  # with a picture, without one
-    gate = torch.tensor([0.25, 0.0])
-    assert scorer.nil_logits(features, gate).tolist() == [1.5, 1.0]
-    assert scorer.nil_logits(features).tolist() == [0.0, 1.0]
+        scorer.nil_weights.copy_(torch.tensor([2.0, 0.0, 0.0]))
+        scorer.text_nil_weights.copy_(torch.tensor([0.0, 1.0, 0.5]))
+        scorer.text_log_scale.fill_(math.log(3.0))
+        scorer.text_feature_weights.copy_(torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    m3el, branches, lexical = inputs()
+    mask = scorer.feature_mask(prior=True, name=True)
+    pictured = scorer.logits(m3el, branches, lexical, feature_mask=mask, use_branches=True)
+    text = 3.0 * branches[..., BRANCHES.index("text")] / len(BRANCHES) + lexical[..., 1]  # no picture branch in it
+    gate = torch.tensor([1.0, 0.0, 0.25])
+    blended = scorer.logits(m3el, branches, lexical, feature_mask=mask, use_branches=True, gate=gate)
+    assert torch.allclose(blended[0], pictured[0], atol=1e-5)
+    assert torch.allclose(blended[1], text[1], atol=1e-5)
+    assert torch.allclose(blended[2], 0.25 * pictured[2] + 0.75 * text[2], atol=1e-5)
+    features = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    assert scorer.nil_logits(features, gate).tolist() == [2.0, 1.5, 0.25 * 2.0 + 0.75 * 1.0]
+    assert scorer.nil_logits(features).tolist() == [2.0, 2.0, 2.0]  # no gate: the picture expert alone
+
+
+def test_a_scorer_saved_before_the_text_expert_scores_picture_less_mentions_as_it_did():
+    old_nil = torch.tensor([1.0, 2.0, -0.5, 0.7])
+    old = {"log_scale": torch.tensor([math.log(0.1)]), "branch_weights": torch.tensor([0.5, 1.0, 0.0, 0.0]),
+           "feature_weights": torch.tensor([0.3, 1.5, -0.2, 0.1]), "nil_weights": old_nil,
+           "gate_weights": torch.tensor([1.0, 2.0, 0.0, 0.5]), "text_boost": torch.tensor([0.4])}
+    scorer = CandidateScorer(BRANCHES)
+    state = scorer.upgrade_legacy_state(old)
+    assert "text_boost" not in state and state["nil_weights"].tolist() == old_nil[:3].tolist()
+    current = scorer.state_dict()
+    scorer.load_state_dict({**current, **state})
+    m3el, branches, lexical = inputs()
+    mask = scorer.feature_mask(prior=True, name=True)
+    text = branches[..., BRANCHES.index("text")]
+    # The old formula without a picture (gate 0): the text branch's share of the content, boosted.
+    before = 0.1 * (text / 4 + 0.5 * text) * 1.4 + lexical @ torch.tensor([0.3, 1.5, -0.2, 0.1])
+    now = scorer.logits(m3el, branches, lexical, feature_mask=mask, use_branches=True, gate=torch.zeros(3))
+    assert torch.allclose(now, before, atol=1e-4)
+    no_image = torch.tensor([[1.0, 1.0, 1.0]])
+    assert scorer.nil_logits(no_image, torch.zeros(1)).tolist() == pytest.approx([1.0 + 2.0 - 0.5])

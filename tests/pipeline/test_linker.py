@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy
 import pytest
 import spacy
+import torch
 from spacy.tokens import DocBin
 from spacy.training import Example
 
@@ -139,10 +140,18 @@ def test_weights_saved_before_the_confidence_map_still_load(trained):
     state = load(_serialize(network))
     older = {k: v for k, v in state.items() if k not in ("scorer.confidence_x", "scorer.confidence_y")}
     assert len(older) == len(state) - 2
+    # Before the text expert: one NIL weight more, a text boost, no text expert.
+    legacy = {k: v for k, v in older.items() if not k.startswith("scorer.text_")}
+    legacy["scorer.nil_weights"] = torch.cat([state["scorer.nil_weights"], torch.tensor([0.5])])
+    legacy["scorer.text_boost"] = torch.tensor([0.2])
     try:
         _deserialize(network, save(older), device)
         with pytest.raises(ValueError, match="missing \\['scorer.log_scale'\\]"):
             _deserialize(network, save({k: v for k, v in older.items() if k != "scorer.log_scale"}), device)
+        with pytest.warns(UserWarning, match="before the candidate scorer had a text expert"):
+            _deserialize(network, save(legacy), device)
+        assert network.scorer.nil_weights.tolist() == state["scorer.nil_weights"].tolist()
+        assert network.scorer.text_nil_weights.tolist() == state["scorer.nil_weights"].tolist()
     finally:
         _deserialize(network, save(state), device)
 
