@@ -82,6 +82,7 @@ class CandidateScorer(nn.Module):
     def __init__(self, branches: Sequence[str], *, initial_scale: float = 0.2) -> None:
         super().__init__()
         self.branches = tuple(branches)
+        self._initial_scale = initial_scale
         # [1], not a scalar: thinc's optimizer takes len() of every gradient.
         self.log_scale = nn.Parameter(torch.tensor([math.log(initial_scale)]))
         self.branch_weights = nn.Parameter(torch.zeros(len(self.branches)))
@@ -123,6 +124,13 @@ class CandidateScorer(nn.Module):
         raw = self.text_feature_weights if text_expert else self.feature_weights
         weights = torch.where(self.nonnegative, raw.clamp(min=0.0), raw)
         return weights * feature_mask
+
+    def reset_parameters(self) -> None:
+        """Every parameter back to its value before any training or fit (buffers are kept)."""
+        fresh = CandidateScorer(self.branches, initial_scale=self._initial_scale)
+        with torch.no_grad():
+            for name, value in fresh.named_parameters():
+                getattr(self, name).copy_(value.to(getattr(self, name).device))
 
     def upgrade_legacy_state(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """A scorer state saved before the text expert (keys without the

@@ -322,6 +322,11 @@ def fit_weights(
     target = torch.tensor([width if labels[i] == -1 else labels[i] for i in kept])
     item_weights = all_weights[kept]
     has_nil = bool((target == width).any())
+    had = {name: value.detach().clone() for name, value in scorer.named_parameters()}
+    # Every fit starts from the untrained scorer, not from the weights training left: the fit is not convex
+    # in the experts' log scales, and a trained start (a text expert at scale 1e-4) kept the demo's text
+    # expert from reading the text at all.
+    scorer.reset_parameters()
     params = [scorer.log_scale, scorer.feature_weights]
     if options.branches and scorer.branches:
         params.append(scorer.branch_weights)
@@ -367,7 +372,6 @@ def fit_weights(
         loss.backward()
         return loss
 
-    start = {name: value.detach().clone() for name, value in scorer.named_parameters()}
     before = float(objective().detach())
     optimizer.step(objective)
     after = float(objective().detach())
@@ -375,7 +379,7 @@ def fit_weights(
         # A diverged line search must not leave NaN weights behind (they would poison training too).
         with torch.no_grad():
             for name, value in scorer.named_parameters():
-                value.copy_(start[name])
+                value.copy_(had[name])
         warn(f"calibration: the fit diverged on {len(kept)} mentions; the scorer keeps the weights it had",
              stacklevel=3)
         after = before
@@ -467,7 +471,7 @@ def cross_fit(
     on_fold: Optional[Callable[[], None]] = None,
 ) -> List[Result]:
     """Out-of-fold copies of ``results``: each scored (threshold 0) by the
-    scorer fitted on the other folds, starting from its current weights.
+    scorer fitted on the other folds.
     Items of one group (the same mention under several picture conditions)
     stay in one fold. The scorer is left as it was."""
     initial = {name: value.detach().clone() for name, value in scorer.state_dict().items()}

@@ -1,3 +1,4 @@
+import math
 import random
 
 import numpy
@@ -195,6 +196,9 @@ def test_a_diverged_fit_leaves_the_weights_as_they_were(monkeypatch):
 
     results, gold = data(9, 50)
     scorer = CandidateScorer(BRANCHES)
+    with torch.no_grad():  # weights a training left: not the untrained scorer's that the fit starts from
+        scorer.feature_weights.fill_(0.5)
+        scorer.text_log_scale.fill_(-3.0)
     start = {name: value.detach().clone() for name, value in scorer.named_parameters()}
 
     def diverge(self, closure):
@@ -207,8 +211,7 @@ def test_a_diverged_fit_leaves_the_weights_as_they_were(monkeypatch):
     with pytest.warns(UserWarning, match="the fit diverged"):
         report = fit_weights(scorer, results, gold, options=ScorerOptions())
     for name, value in scorer.named_parameters():
-        if name != "nil_weights":  # reset for the NIL option before the fit, then restored to that
-            assert torch.equal(value.detach(), start[name]), name
+        assert torch.equal(value.detach(), start[name]), name
     assert all(bool(torch.isfinite(v).all()) for v in scorer.parameters())
     assert report["nll_after"] == report["nll_before"]
 
@@ -394,3 +397,17 @@ def test_the_picture_gate_needs_both_kinds_of_picture():
     assert not fit_picture_gate(scorer, results[:20], fits[:20])  # own pictures only
     assert not fit_picture_gate(scorer, results, [None] * len(results))
     assert torch.equal(scorer.gate_weights.detach(), before)
+
+
+def test_a_fit_does_not_depend_on_the_weights_training_left():
+    results, gold, fits = own_and_other_pictures(14, 100)
+    fresh, trained = CandidateScorer(BRANCHES), CandidateScorer(BRANCHES)
+    with torch.no_grad():  # as a training run left the demo's: a text expert that no longer reads the text
+        trained.text_log_scale.fill_(math.log(1e-4))
+        trained.text_feature_weights.copy_(torch.tensor([0.0, 4.5, -2.7, -0.3]))
+        trained.gate_weights.copy_(torch.tensor([-3.0, 0.0, 0.0, 0.0]))
+    for scorer in (fresh, trained):
+        fit_weights(scorer, results, gold, options=ScorerOptions(), picture_fits=fits)
+    for (name, a), (_, b) in zip(fresh.named_parameters(), trained.named_parameters()):
+        assert torch.equal(a, b), name
+    assert float(fresh.text_scale) > 0.01
