@@ -104,7 +104,8 @@ class M3ELNetwork(nn.Module):
     ) -> Dict[str, torch.Tensor]:
         """M3EL's losses; with ``lexical`` ([B, E, F] candidate features) also
         the candidate scorer's, so M3EL learns beside the KB's features (and,
-        with ``use_gate``, the picture gate learns which pictures to trust).
+        with ``use_gate``, the picture gate learns which pictures to trust,
+        from the varied copy).
 
         ``varied_mention_images`` (some removed, some another mention's) train
         the candidate scorer only, on scores computed without gradients: a
@@ -118,9 +119,11 @@ class M3ELNetwork(nn.Module):
         if lexical is not None:
             mask = feature_mask.to(device) if feature_mask is not None else torch.ones(lexical.shape[-1], device=device)
             has_image = mentions.image_mask.to(device) if use_gate else None
+            # The batch's pictures are the mentions' own, so right: the gate learns from the varied copy
+            # below and does not weigh them here, so it never turns down M3EL's gradient for a right picture.
             losses["scorer"] = self.scorer.training_loss(scores, lexical.to(device), labels,
                                                          feature_mask=mask, use_branches=use_branches,
-                                                         has_image=has_image)
+                                                         has_image=has_image, pictures_are_own=True)
             losses["loss"] = losses["loss"] + losses["scorer"]
             if use_gate and varied_mention_images is not None:
                 with torch.no_grad():

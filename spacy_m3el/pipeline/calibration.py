@@ -253,10 +253,10 @@ def fit_picture_gate(
 ) -> bool:
     """Fit the picture gate as a classifier of whether a mention's picture is
     its own (``picture_fits`` True) or another mention's (False; None: not
-    known, left out), weighed by ``weights``: the gate then is the
-    probability that the picture shows the mention, at the share of wrong
-    pictures the weights imply. False (gate unchanged) unless both kinds
-    of pictured mentions are there."""
+    known, left out). The two kinds weigh half each (within a kind, items
+    weigh by ``weights``): the gate then is the probability, at even odds,
+    that the picture is the mention's own. False (gate unchanged) unless
+    both kinds of pictured mentions are there."""
     item_weights = _normalised([1.0] * len(results) if weights is None else weights, len(results))
     kept = [i for i, (result, fits) in enumerate(zip(results, picture_fits))
             if fits is not None and "image" in (result.get("modalities") or []) and float(item_weights[i]) > 0]

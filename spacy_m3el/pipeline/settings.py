@@ -53,10 +53,12 @@ class LinkerSettings:
     reweight_branches: bool = _option(True, "Candidate scorer: learn a weight per M3EL branch score on "
                                             "top of their mean (with incl_prior, incl_name_match and picture_gate "
                                             "also off: the paper's M3EL score alone, still calibrated).")
-    picture_gate: bool = _option(True, "Candidate scorer: weigh the branches that read the mention's picture "
-                                       "(image, T2V, V2T) per mention by a learned gate on how well the picture "
-                                       "agrees with the text over the candidates; a mention without a picture "
-                                       "is scored by its text alone (off: the branches' fixed mean).")
+    picture_gate: bool = _option(True, "Candidate scorer: blend a picture expert (every branch) and a text "
+                                       "expert (the branches that do not read the mention's picture: not image, "
+                                       "T2V, V2T) per mention by a learned gate on how well the picture agrees "
+                                       "with the text over the candidates; a mention without a picture is "
+                                       "scored by the text expert alone (off: the picture expert alone, on the "
+                                       "branches' mean).")
     picture_dropout: float = _option(0.2, "Training: share of mentions whose picture is removed in the batch "
                                           "copy the candidate scorer trains on (M3EL's own losses see the "
                                           "pictures as given), for mentions without a picture.")

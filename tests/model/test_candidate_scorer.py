@@ -156,3 +156,25 @@ def test_a_scorer_saved_before_the_text_expert_scores_picture_less_mentions_as_i
     assert torch.allclose(now, before, atol=1e-4)
     no_image = torch.tensor([[1.0, 1.0, 1.0]])
     assert scorer.nil_logits(no_image, torch.zeros(1)).tolist() == pytest.approx([1.0 + 2.0 - 0.5])
+
+
+def test_own_pictures_train_the_experts_without_the_gate():
+    scorer = CandidateScorer(BRANCHES)
+    gen = torch.Generator().manual_seed(3)
+    scores = {b: torch.randn(4, 6, generator=gen) * 10 for b in BRANCHES}
+    scores["score"] = torch.stack([scores[b] for b in BRANCHES]).mean(dim=0)
+    lexical = torch.rand(4, 6, len(LEXICAL_FEATURES), generator=gen)
+    labels, has_image = torch.tensor([0, 1, 2, 3]), torch.tensor([True, True, False, True])
+    mask = scorer.feature_mask(prior=True, name=True)
+    own = scorer.training_loss(scores, lexical, labels, feature_mask=mask, use_branches=True, has_image=has_image,
+                               pictures_are_own=True)
+    own.backward()
+    assert scorer.gate_weights.grad is None or float(scorer.gate_weights.grad.abs().sum()) == 0.0
+    expected = torch.nn.functional.cross_entropy(
+        scorer.logits(scores["score"], torch.stack([scores[b] for b in BRANCHES], dim=-1), lexical,
+                      feature_mask=mask, use_branches=True, gate=has_image.float()), labels)
+    assert torch.allclose(own, expected)
+    scorer.zero_grad()
+    scorer.training_loss(scores, lexical, labels, feature_mask=mask, use_branches=True,
+                         has_image=has_image).backward()  # varied pictures: the gate learns
+    assert float(scorer.gate_weights.grad.abs().sum()) > 0.0
