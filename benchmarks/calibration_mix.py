@@ -15,8 +15,9 @@ the test figures with the accuracy-maximising NIL threshold that its
 calibration tried (kept only when its out-of-fold gain passes a sign test);
 and, for the pipeline's own scorer, how far its picture gate trusts the
 pictures of each condition. Every fit starts from an untrained scorer, as
-the pipeline's own calibration does, so the default recipe reproduces the
-pipeline's own figures. Writes
+the pipeline's own calibration does, so the default recipe gives the
+pipeline's own figures up to the last bits of the features (which can turn
+a mention or two). Writes
 benchmarks/results/calibration_mix.json.
 """
 import argparse
