@@ -32,7 +32,7 @@ import torch
 
 from ..errors import warn
 from ..kb.base import NIL
-from ..model.candidate_scorer import CONFIDENCE_KNOTS, LEXICAL_FEATURES, NIL_FEATURES, NIL_OFF, CandidateScorer
+from ..model.candidate_scorer import CONFIDENCE_KNOTS, LEXICAL_FEATURES, NIL_FEATURES, CandidateScorer
 from ..progress import progress_bar
 
 Result = Dict[str, Any]
@@ -53,8 +53,6 @@ THRESHOLD_MIN_Z = 2.0
 MIN_MAP_ANSWERS = 100
 #: Pseudo-answers at the scorer's own probability that every step of the map is shrunk towards.
 MAP_PRIOR_WEIGHT = 1.0
-#: NIL features read from a result.
-RESULT_NIL_FEATURES = NIL_FEATURES
 
 
 @dataclass(frozen=True)
@@ -79,16 +77,16 @@ class CandidateTensors:
     branches: torch.Tensor  # [B, K, n_branches]
     lexical: torch.Tensor  # [B, K, F]
     valid: torch.Tensor  # [B, K] bool
-    nil: torch.Tensor  # [B, len(RESULT_NIL_FEATURES)]
+    nil: torch.Tensor  # [B, len(NIL_FEATURES)]
     has_image: torch.Tensor  # [B] bool
 
 
 def nil_features(result: Result) -> List[float]:
-    """bias, no alias-table candidate, no image: in ``RESULT_NIL_FEATURES`` order."""
+    """bias, no alias-table candidate, no image: in ``NIL_FEATURES`` order."""
     no_alias = not any(c["features"]["from_alias"] for c in result["candidates"])
     no_image = "image" not in (result.get("modalities") or [])
     values = {"bias": 1.0, "no_alias_candidates": float(no_alias), "no_image": float(no_image)}
-    return [values[name] for name in RESULT_NIL_FEATURES]
+    return [values[name] for name in NIL_FEATURES]
 
 
 def to_tensors(results: Sequence[Result], branches: Sequence[str]) -> CandidateTensors:
@@ -110,7 +108,7 @@ def to_tensors(results: Sequence[Result], branches: Sequence[str]) -> CandidateT
         lexical[i, :count] = torch.tensor([[c["features"][f] for f in LEXICAL_FEATURES] for c in candidates])
         valid[i, :count] = True
     nil = torch.tensor([nil_features(r) for r in results],
-                       dtype=torch.float32).reshape(batch, len(RESULT_NIL_FEATURES))
+                       dtype=torch.float32).reshape(batch, len(NIL_FEATURES))
     has_image = torch.tensor(["image" in (r.get("modalities") or []) for r in results], dtype=torch.bool)
     return CandidateTensors(m3el, branch, lexical, valid, nil, has_image)
 
@@ -337,17 +335,12 @@ def fit_weights(
         if not gate_fitted:
             params.append(scorer.gate_weights)
     set_confidence_map(scorer, None)  # fitted to the weights it had
-    with torch.no_grad():
-        # A weight kept >= 0 that went below 0 would get no gradient.
-        for lexical in (scorer.feature_weights, scorer.text_feature_weights):
-            lexical.copy_(torch.where(scorer.nonnegative, lexical.clamp(min=0.0), lexical))
-        nil_options = [scorer.nil_weights, scorer.text_nil_weights] if options.gate else [scorer.nil_weights]
-        for nil in nil_options:
-            if has_nil:
-                params.append(nil)
-                nil.copy_(torch.tensor([0.0] * len(NIL_FEATURES)))
-            else:
-                nil.copy_(torch.tensor([NIL_OFF] + [0.0] * (len(NIL_FEATURES) - 1)))
+    nil_options = [scorer.nil_weights, scorer.text_nil_weights] if options.gate else [scorer.nil_weights]
+    if has_nil:  # else the NIL options stay off, as the reset left them
+        params += nil_options
+        with torch.no_grad():
+            for nil in nil_options:
+                nil.zero_()
     device = scorer.log_scale.device
     target = target.to(device)
     item_weights = (item_weights / item_weights.sum()).to(device)
