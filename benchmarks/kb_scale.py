@@ -192,12 +192,17 @@ def write(name: str, data: Dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------- build
-def demo_hits1(precision: str) -> Dict[str, float]:
+def demo_hits1(precision: str, runtime: str, *, saved_index: bool = False) -> Dict[str, float]:
+    """The demo test split's Hits@1 and MRR, mentions encoded in ``precision``
+    and ``runtime``, and the entity index too (or, with ``saved_index``, the
+    pipeline's saved index as it was built)."""
     from spacy_m3el.evaluation.end_to_end import evaluate_pipeline
     from spacy_m3el.data.readers import MultimodalCorpus
 
-    nlp = spacy.load(PIPELINE, config={"components": {"m3el_linker": {"inference_precision": precision}}})
-    find_linker(nlp).index_keeper.drop()
+    nlp = spacy.load(PIPELINE, config={"components": {"m3el_linker": {"inference_precision": precision,
+                                                                       "inference_runtime": runtime}}})
+    if not saved_index:
+        find_linker(nlp).index_keeper.drop()
     examples = list(MultimodalCorpus(ROOT / "corpus" / "clipart_mel" / "test.spacy", image_dir=DEMO)(nlp))
     result = evaluate_pipeline(nlp, examples)
     return {"hits1": result["m3el_hits1"], "mrr": result["m3el_mrr"]}
@@ -236,23 +241,31 @@ def bench_build(args) -> None:
                       "cpu_ms_per_entity": 1000 * (cpu_seconds() - start_cpu) / len(kb),
                       "wall_ms_per_entity": 1000 * (time.perf_counter() - start) / len(kb)}
     linker.configure(inference_precision="auto")
-    variants = {"streamed_workers0": (1, 0, "0 image workers, all torch threads"),
-                "streamed_workers1": (1, 1, "1 image worker process, all torch threads"),
-                f"streamed_processes{os.cpu_count()}": (os.cpu_count(), 0, f"build_processes {os.cpu_count()}, "
-                                                        "one torch thread each")}
-    for name, (processes, workers, what) in variants.items():
-        linker.configure(build_processes=processes, image_workers=workers)
+    processes = os.cpu_count()
+    variants = {f"streamed_workers0_{runtime}": (1, 0, runtime, "0 image workers, all torch threads")
+                for runtime in ("torch", "openvino")}
+    variants["streamed_workers1_torch"] = (1, 1, "torch", "1 image worker process, all torch threads")
+    variants.update({f"streamed_processes{processes}_{runtime}": (
+        processes, 0, runtime, f"build_processes {processes}, one torch thread each")
+        for runtime in ("torch", "openvino")})
+    for name, (processes, workers, runtime, what) in variants.items():
+        linker.configure(build_processes=processes, image_workers=workers, inference_runtime=runtime)
         with tempfile.TemporaryDirectory() as folder:
             start_cpu, start = cpu_seconds(), time.perf_counter()
             keeper.build_streamed(kb, Path(folder) / "cache", progress=False, shard_size=256)
-            rows[name] = {"path": f"streamed to disk, {what}, inference_precision auto",
+            rows[name] = {"path": f"streamed to disk, {what}, inference_precision auto, inference_runtime {runtime}",
                           "cpu_ms_per_entity": 1000 * (cpu_seconds() - start_cpu) / len(kb),
                           "wall_ms_per_entity": 1000 * (time.perf_counter() - start) / len(kb)}
+        print(name, rows[name], flush=True)
     before = rows["before"]
     for row in rows.values():
         row["cpu_speedup"] = before["cpu_ms_per_entity"] / row["cpu_ms_per_entity"]
         row["wall_speedup"] = before["wall_ms_per_entity"] / row["wall_ms_per_entity"]
-    accuracy = {precision: demo_hits1(precision) for precision in ("float32", "auto")}
+    accuracy = {f"{precision}, {runtime}": demo_hits1(precision, runtime)
+                for precision, runtime in (("float32", "torch"), ("auto", "torch"), ("auto", "openvino"))}
+    saved = json.loads((PIPELINE / "m3el_linker" / "index" / "meta.json").read_text())
+    accuracy[f"auto, openvino, the saved index ({saved.get('encode_runtime', 'torch')} "
+             f"{saved['encode_precision']})"] = demo_hits1("auto", "openvino", saved_index=True)
     write("kb_build.json", {**run_info(), "entities": len(kb), "inputs": "openclipart pictures on 500x400 noisy "
                             "gradients (JPEG q90), 40+-token texts", "autocast_dtype": str(
                                 torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"),

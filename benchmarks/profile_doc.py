@@ -1,4 +1,4 @@
-"""Where the time of one document goes, and the per-call overheads.
+"""Where the time of one document goes, in each backbone runtime.
 
     python benchmarks/profile_doc.py   # -> results/profile_doc.json
 
@@ -6,15 +6,14 @@ Needs `spacy project run all` (training/clipart_mel/model-linker). Inputs:
 the 264 demo test texts with their pictures, linked one at a time by the
 linker (gold spans set, as an upstream NER would), bfloat16 (`auto`):
 
-- ``breakdown_ms_per_doc``: cProfile's cumulative time of the parts of a
-  cold call (feature and picture caches emptied before every doc), per doc;
-  cProfile adds its own overhead, so read the shares, not the sum;
-- ``text_tower_ms``: one demo text at a time under autocast, the text model
-  with float32 weights (autocast casts every Linear weight at every call:
-  the route before) against the copy whose Linear weights are kept in the
-  autocast dtype (now), with the largest difference of their outputs;
-- ``module_walk_ms``: one walk over every module of the network (the check
-  every call made before, instead of the root module's mode).
+- ``breakdown_ms_per_doc``: per ``inference_runtime`` ("torch", "openvino"),
+  cProfile's cumulative time of the parts of a cold call (feature and picture
+  caches emptied before every doc), per doc; cProfile adds its own overhead,
+  so read the shares, not the sum;
+- ``towers_ms``: each tower alone, one demo doc at a time (its text; its
+  picture, preprocessed beforehand), every torch thread, per runtime, with
+  the largest difference of its features from the float32 PyTorch tower's,
+  relative to their largest magnitude.
 """
 import cProfile
 import pstats
@@ -32,7 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import run_info  # noqa: E402
 from kb_scale import write  # noqa: E402
 
-from spacy_m3el.data.images import DECODED_IMAGES  # noqa: E402
+from spacy_m3el.data.images import DECODED_IMAGES, load_image  # noqa: E402
 from spacy_m3el.data.readers import create_docbin_reader  # noqa: E402
 from spacy_m3el.pipeline.linker import find_linker  # noqa: E402
 
@@ -48,13 +47,69 @@ PARTS = [("text tower", "minilm_efficientnet.py", "encode_text"),
          ("whole call", "pipeline/linker.py", "predict")]
 
 
-def per_call_ms(function, repeat: int) -> float:
-    for _ in range(5):
-        function()
-    start = time.perf_counter()
-    for _ in range(repeat):
-        function()
-    return 1000 * (time.perf_counter() - start) / repeat
+def profile_runtime(linker, docs, runtime: str) -> dict:
+    linker.configure(inference_runtime=runtime)
+    for doc in docs[:20]:
+        linker(doc.copy())
+    profile = cProfile.Profile()
+    profile.enable()
+    for doc in docs:
+        linker.network.feature_cache.clear()
+        DECODED_IMAGES.clear()
+        linker(doc.copy())
+    profile.disable()
+    stats = pstats.Stats(profile).stats
+    breakdown = {}
+    for part, suffix, name in PARTS:
+        total = sum(row[3] for (file, _, function), row in stats.items() if file.endswith(suffix) and function == name)
+        breakdown[part] = round(1000 * total / len(docs), 2)
+    return breakdown
+
+
+def tower_inputs(encoder, docs):
+    texts = [encoder.tokenize([doc.text]) for doc in docs]
+    pictures = [encoder.preprocess_images([load_image(doc._.image)])[0] for doc in docs if doc._.image]
+    return texts, pictures
+
+
+def towers_ms(encoder, docs) -> dict:
+    texts, pictures = tower_inputs(encoder, docs)
+
+    def run(runtime, dtype):
+        autocast = torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
+        with torch.inference_mode(), autocast, encoder.inference_runtime_scope(runtime):
+            text = [encoder.encode_text(t["input_ids"], t["attention_mask"])[1] for t in texts]
+            image = [encoder.encode_image(pixels)[1] for pixels in pictures]
+        return text, image
+
+    def per_doc_ms(runtime, dtype, which):
+        autocast = torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
+        with torch.inference_mode(), autocast, encoder.inference_runtime_scope(runtime):
+            if which == "text":
+                calls = [lambda t=t: encoder.encode_text(t["input_ids"], t["attention_mask"]) for t in texts]
+            else:
+                calls = [lambda p=p: encoder.encode_image(p) for p in pictures]
+            for call in calls[:10]:
+                call()
+            start = time.perf_counter()
+            for call in calls:
+                call()
+            return 1000 * (time.perf_counter() - start) / len(calls)
+
+    def largest_relative_difference(got, want):
+        return max(float((a.float() - b.float()).abs().max() / b.float().abs().max()) for a, b in zip(got, want))
+
+    reference = run("torch", None)
+    result = {}
+    for runtime in ("torch", "openvino"):
+        features = run(runtime, torch.bfloat16)
+        result[runtime] = {
+            "text_ms": round(per_doc_ms(runtime, torch.bfloat16, "text"), 2),
+            "image_ms": round(per_doc_ms(runtime, torch.bfloat16, "image"), 2),
+            "text_relative_difference_to_float32": round(largest_relative_difference(features[0], reference[0]), 4),
+            "image_relative_difference_to_float32": round(largest_relative_difference(features[1], reference[1]), 4),
+        }
+    return result
 
 
 def main() -> None:
@@ -63,43 +118,18 @@ def main() -> None:
     linker = find_linker(nlp)
     docs = [eg.predicted for eg in create_docbin_reader(ROOT / "corpus" / "clipart_mel" / "test.spacy",
                                                          image_dir=DEMO)(nlp)]
-    for doc in docs[:20]:
-        linker(doc.copy())
-
-    def cold_run():
-        for doc in docs:
-            linker.network.feature_cache.clear()
-            DECODED_IMAGES.clear()
-            linker(doc.copy())
-
-    profile = cProfile.Profile()
-    profile.enable()
-    cold_run()
-    profile.disable()
-    stats = pstats.Stats(profile).stats
-    breakdown = {}
-    for part, suffix, name in PARTS:
-        total = sum(row[3] for (file, _, function), row in stats.items() if file.endswith(suffix) and function == name)
-        breakdown[part] = round(1000 * total / len(docs), 2)
-
-    encoder = linker.network.encoder
-    tokens = encoder.tokenize([docs[0].text])
-    ids, mask = tokens["input_ids"], tokens["attention_mask"]
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        fast = encoder._autocast_text_model(ids.device)
-        before = per_call_ms(lambda: encoder.text_model(input_ids=ids, attention_mask=mask), 200)
-        now = per_call_ms(lambda: fast(input_ids=ids, attention_mask=mask), 200)
-        difference = float((encoder.text_model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-                            - fast(input_ids=ids, attention_mask=mask).last_hidden_state.float()).abs().max())
-    walk = per_call_ms(lambda: any(module.training for module in linker.network.modules()), 200)
+    breakdown = {runtime: profile_runtime(linker, docs, runtime) for runtime in ("torch", "openvino")}
+    linker.configure(inference_runtime="auto")
+    towers = towers_ms(linker.network.encoder, docs)
     write("profile_doc.json", {
-        **run_info(), "docs": len(docs), "tokens_of_the_text": int(ids.shape[1]),
+        **run_info(), "docs": len(docs),
         "inputs": "demo test texts with their pictures and gold spans, one doc at a time, caches emptied per doc",
         "breakdown_ms_per_doc": breakdown,
-        "text_tower_ms": {"before": round(before, 2), "now": round(now, 2), "max_abs_difference": difference},
-        "module_walk_ms": round(walk, 3),
+        "towers_ms": towers,
+        "tower_speedup": {which: round(towers["torch"][f"{which}_ms"] / towers["openvino"][f"{which}_ms"], 2)
+                          for which in ("text", "image")},
     })
-    print(breakdown, {"before": before, "now": now, "difference": difference, "walk": walk})
+    print(breakdown, towers)
 
 
 if __name__ == "__main__":

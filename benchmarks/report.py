@@ -138,7 +138,7 @@ def build_section(data: dict) -> list:
         lines.append(f"| {row['path']} | {row['cpu_ms_per_entity']:.1f} | {row['wall_ms_per_entity']:.1f} | "
                      f"{row['cpu_speedup']:.2f}x | {row['wall_speedup']:.2f}x |")
     accuracy = data["demo_test"]
-    lines += ["", "Demo test split with each precision (mentions and entity cache encoded in it): " + ", ".join(
+    lines += ["", "Demo test split with each precision and runtime (mentions and entity cache encoded in it): " + ", ".join(
         f"{name}: Hits@1 {pct(row['hits1'])}, MRR {pct(row['mrr'])}" for name, row in accuracy.items()) + ".", ""]
     return lines
 

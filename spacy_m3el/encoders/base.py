@@ -2,7 +2,7 @@
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ContextManager, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy
 import torch
@@ -11,6 +11,7 @@ from torch import nn
 
 from ..data.images import fit_square
 from ..model import EncodedItems
+from .openvino_runtime import CompiledTower, CompiledTowers
 
 #: Backbone precisions where it only infers ("auto": bfloat16 where the CPU runs it natively).
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
@@ -117,6 +118,55 @@ class MultimodalEncoder(nn.Module, ABC):
         self.max_text_length = max_text_length
         self.frozen = False
         self._frozen_requested = frozen
+        #: "torch" or "openvino": how a frozen backbone infers on CPU (see :meth:`inference_runtime_scope`).
+        self.inference_runtime = "torch"
+        #: Threads of the compiled towers (None: torch's intra-op threads).
+        self.inference_threads: Optional[int] = None
+        # Inference copies of the towers (compiled graphs, weights in another dtype): not submodules,
+        # so never saved, moved or trained; dropped when new weights are loaded.
+        self.__dict__["_inference_copies"] = {}
+        self.__dict__["_compiled_towers"] = CompiledTowers()
+        self.register_load_state_dict_post_hook(lambda module, keys: module.forget_inference_copies())
+
+    def forget_inference_copies(self) -> None:
+        """Drop the compiled towers and other inference copies of the weights
+        (they are made again from the current weights at the next use)."""
+        self.__dict__["_inference_copies"].clear()
+        self.__dict__["_compiled_towers"].clear()
+
+    def inference_copy(self, key: Any, make: Any) -> Any:
+        """An inference copy of (part of) the towers under ``key``, made by ``make()`` at first use."""
+        copies = self.__dict__["_inference_copies"]
+        if key not in copies:
+            copies[key] = make()
+        return copies[key]
+
+    @contextlib.contextmanager
+    def inference_runtime_scope(self, runtime: str, *, threads: Optional[int] = None) -> Iterator[None]:
+        """Run a frozen backbone's CPU inference in ``runtime`` ("torch" or
+        "openvino", resolved already) within the block, compiled towers on
+        ``threads`` threads (None: torch's intra-op threads)."""
+        previous = self.inference_runtime, self.inference_threads
+        self.inference_runtime, self.inference_threads = runtime, threads
+        try:
+            yield
+        finally:
+            self.inference_runtime, self.inference_threads = previous
+
+    def compiled_tower(
+        self, name: str, device: torch.device,
+        build: Callable[[], Tuple[nn.Module, Tuple[torch.Tensor, ...], Sequence[Sequence[int]]]],
+    ) -> Optional[CompiledTower]:
+        """The tower ``name`` compiled by OpenVINO, in the autocast dtype
+        (float32 without autocast), when this frozen backbone infers on CPU
+        in the "openvino" runtime; None otherwise. ``build()`` gives the
+        module, example inputs and input shapes (-1 where a size varies)."""
+        if not (self.frozen and device.type == "cpu" and self.inference_runtime == "openvino"):
+            return None
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        # One process of a multi-process build runs one torch thread: it compiles its own, on one thread.
+        threads = self.inference_threads or torch.get_num_threads()
+        return self.__dict__["_compiled_towers"].get(name, dtype, threads, build)
 
     def _finish_init(self) -> None:
         """Call at the end of a subclass __init__, once the towers exist."""

@@ -75,11 +75,13 @@ class FeatureCache:
 
     def _precision_key(self) -> str:
         """Prefix of the store keys: features computed under autocast (in
-        bf16/fp16) are kept apart from float32 ones."""
+        bf16/fp16) or by the OpenVINO runtime are kept apart from PyTorch's
+        float32 ones."""
         device = self.encoder.device.type
+        runtime = "openvino:" if self.encoder.inference_runtime == "openvino" and device == "cpu" else ""
         if not torch.is_autocast_enabled(device):
-            return ""
-        return f"{torch.get_autocast_dtype(device)}:"
+            return runtime
+        return f"{runtime}{torch.get_autocast_dtype(device)}:"
 
     @torch.no_grad()
     def _encode_texts(self, texts: Sequence[str], make_room: bool = True) -> Dict[str, Features]:

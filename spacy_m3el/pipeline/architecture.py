@@ -3,7 +3,7 @@ PyTorch shim, serialised with safetensors instead of pickle."""
 import contextlib
 import hashlib
 import os
-from typing import Any, ContextManager, Dict, List, Optional, Sequence, Union
+from typing import Any, ContextManager, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -14,6 +14,7 @@ from torch import nn
 from ..data.images import ImageRef
 from ..encoders import FeatureCache, MultimodalEncoder, SharedTextEncoder, TextFeatures, join_features
 from ..encoders.base import PreprocessedImages, float_features, inference_autocast
+from ..encoders.openvino_runtime import resolve_runtime
 from ..errors import warn
 from ..model import CandidateScorer, EncodedItems, M3ELConfig, M3ELMatcher
 from ..model.candidate_scorer import LEGACY_KEY, OPTIONAL_STATE
@@ -28,6 +29,10 @@ def _single_thread_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_single_thread_after_fork)
+
+
+#: Mentions per call up to which :meth:`M3ELNetwork.linking_threads` runs torch on one thread.
+FEW_MENTIONS = 8
 
 
 class M3ELNetwork(nn.Module):
@@ -46,6 +51,8 @@ class M3ELNetwork(nn.Module):
         )
         #: The linker's settings (set by the linker): where ``inference_precision`` comes from.
         self.settings: Optional[Any] = None
+        #: Threads of the compiled backbone towers while :meth:`linking_threads` lowers torch's.
+        self._tower_threads: Optional[int] = None
 
     def encode(
         self, texts: Union[Sequence[str], TextFeatures],
@@ -82,12 +89,42 @@ class M3ELNetwork(nn.Module):
         """Backbone precision where it only infers: the linker's setting (float32 without a linker)."""
         return self.settings.inference_precision if self.settings is not None else "float32"
 
+    @property
+    def inference_runtime(self) -> str:
+        """How a frozen backbone infers on its device: the linker's setting,
+        resolved ("torch" without a linker)."""
+        runtime = self.settings.inference_runtime if self.settings is not None else "torch"
+        return resolve_runtime(runtime, self.encoder.device)
+
     def backbone_autocast(self) -> ContextManager:
         """Autocast in ``inference_precision`` for the backbone where it only
-        infers (frozen, or no gradient wanted); float32 where it trains."""
+        infers (frozen, or no gradient wanted), float32 where it trains; a
+        frozen backbone's CPU towers run in ``inference_runtime``."""
+        scope = contextlib.ExitStack()
+        scope.enter_context(self.encoder.inference_runtime_scope(self.inference_runtime, threads=self._tower_threads))
         if self.encoder.frozen or not torch.is_grad_enabled():
-            return inference_autocast(self.inference_precision, self.encoder.device)
-        return contextlib.nullcontext()
+            scope.enter_context(inference_autocast(self.inference_precision, self.encoder.device))
+        return scope
+
+    @contextlib.contextmanager
+    def linking_threads(self, mentions: int) -> Iterator[None]:
+        """Linking a few mentions (``nlp(doc)``) with OpenVINO towers: torch's
+        own ops run on one thread. Their tensors are too small to gain from
+        more, and an idle OpenMP thread spin-waits for a while after each
+        parallel op, taking a core from the towers that run next (one doc at
+        a time ran 1.2x faster so, with 40 % less CPU time: the
+        ``benchmarks/demo_speed.py`` rows). Larger calls keep every thread."""
+        threads = torch.get_num_threads()
+        if mentions > FEW_MENTIONS or threads == 1 or self.inference_runtime != "openvino" or not self.encoder.frozen:
+            yield
+            return
+        self._tower_threads = threads
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+            self._tower_threads = None
 
     def forward(
         self,

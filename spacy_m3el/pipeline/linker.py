@@ -87,6 +87,7 @@ def make_m3el_linker(
     entity_batch_size: int,
     max_cached_queries: Optional[int],
     inference_precision: str,
+    inference_runtime: str,
     image_workers: int,
     build_processes: int,
     ann_index: Optional[str],
@@ -285,7 +286,8 @@ class M3ELLinker(TrainablePipe):
         spans = [span for doc_spans in per_doc for span in doc_spans]
         where = [f"doc {i} of the batch, {doc.text[:40]!r}" for i, doc in enumerate(docs) for _ in per_doc[i]]
         if spans and len(self.kb):
-            results = self._link(spans, where)
+            with self.network.linking_threads(len(spans)):
+                results = self._link(spans, where)
         else:  # nothing to link to: NIL, with certainty
             results = [link_result([], []) for _ in spans]
             apply_scorer(self.network.scorer, results, options=self.scorer_options, threshold=self.settings.threshold)

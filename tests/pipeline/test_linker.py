@@ -489,3 +489,38 @@ def test_a_pipeline_saved_with_its_index_in_kb_cache_loads_it(trained, tmp_path)
     index = loaded.index_keeper.index
     assert index is not None and loaded.entity_index is index  # valid: taken as it is
     assert loaded.index_keeper.is_current(loaded.kb)
+
+
+def test_both_runtimes_link_alike_and_one_doc_runs_torch_on_one_thread(trained, picture_dir, monkeypatch):
+    from spacy_m3el.pipeline import linking
+
+    nlp, examples = trained
+    linker = find_linker(nlp)
+    with pytest.raises(ValueError, match="inference_runtime must be one of"):
+        linker.configure(inference_runtime="onnx")
+    seen_threads = []
+    two_stage = linking.two_stage
+    monkeypatch.setattr(linking, "two_stage", lambda *a, **k: seen_threads.append(torch.get_num_threads())
+                        or two_stage(*a, **k))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    links, probs = {}, {}
+    try:
+        for runtime, precision in (("torch", "float32"), ("torch", "auto"), ("openvino", "auto")):
+            linker.configure(inference_runtime=runtime, inference_precision=precision)
+            docs = [nlp(eg.predicted.copy()) for eg in examples[:6]]
+            links[runtime, precision] = [ent.kb_id_ for doc in docs for ent in doc.ents]
+            probs[runtime, precision] = numpy.array([ent._.m3el_candidates[0]["prob"] for doc in docs
+                                                     for ent in doc.ents])
+            assert torch.get_num_threads() == 2  # given back after every call
+            list(nlp.pipe([eg.predicted.copy() for eg in examples[:20]], batch_size=20))  # 20 mentions: all threads
+    finally:
+        linker.configure(inference_runtime="auto", inference_precision="auto")
+        torch.set_num_threads(threads)
+    gold = [eg.reference.ents[0].kb_id_ for eg in examples[:6]]
+    assert links["openvino", "auto"] == links["torch", "auto"] == links["torch", "float32"] == gold
+    # Both bfloat16 routes round: OpenVINO's no further from float32's probabilities than PyTorch's.
+    exact = probs["torch", "float32"]
+    assert abs(probs["openvino", "auto"] - exact).max() <= abs(probs["torch", "auto"] - exact).max() + 0.01
+    # One doc in the OpenVINO runtime: torch's own ops ran on one thread, the rest on two.
+    assert seen_threads == [2] * 7 + [2] * 7 + [1] * 6 + [2]
