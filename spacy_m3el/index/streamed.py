@@ -190,13 +190,17 @@ class StreamedBuild:
                                f"{self.folder / SHARDS}: run the same build again to resume")
 
     def _warm_up(self) -> None:
-        """Run the image tower once on a blank image, so graphs it compiles
-        lazily (the bfloat16 TorchScript one) exist before the processes fork."""
+        """Run both towers once (a blank image, a short text), so what they
+        build lazily (the bfloat16 TorchScript graph, the OpenVINO
+        conversions: 1-2 s) exists before the processes fork; each then only
+        compiles its one-thread OpenVINO towers."""
         encoder = self.network.encoder
         device = encoder.device
         blank = torch.zeros((1, 3, encoder.image_size, encoder.image_size), device=device)
         with torch.inference_mode(), self.network.backbone_autocast():
             encoder.encode_image(blank)
+            if encoder.caches_text:  # a borrowed text model (shared transformer) is not this build's to run
+                encoder.encode_texts(["warm up"])
 
     def _encode_group(self, spans: List[Tuple[int, int]], indices: List[int]) -> None:
         """The body of one forked encoding process: one torch thread, images
