@@ -99,10 +99,10 @@ class LinkerSettings:
                                                "natively, float16 on other GPUs, else float32), \"float32\", "
                                                "\"bfloat16\" or \"float16\".")
     inference_runtime: str = _option("auto", "How a frozen backbone infers on CPU: \"openvino\" (its towers "
-                                             "compiled by OpenVINO at first use, in inference_precision: 2-3x "
-                                             "faster on CPU), \"torch\", or \"auto\" (OpenVINO where the "
-                                             "package is installed). GPUs and a backbone that trains always "
-                                             "run in PyTorch.")
+                                             "compiled by OpenVINO at first use, in inference_precision: each "
+                                             "tower about 2x faster on CPU), \"torch\", or \"auto\" (OpenVINO "
+                                             "where the package is installed). GPUs and a backbone that trains "
+                                             "always run in PyTorch.")
     image_workers: int = _option(1, "Worker processes that decode and resize KB images while a streamed "
                                     "entity index is built (0: in the main process).")
     build_processes: int = _option(1, "Processes that encode a streamed entity index build, each with one "
