@@ -31,8 +31,10 @@ RUNTIMES = ("auto", "torch", "openvino")
 _PRECISION_HINTS = {None: "f32", torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
 
+@functools.lru_cache(maxsize=None)
 def openvino_available() -> bool:
-    """Whether the ``openvino`` package can be imported here."""
+    """Whether the ``openvino`` package can be imported here (looked up
+    once: every backbone call resolves the runtime)."""
     return importlib.util.find_spec("openvino") is not None
 
 
@@ -78,10 +80,8 @@ class CompiledTower:
     """One tower compiled for the CPU: called with tensors, returns its
     outputs as float32 tensors (copies, owned by the caller)."""
 
-    def __init__(self, compiled_model, *, precision: str, threads: int) -> None:
+    def __init__(self, compiled_model) -> None:
         self.compiled_model = compiled_model
-        self.precision = precision
-        self.threads = threads
         # One infer request is reused across calls; a lock keeps threads (a server) from sharing it at once.
         self._lock = threading.Lock()
 
@@ -116,11 +116,9 @@ def compile_tower(model, *, dtype: Optional[torch.dtype], threads: int) -> Compi
     multi-process build would otherwise all pin their thread to core 0."""
     if dtype not in _PRECISION_HINTS:
         raise ValueError(f"OpenVINO towers run in float32, bfloat16 or float16, not {dtype}")
-    precision = _PRECISION_HINTS[dtype]
-    compiled = openvino_core().compile_model(model, "CPU", {
-        "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
-        "ENABLE_CPU_PINNING": False})
-    return CompiledTower(compiled, precision=precision, threads=threads)
+    return CompiledTower(openvino_core().compile_model(model, "CPU", {
+        "INFERENCE_PRECISION_HINT": _PRECISION_HINTS[dtype], "INFERENCE_NUM_THREADS": threads,
+        "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}))
 
 
 class CompiledTowers:
