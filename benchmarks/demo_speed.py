@@ -18,7 +18,9 @@ timed three times (the median is reported) on the same docs:
   bfloat16 TorchScript graph, the text tower under autocast with its Linear
   weights in bfloat16, torch's threads throughout;
 - ``openvino``: both towers compiled by OpenVINO (bfloat16), and torch's own
-  ops on one thread while a call links a few mentions.
+  ops on one thread while a call links a few mentions;
+- ``openvino_all_threads`` (one doc at a time only): the same towers, torch's
+  own ops on every thread (``FEW_MENTIONS`` = 0), to measure that choice.
 
 Precision: the pipeline's ``inference_precision`` ("auto": bfloat16 on CPUs
 that run it natively, as here). CPU time is this process's. The two routes
@@ -42,6 +44,7 @@ from kb_scale import cpu_seconds, write  # noqa: E402
 from spacy_m3el.data.images import DECODED_IMAGES  # noqa: E402
 from spacy_m3el.data.readers import MultimodalCorpus  # noqa: E402
 from spacy_m3el.extensions import make_doc  # noqa: E402
+from spacy_m3el.pipeline import architecture  # noqa: E402
 from spacy_m3el.pipeline.linker import find_linker  # noqa: E402
 
 PIPELINE = ROOT / "training" / "clipart_mel" / "model-linker"
@@ -72,10 +75,13 @@ def main() -> None:
     linker = find_linker(nlp)
     docs, warm = raw_docs(nlp, "test"), raw_docs(nlp, "train")[:32]
     results, links = {}, {}
-    for runtime in ("torch", "openvino"):
-        linker.configure(inference_runtime=runtime)
+    few_mentions = architecture.FEW_MENTIONS
+    for runtime, hows in (("torch", ("batch1", "pipe32")), ("openvino", ("batch1", "pipe32")),
+                          ("openvino_all_threads", ("batch1",))):
+        linker.configure(inference_runtime=runtime.split("_")[0])
+        architecture.FEW_MENTIONS = 0 if runtime == "openvino_all_threads" else few_mentions
         list(nlp.pipe([doc.copy() for doc in warm], batch_size=32))
-        for how in ("batch1", "pipe32"):
+        for how in hows:
             runs = []
             for _ in range(3):
                 row, linked = timed(nlp, linker, docs, how)
@@ -86,6 +92,7 @@ def main() -> None:
                                            for key in runs[0]}
             print(runtime, how, results[f"{runtime}_{how}"], flush=True)
     linker.configure(inference_runtime="auto")
+    architecture.FEW_MENTIONS = few_mentions
     same = {how: sum(a == b for a, b in zip(links[("torch", how)], links[("openvino", how)])) / len(docs)
             for how in ("batch1", "pipe32")}
     write("demo_speed.json", {
@@ -100,6 +107,8 @@ def main() -> None:
                                   / results["torch_batch1"]["cpu_ms_per_doc"], 2),
         "pipe32_cpu_ratio": round(results["openvino_pipe32"]["cpu_ms_per_doc"]
                                   / results["torch_pipe32"]["cpu_ms_per_doc"], 2),
+        "batch1_one_torch_thread_speedup": round(results["openvino_batch1"]["docs_per_s"]
+                                                 / results["openvino_all_threads_batch1"]["docs_per_s"], 2),
         "same_links": same,
     })
 

@@ -12,8 +12,9 @@ linker (gold spans set, as an upstream NER would), bfloat16 (`auto`):
   so read the shares, not the sum;
 - ``towers_ms``: each tower alone, one demo doc at a time (its text; its
   picture, preprocessed beforehand), every torch thread, per runtime, with
-  the largest difference of its features from the float32 PyTorch tower's,
-  relative to their largest magnitude.
+  the largest difference of its local features from the float32 PyTorch
+  tower's, relative to their largest magnitude, and the lowest cosine of its
+  global features to the float32 ones over the docs.
 """
 import cProfile
 import pstats
@@ -78,8 +79,8 @@ def towers_ms(encoder, docs) -> dict:
     def run(runtime, dtype):
         autocast = torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
         with torch.inference_mode(), autocast, encoder.inference_runtime_scope(runtime):
-            text = [encoder.encode_text(t["input_ids"], t["attention_mask"])[1] for t in texts]
-            image = [encoder.encode_image(pixels)[1] for pixels in pictures]
+            text = [encoder.encode_text(t["input_ids"], t["attention_mask"]) for t in texts]
+            image = [encoder.encode_image(pixels) for pixels in pictures]
         return text, image
 
     def per_doc_ms(runtime, dtype, which):
@@ -96,8 +97,13 @@ def towers_ms(encoder, docs) -> dict:
                 call()
             return 1000 * (time.perf_counter() - start) / len(calls)
 
-    def largest_relative_difference(got, want):
-        return max(float((a.float() - b.float()).abs().max() / b.float().abs().max()) for a, b in zip(got, want))
+    def largest_relative_difference(got, want):  # of the local features
+        return max(float((a[1].float() - b[1].float()).abs().max() / b[1].float().abs().max())
+                   for a, b in zip(got, want))
+
+    def lowest_global_cosine(got, want):
+        return min(float(torch.nn.functional.cosine_similarity(a[0].float(), b[0].float(), dim=-1).min())
+                   for a, b in zip(got, want))
 
     reference = run("torch", None)
     result = {}
@@ -108,6 +114,8 @@ def towers_ms(encoder, docs) -> dict:
             "image_ms": round(per_doc_ms(runtime, torch.bfloat16, "image"), 2),
             "text_relative_difference_to_float32": round(largest_relative_difference(features[0], reference[0]), 4),
             "image_relative_difference_to_float32": round(largest_relative_difference(features[1], reference[1]), 4),
+            "text_global_lowest_cosine_to_float32": round(lowest_global_cosine(features[0], reference[0]), 5),
+            "image_global_lowest_cosine_to_float32": round(lowest_global_cosine(features[1], reference[1]), 5),
         }
     return result
 

@@ -134,7 +134,7 @@ class MultimodalEncoder(nn.Module, ABC):
         self.__dict__["_inference_copies"].clear()
         self.__dict__["_compiled_towers"].clear()
 
-    def inference_copy(self, key: Any, make: Any) -> Any:
+    def inference_copy(self, key: Any, make: Callable[[], Any]) -> Any:
         """An inference copy of (part of) the towers under ``key``, made by ``make()`` at first use."""
         copies = self.__dict__["_inference_copies"]
         if key not in copies:

@@ -70,6 +70,12 @@ def _fold_symmetric_padding(model: nn.Module) -> None:
                 module.static_padding = nn.Identity()
 
 
+def feature_map_features(feature_map: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A [N, C, H, W] feature map as (global = the mean, [N, H * W, C] local features)."""
+    tokens = feature_map.flatten(2).transpose(1, 2)
+    return tokens.mean(dim=1), tokens
+
+
 def mean_pool(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Masked mean over the token axis: the MiniLM sentence embedding's pooling."""
     weights = attention_mask.unsqueeze(-1).to(states.dtype)
@@ -96,8 +102,7 @@ class _ImageFeatures(nn.Module):
         self.model = model
 
     def forward(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.model.extract_features(pixels).flatten(2).transpose(1, 2)  # [N, 49, 1280]
-        return tokens.mean(dim=1), tokens
+        return feature_map_features(self.model.extract_features(pixels))
 
 
 class _TextFeatures(nn.Module):
@@ -140,8 +145,7 @@ class EfficientNetLite0Images:
         if compiled is not None:
             image_global, tokens = compiled(pixels)
             return image_global, tokens
-        tokens = self._torch_feature_map(pixels).flatten(2).transpose(1, 2)  # [N, 49, 1280]
-        return tokens.mean(dim=1), tokens
+        return feature_map_features(self._torch_feature_map(pixels))  # [N, 1280], [N, 49, 1280]
 
     def _image_tower_for_export(self) -> Tuple[nn.Module, Tuple[torch.Tensor, ...], List[List[int]]]:
         size = self.image_size

@@ -2,7 +2,7 @@
 
 OpenVINO's CPU plugin fuses the towers' layers and runs bfloat16 natively on
 CPUs that have it; on the 2-core demo machine the image tower ran 2.3x and
-the text tower 1.9x faster per document than PyTorch's frozen TorchScript /
+the text tower 2.2x faster per document than PyTorch's frozen TorchScript /
 autocast routes (``benchmarks/profile_doc.py``). The towers are converted
 from the loaded PyTorch modules in memory through OpenVINO's PyTorch frontend
 (no file is read), once per precision and thread count.

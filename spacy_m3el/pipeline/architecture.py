@@ -111,9 +111,9 @@ class M3ELNetwork(nn.Module):
         """Linking a few mentions (``nlp(doc)``) with OpenVINO towers: torch's
         own ops run on one thread. Their tensors are too small to gain from
         more, and an idle OpenMP thread spin-waits for a while after each
-        parallel op, taking a core from the towers that run next (one doc at
-        a time ran 1.2x faster so, with 40 % less CPU time: the
-        ``benchmarks/demo_speed.py`` rows). Larger calls keep every thread."""
+        parallel op, taking a core from the towers that run next
+        (``benchmarks/demo_speed.py``: ``openvino_batch1`` against
+        ``openvino_all_threads_batch1``). Larger calls keep every thread."""
         threads = torch.get_num_threads()
         if mentions > FEW_MENTIONS or threads == 1 or self.inference_runtime != "openvino" or not self.encoder.frozen:
             yield

@@ -70,10 +70,12 @@ def test_towers_are_compiled_once_per_precision_and_thread_count(encoder, images
     towers = encoder.__dict__["_compiled_towers"]
     towers.clear()
     encode(encoder, images, "openvino")
+    first = dict(towers._towers)
     encode(encoder, images, "openvino")
     assert sorted(key[0] for key in towers._towers) == ["image", "text"]
+    assert all(towers._towers[key] is tower for key, tower in first.items())  # reused, not compiled again
     encode(encoder, images, "openvino", torch.bfloat16)
-    assert len(towers._towers) == 4
+    assert len(towers._towers) == 4 and len(towers._models) == 2  # converted once per tower
 
 def test_a_backbone_that_trains_never_runs_compiled(images):
     encoder = MiniLMEfficientNetEncoder(frozen=False)
