@@ -11,7 +11,9 @@ linker (gold spans set, as an upstream NER would), bfloat16 (`auto`):
   caches emptied before every doc), per doc; cProfile adds its own overhead,
   so read the shares, not the sum;
 - ``towers_ms``: each tower alone, one demo doc at a time (its text; its
-  picture, preprocessed beforehand), every torch thread, per runtime, with
+  picture, decoded and cut to 224 x 224 uint8 beforehand: the image tower's
+  time includes the normalisation, in torch before the PyTorch tower, in the
+  graph of the OpenVINO one), every torch thread, per runtime, with
   the largest difference of its local features from the float32 PyTorch
   tower's, relative to their largest magnitude, and the lowest cosine of its
   global features to the float32 ones over the docs.
@@ -40,7 +42,7 @@ PIPELINE = ROOT / "training" / "clipart_mel" / "model-linker"
 DEMO = ROOT / "assets" / "clipart_mel"
 #: (part, file suffix, function name) read from the profile.
 PARTS = [("text tower", "minilm_efficientnet.py", "encode_text"),
-         ("image tower", "minilm_efficientnet.py", "encode_image"),
+         ("image tower", "minilm_efficientnet.py", "encode_pixels"),
          ("picture decoding and preprocessing", "encoders/cache.py", "_decoded"),
          ("mention side (matcher)", "model/m3el.py", "mention_side"),
          ("two-stage search and rerank", "pipeline/linking.py", "two_stage"),
@@ -69,7 +71,7 @@ def profile_runtime(linker, docs, runtime: str) -> dict:
 
 def tower_inputs(encoder, docs):
     texts = [encoder.tokenize([doc.text]) for doc in docs]
-    pictures = [encoder.preprocess_images([load_image(doc._.image)])[0] for doc in docs if doc._.image]
+    pictures = [encoder.image_pixels([load_image(doc._.image)])[0] for doc in docs if doc._.image]
     return texts, pictures
 
 
@@ -80,7 +82,7 @@ def towers_ms(encoder, docs) -> dict:
         autocast = torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
         with torch.inference_mode(), autocast, encoder.inference_runtime_scope(runtime):
             text = [encoder.encode_text(t["input_ids"], t["attention_mask"]) for t in texts]
-            image = [encoder.encode_image(pixels) for pixels in pictures]
+            image = [encoder.encode_pixels(pixels) for pixels in pictures]
         return text, image
 
     def per_doc_ms(runtime, dtype, which):
@@ -89,7 +91,7 @@ def towers_ms(encoder, docs) -> dict:
             if which == "text":
                 calls = [lambda t=t: encoder.encode_text(t["input_ids"], t["attention_mask"]) for t in texts]
             else:
-                calls = [lambda p=p: encoder.encode_image(p) for p in pictures]
+                calls = [lambda p=p: encoder.encode_pixels(p) for p in pictures]
             for call in calls[:10]:
                 call()
             start = time.perf_counter()

@@ -295,8 +295,8 @@ def test_an_elongated_image_is_cropped_before_it_is_resized(monkeypatch):
     encoder = SimpleNamespace(image_size=224, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
     strips = [Image.new("RGB", (1, 100_000), (9, 9, 9)), Image.new("RGB", (100_000, 1), (9, 9, 9)),
               Image.new("RGB", (640, 480), (9, 9, 9))]
-    pixels, mask = MultimodalEncoder.preprocess_images(encoder, strips)
-    assert pixels.shape == (3, 3, 224, 224) and mask.all() and sizes
+    pixels, mask = MultimodalEncoder.image_pixels(encoder, strips)
+    assert pixels.shape == (3, 224, 224, 3) and mask.all() and sizes
 
 
 def test_a_nul_in_an_image_path_is_a_bad_image(trained):

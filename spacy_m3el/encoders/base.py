@@ -71,8 +71,10 @@ class ImageFeatures:
 
 @dataclass
 class PreprocessedImages:
-    """N images decoded and preprocessed already (in a DataLoader worker):
-    pixels [N, 3, S, S] and a bool mask of the items that have one."""
+    """N images decoded and cut to the tower's input size already (in a
+    worker): RGB pixels uint8 [N, S, S, 3], not normalised (a quarter of
+    float32's bytes between processes; :meth:`MultimodalEncoder.encode_pixels`
+    normalises them), and a bool mask of the items that have one."""
 
     pixels: torch.Tensor
     mask: torch.Tensor
@@ -217,16 +219,11 @@ class MultimodalEncoder(nn.Module, ABC):
     def encode_image(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(image global [N, image_global_dim], patches [N, P, image_token_dim])."""
 
-    def preprocess_images(
-        self, images: Sequence[Optional[Image.Image]]
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Resize (shorter side), centre-crop and normalise RGB images.
-
-        A missing image becomes an all-zero input with a False mask.
-        """
+    def image_pixels(self, images: Sequence[Optional[Image.Image]]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Resize (shorter side) and centre-crop RGB images to the tower's
+        input: uint8 pixels [N, S, S, 3] (a missing image is all zeros) and
+        the bool mask of the items that have one."""
         size = self.image_size
-        # Pixels are gathered as uint8 HxWxC and normalised in one pass; the
-        # result is channels-last in memory, the layout the CPU towers want.
         raw = numpy.zeros((len(images), size, size, 3), dtype=numpy.uint8)
         mask = torch.zeros(len(images), dtype=torch.bool)
         for i, image in enumerate(images):
@@ -234,11 +231,33 @@ class MultimodalEncoder(nn.Module, ABC):
                 continue
             raw[i] = numpy.asarray(fit_square(image.convert("RGB") if image.mode != "RGB" else image, size))
             mask[i] = True
-        mean = torch.tensor(self.image_mean).mul(255.0).view(1, 3, 1, 1)
-        scale = torch.tensor(self.image_std).mul(255.0).reciprocal().view(1, 3, 1, 1)
-        pixels = (torch.from_numpy(raw).permute(0, 3, 1, 2).float() - mean) * scale
-        pixels[~mask] = 0.0  # a missing image is an all-zero input
+        return torch.from_numpy(raw), mask
+
+    def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels [N, S, S, 3] as the towers' float input [N, 3, S, S],
+        normalised by ``image_mean`` / ``image_std`` in one pass (channels-last
+        in memory, the layout the CPU towers want)."""
+        mean = torch.tensor(self.image_mean, device=pixels.device).mul(255.0).view(1, 3, 1, 1)
+        scale = torch.tensor(self.image_std, device=pixels.device).mul(255.0).reciprocal().view(1, 3, 1, 1)
+        return (pixels.permute(0, 3, 1, 2).float() - mean) * scale
+
+    def preprocess_images(
+        self, images: Sequence[Optional[Image.Image]]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Resize (shorter side), centre-crop and normalise RGB images.
+
+        A missing image becomes an all-zero input with a False mask.
+        """
+        raw, mask = self.image_pixels(images)
+        pixels = self.normalize_pixels(raw)
+        pixels[~mask] = 0.0
         return pixels, mask
+
+    def encode_pixels(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`encode_image` of uint8 pixels from :meth:`image_pixels`
+        (towers compiled with the normalisation inside their graph override
+        it and skip the float copy of the batch)."""
+        return self.encode_image(self.normalize_pixels(pixels.to(self.device)))
 
     def encode_texts(self, texts: Sequence[str]) -> TextFeatures:
         """Tokenize and encode N texts."""
@@ -254,13 +273,12 @@ class MultimodalEncoder(nn.Module, ABC):
             return ImageFeatures(torch.zeros((len(images), *global_shape), device=device),
                                  torch.zeros((len(images), *token_shape), device=device),
                                  torch.zeros(len(images), dtype=torch.bool, device=device))
-        return self.encode_preprocessed(PreprocessedImages(*self.preprocess_images(images)))
+        return self.encode_preprocessed(PreprocessedImages(*self.image_pixels(images)))
 
     def encode_preprocessed(self, images: PreprocessedImages) -> ImageFeatures:
         """Encode N preprocessed images (the tower runs only on those present)."""
-        device = self.device
-        mask = images.mask.to(device)
-        image_global, image_tokens = self.encode_image_masked(images.pixels.to(device), mask)
+        mask = images.mask.to(self.device)
+        image_global, image_tokens = self.encode_pixels_masked(images.pixels, mask)
         return ImageFeatures(image_global, image_tokens, mask)
 
     def encode(
@@ -271,19 +289,19 @@ class MultimodalEncoder(nn.Module, ABC):
             raise ValueError(f"Got {len(texts)} texts but {len(images)} images")
         return join_features(self.encode_texts(texts), self.encode_images(images))
 
-    def encode_image_masked(
+    def encode_pixels_masked(
         self, pixels: torch.Tensor, image_mask: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Run the image tower only on items that have an image; zeros elsewhere."""
+        """:meth:`encode_pixels` of the items that have an image; zeros elsewhere."""
         count = pixels.shape[0]
         present = image_mask.nonzero(as_tuple=True)[0]
         if len(present) == count:
-            return self.encode_image(pixels)
-        probe_global, probe_tokens = self.image_output_shapes()
-        image_global = pixels.new_zeros((count, *probe_global))
-        image_tokens = pixels.new_zeros((count, *probe_tokens))
+            return self.encode_pixels(pixels)
+        global_shape, token_shape = self.image_output_shapes()
+        image_global = torch.zeros((count, *global_shape), device=image_mask.device)
+        image_tokens = torch.zeros((count, *token_shape), device=image_mask.device)
         if len(present):
-            present_global, present_tokens = self.encode_image(pixels[present])
+            present_global, present_tokens = self.encode_pixels(pixels[present.to(pixels.device)])
             image_global = image_global.to(present_global.dtype).index_copy(0, present, present_global)
             image_tokens = image_tokens.to(present_tokens.dtype).index_copy(0, present, present_tokens)
         return image_global, image_tokens

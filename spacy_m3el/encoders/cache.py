@@ -121,7 +121,7 @@ class FeatureCache:
         for start in range(0, len(pending), self.batch_size):
             chunk = pending[start : start + self.batch_size]
             pixels = torch.stack([pixels for _, pixels in chunk])
-            image_global, image_tokens = self.encoder.encode_image(pixels.to(self.encoder.device))
+            image_global, image_tokens = self.encoder.encode_pixels(pixels)
             for i, (key, _) in enumerate(chunk):
                 features = self._store((image_global[i], image_tokens[i]))
                 self.images.put(mode + key, features, evict=make_room)
@@ -129,12 +129,12 @@ class FeatureCache:
         return found
 
     def _decoded(self, refs: Sequence[ImageRef]) -> List[Optional[torch.Tensor]]:
-        """Each image decoded, resized and normalised ([3, S, S]; None when
-        unreadable), on a few threads: Pillow releases the GIL while it
-        decodes and resizes."""
+        """Each image decoded and cut to the tower's input (uint8 [S, S, 3];
+        None when unreadable), on a few threads: Pillow releases the GIL
+        while it decodes and resizes."""
         def prepare(ref: ImageRef) -> Optional[torch.Tensor]:
             image = ref.load()
-            return None if image is None else self.encoder.preprocess_images([image])[0][0]
+            return None if image is None else self.encoder.image_pixels([image])[0][0]
 
         threads = min(len(refs), torch.get_num_threads())
         if threads <= 1:

@@ -105,6 +105,21 @@ class _ImageFeatures(nn.Module):
         return feature_map_features(self.model.extract_features(pixels))
 
 
+class _PixelFeatures(nn.Module):
+    """:class:`_ImageFeatures` of uint8 pixels [N, S, S, 3]: the compiled graph
+    normalises them itself (fused into its first convolution), so no float
+    copy of the batch is made in torch, and none in NCHW order."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.features = _ImageFeatures(model)
+        self.register_buffer("mean", torch.tensor(mean).mul(255.0).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor(std).mul(255.0).reciprocal().view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.features((pixels.permute(0, 3, 1, 2).float() - self.mean) * self.scale)
+
+
 class _TextFeatures(nn.Module):
     """A Hugging Face text model's masked-mean sentence embedding and token
     states as one module for export."""
@@ -147,9 +162,21 @@ class EfficientNetLite0Images:
             return image_global, tokens
         return feature_map_features(self._torch_feature_map(pixels))  # [N, 1280], [N, 49, 1280]
 
+    def encode_pixels(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        compiled = self.compiled_tower("image_pixels", pixels.device, self._pixel_tower_for_export)  # type: ignore[attr-defined]
+        if compiled is not None:
+            image_global, tokens = compiled(pixels)
+            return image_global, tokens
+        return super().encode_pixels(pixels)  # type: ignore[misc]
+
     def _image_tower_for_export(self) -> Tuple[nn.Module, Tuple[torch.Tensor, ...], List[List[int]]]:
         size = self.image_size
         return _ImageFeatures(self.image_model), (torch.zeros((1, 3, size, size)),), [[-1, 3, size, size]]
+
+    def _pixel_tower_for_export(self) -> Tuple[nn.Module, Tuple[torch.Tensor, ...], List[List[int]]]:
+        size = self.image_size
+        module = _PixelFeatures(self.image_model, self.image_mean, self.image_std)
+        return module, (torch.zeros((1, size, size, 3), dtype=torch.uint8),), [[-1, size, size, 3]]
 
     def _torch_feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.contiguous(memory_format=torch.channels_last)

@@ -153,7 +153,7 @@ class EntityEncoding:
         decoded = [ref.load() if ref is not None else None for ref in refs]
         unreadable = [(kb.entity_id(row), self.images.failures.get(ref.key, "unreadable"))
                       for row, ref, image in zip(rows, refs, decoded) if ref is not None and image is None]
-        pixels, mask = encoder.preprocess_images(decoded)
+        pixels, mask = encoder.image_pixels(decoded)
         return EntityRows(list(rows), texts, PreprocessedImages(pixels, mask), unreadable)
 
     def side(self, kb: MultimodalKB, batch: EntityRows, *, keep_features: bool = False) -> Side:

@@ -196,9 +196,9 @@ class StreamedBuild:
         compiles its one-thread OpenVINO towers."""
         encoder = self.network.encoder
         device = encoder.device
-        blank = torch.zeros((1, 3, encoder.image_size, encoder.image_size), device=device)
+        blank = torch.zeros((1, encoder.image_size, encoder.image_size, 3), dtype=torch.uint8, device=device)
         with torch.inference_mode(), self.network.backbone_autocast():
-            encoder.encode_image(blank)
+            encoder.encode_pixels(blank)
             if encoder.caches_text:  # a borrowed text model (shared transformer) is not this build's to run
                 encoder.encode_texts(["warm up"])
 

@@ -75,7 +75,7 @@ def test_fit_square_equals_resizing_the_shorter_side_then_cropping_the_centre(si
 
 
 def test_preprocessed_pixels_are_normalised_channels_last_and_zero_without_an_image():
-    from types import SimpleNamespace
+    from types import MethodType, SimpleNamespace
 
     import torch
     from PIL import Image
@@ -83,7 +83,13 @@ def test_preprocessed_pixels_are_normalised_channels_last_and_zero_without_an_im
     from spacy_m3el.encoders.base import MultimodalEncoder
 
     encoder = SimpleNamespace(image_size=4, image_mean=(0.1, 0.2, 0.3), image_std=(0.5, 0.25, 0.125))
-    pixels, mask = MultimodalEncoder.preprocess_images(encoder, [Image.new("RGB", (4, 4), (255, 51, 0)), None])
+    for name in ("image_pixels", "normalize_pixels"):
+        setattr(encoder, name, MethodType(getattr(MultimodalEncoder, name), encoder))
+    images = [Image.new("RGB", (4, 4), (255, 51, 0)), None]
+    raw, raw_mask = encoder.image_pixels(images)  # what image workers send: uint8, height x width x RGB
+    assert raw.dtype == torch.uint8 and raw.shape == (2, 4, 4, 3) and raw_mask.tolist() == [True, False]
+    assert raw[0, 2, 1].tolist() == [255, 51, 0] and raw[1].max() == 0
+    pixels, mask = MultimodalEncoder.preprocess_images(encoder, images)
     assert mask.tolist() == [True, False]
     assert pixels.is_contiguous(memory_format=torch.channels_last)
     expected = torch.tensor([(1.0 - 0.1) / 0.5, (0.2 - 0.2) / 0.25, (0.0 - 0.3) / 0.125])

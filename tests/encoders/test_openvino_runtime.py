@@ -12,6 +12,7 @@ import torch
 from spacy_m3el.data.images import load_image
 from spacy_m3el.encoders import MiniLMEfficientNetEncoder
 from spacy_m3el.encoders import openvino_runtime
+from spacy_m3el.encoders.base import PreprocessedImages
 from spacy_m3el.encoders.openvino_runtime import resolve_runtime
 
 TEXTS = ["Jordan [SEP] Jordan scored 40 points in the final.", "Paris", "the old clock [SEP] it struck twelve"]
@@ -66,13 +67,29 @@ def test_bfloat16_towers_stay_within_bfloat16s_rounding(encoder, images):
         assert ours.min() >= cosine(getattr(torch_bf16, name).float()[present], want).min() - 1e-4
 
 
+def test_uint8_pixels_are_normalised_inside_the_compiled_graph(encoder, images):
+    """What image workers send (uint8 pixels, one picture missing) through the
+    compiled tower gives PyTorch's features of the normalised float pixels."""
+    raw, mask = encoder.image_pixels(images)
+    assert raw.dtype == torch.uint8 and mask.tolist() == [True, False, True]
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        with encoder.inference_runtime_scope("openvino"):
+            compiled = encoder.encode_preprocessed(PreprocessedImages(raw, mask))
+        with encoder.inference_runtime_scope("torch"):
+            pixels, _ = encoder.preprocess_images(images)
+            reference = encoder.encode_image(pixels[mask])
+    torch.testing.assert_close(compiled.image_global[mask], reference[0], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(compiled.image_tokens[mask], reference[1], rtol=1e-3, atol=1e-3)
+    assert compiled.image_global[1].abs().max() == 0 and compiled.image_tokens[1].abs().max() == 0
+
+
 def test_towers_are_compiled_once_per_precision_and_thread_count(encoder, images):
     towers = encoder.__dict__["_compiled_towers"]
     towers.clear()
     encode(encoder, images, "openvino")
     first = dict(towers._towers)
     encode(encoder, images, "openvino")
-    assert sorted(key[0] for key in towers._towers) == ["image", "text"]
+    assert sorted(key[0] for key in towers._towers) == ["image_pixels", "text"]  # pictures go in as uint8
     assert all(towers._towers[key] is tower for key, tower in first.items())  # reused, not compiled again
     encode(encoder, images, "openvino", torch.bfloat16)
     assert len(towers._towers) == 4 and len(towers._models) == 2  # converted once per tower

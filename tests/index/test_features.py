@@ -39,7 +39,8 @@ def test_a_rebuild_after_an_update_runs_only_the_trained_layers(linker, monkeypa
 
     with monkeypatch.context() as patched:
         patched.setattr(encoder, "encode_text", backbone_called)
-        patched.setattr(encoder, "encode_image_masked", backbone_called)
+        patched.setattr(encoder, "encode_pixels", backbone_called)
+        patched.setattr(encoder, "encode_image", backbone_called)
         rebuilt = encoding.encode(linker.kb, max_queries=None)
     encoding._store = None  # a new store: the backbone runs again
     linker.network.feature_cache.clear()
