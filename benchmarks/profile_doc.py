@@ -10,13 +10,18 @@ linker (gold spans set, as an upstream NER would), bfloat16 (`auto`):
   cProfile's cumulative time of the parts of a cold call (feature and picture
   caches emptied before every doc), per doc; cProfile adds its own overhead,
   so read the shares, not the sum;
-- ``towers_ms``: each tower alone, one demo doc at a time (its text; its
-  picture, decoded and cut to 224 x 224 uint8 beforehand: the image tower's
-  time includes the normalisation, in torch before the PyTorch tower, in the
-  graph of the OpenVINO one), every torch thread, per runtime, with
-  the largest difference of its local features from the float32 PyTorch
+- ``towers_ms``: each tower alone, every torch thread, per runtime, one
+  demo doc at a time (its text; its picture, decoded and cut to 224 x 224
+  uint8 beforehand: the image tower's time includes the normalisation, in
+  torch before the PyTorch tower, inside the graph of the OpenVINO one) and
+  per item in batches of 32 docs, as ``nlp.pipe`` runs them; with the
+  largest difference of its local features from the float32 PyTorch
   tower's, relative to their largest magnitude, and the lowest cosine of its
-  global features to the float32 ones over the docs.
+  global features to the float32 ones over the docs;
+- ``towers_alone_bound_docs_per_s_batch32``: the docs per second of the two
+  towers alone at batch 32 (one text per mention that the alias ruler finds
+  in the raw texts, as ``demo_speed.py`` links them, one picture per doc):
+  a bound that ``nlp.pipe`` cannot exceed on this machine.
 """
 import cProfile
 import pstats
@@ -107,6 +112,23 @@ def towers_ms(encoder, docs) -> dict:
         return min(float(torch.nn.functional.cosine_similarity(a[0].float(), b[0].float(), dim=-1).min())
                    for a, b in zip(got, want))
 
+    def batched_ms(runtime, which, batch=32):  # per item, in batches as nlp.pipe runs them
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16), \
+                encoder.inference_runtime_scope(runtime):
+            if which == "text":
+                chunks = [encoder.tokenize([doc.text for doc in docs[i : i + batch]])
+                          for i in range(0, len(docs), batch)]
+                calls = [lambda t=t: encoder.encode_text(t["input_ids"], t["attention_mask"]) for t in chunks]
+            else:
+                chunks = [torch.cat(pictures[i : i + batch]) for i in range(0, len(pictures), batch)]
+                calls = [lambda p=p: encoder.encode_pixels(p) for p in chunks]
+            calls[0]()
+            start = time.perf_counter()
+            for call in calls:
+                call()
+            return 1000 * (time.perf_counter() - start) / sum(len(chunk["input_ids"] if which == "text" else chunk)
+                                                               for chunk in chunks)
+
     reference = run("torch", None)
     result = {}
     for runtime in ("torch", "openvino"):
@@ -114,6 +136,8 @@ def towers_ms(encoder, docs) -> dict:
         result[runtime] = {
             "text_ms": round(per_doc_ms(runtime, torch.bfloat16, "text"), 2),
             "image_ms": round(per_doc_ms(runtime, torch.bfloat16, "image"), 2),
+            "text_ms_per_item_batch32": round(batched_ms(runtime, "text"), 2),
+            "image_ms_per_item_batch32": round(batched_ms(runtime, "image"), 2),
             "text_relative_difference_to_float32": round(largest_relative_difference(features[0], reference[0]), 4),
             "image_relative_difference_to_float32": round(largest_relative_difference(features[1], reference[1]), 4),
             "text_global_lowest_cosine_to_float32": round(lowest_global_cosine(features[0], reference[0]), 5),
@@ -131,6 +155,9 @@ def main() -> None:
     breakdown = {runtime: profile_runtime(linker, docs, runtime) for runtime in ("torch", "openvino")}
     linker.configure(inference_runtime="auto")
     towers = towers_ms(linker.network.encoder, docs)
+    # The mentions that demo_speed.py links: those the pipeline's alias ruler finds in the raw texts.
+    mentions = sum(len(doc.ents) for doc in nlp.pipe([doc.text for doc in docs], disable=[linker.name]))
+    pictured = sum(1 for doc in docs if doc._.image)
     write("profile_doc.json", {
         **run_info(), "docs": len(docs),
         "inputs": "demo test texts with their pictures and gold spans, one doc at a time, caches emptied per doc",
@@ -138,6 +165,13 @@ def main() -> None:
         "towers_ms": towers,
         "tower_speedup": {which: round(towers["torch"][f"{which}_ms"] / towers["openvino"][f"{which}_ms"], 2)
                           for which in ("text", "image")},
+        # nlp.pipe cannot beat the towers alone: one text per mention, one picture per doc.
+        "ruler_mentions_per_doc": round(mentions / len(docs), 3),
+        "pictures_per_doc": round(pictured / len(docs), 3),
+        "towers_alone_bound_docs_per_s_batch32": {
+            runtime: round(1000 / (row["text_ms_per_item_batch32"] * mentions / len(docs)
+                                   + row["image_ms_per_item_batch32"] * pictured / len(docs)), 1)
+            for runtime, row in towers.items()},
     })
     print(breakdown, towers)
 
