@@ -1,6 +1,7 @@
 """Memoised features of a frozen encoder, for fast CPU training and linking."""
 import json
-from concurrent.futures import ThreadPoolExecutor
+import os
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -16,6 +17,19 @@ Features = Tuple[torch.Tensor, torch.Tensor]
 def feature_bytes(features: Features) -> int:
     """Memory held by one item's stored features."""
     return sum(t.numel() * t.element_size() for t in features)
+
+
+_BACKGROUND: Dict[int, ThreadPoolExecutor] = {}
+
+
+def _background_thread() -> ThreadPoolExecutor:
+    """This process's one thread for decoding pictures beside the text tower
+    (keyed by process id: a forked process cannot use its parent's threads)."""
+    pid = os.getpid()
+    if pid not in _BACKGROUND:
+        _BACKGROUND.clear()
+        _BACKGROUND[pid] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m3el-decode")
+    return _BACKGROUND[pid]
 
 
 # Stores shared by every cache of the same frozen backbone in this process:
@@ -104,9 +118,15 @@ class FeatureCache:
                 self.texts.put(mode + text, found[text], evict=make_room)
         return found
 
+    def _missing_images(self, refs: Sequence[Optional[ImageRef]]) -> List[ImageRef]:
+        """The distinct pictures of ``refs`` that the store does not hold."""
+        mode = self._precision_key()
+        unique = {ref.key: ref for ref in refs if ref is not None}
+        return [ref for key, ref in unique.items() if mode + key not in self.images]
+
     @torch.no_grad()
-    def _encode_images(self, refs: Sequence[Optional[ImageRef]],
-                       make_room: bool = True) -> Dict[str, Optional[Features]]:
+    def _encode_images(self, refs: Sequence[Optional[ImageRef]], make_room: bool = True,
+                       decoded: Optional[Dict[str, Optional[torch.Tensor]]] = None) -> Dict[str, Optional[Features]]:
         found: Dict[str, Optional[Features]] = {}
         missing: List[ImageRef] = []
         mode = self._precision_key()
@@ -116,8 +136,12 @@ class FeatureCache:
             found[ref.key] = cached = self.images.get(mode + ref.key)
             if cached is None:
                 missing.append(ref)
-        pending = [(ref.key, pixels) for ref, pixels in zip(missing, self._decoded(missing))
-                   if pixels is not None]  # an unreadable, tolerated image: not cached, retried next time
+        decoded = dict(decoded or {})
+        undecoded = [ref for ref in missing if ref.key not in decoded]
+        if undecoded:
+            decoded.update(zip((ref.key for ref in undecoded), self._decoded(undecoded)))
+        pending = [(ref.key, decoded[ref.key]) for ref in missing
+                   if decoded[ref.key] is not None]  # an unreadable, tolerated image: not cached, retried next time
         for start in range(0, len(pending), self.batch_size):
             chunk = pending[start : start + self.batch_size]
             pixels = torch.stack([pixels for _, pixels in chunk])
@@ -156,9 +180,32 @@ class FeatureCache:
         text_tokens, text_mask = pad_tokens([row.float() for row in token_rows])
         return TextFeatures(torch.stack([g.float() for g in globals_]), text_tokens, text_mask)
 
-    def encode_images(self, images: Sequence[Optional[ImageRef]], *, make_room: bool = True) -> ImageFeatures:
-        """Features of N images (None = no image); ``make_room`` as for texts."""
-        found = self._encode_images(images, make_room)
+    def encode_texts_and_images(self, texts: Sequence[str], images: Sequence[Optional[ImageRef]], *,
+                                make_room: bool = True) -> Tuple[TextFeatures, ImageFeatures]:
+        """:meth:`encode_texts` and :meth:`encode_images` of one batch. When
+        both towers have work, the pictures the store lacks are decoded and
+        resized on a thread of their own while the text tower runs (Pillow
+        and the towers release the GIL): a cold doc no longer waits for its
+        picture's decoding after its text."""
+        missing = self._missing_images(images)
+        mode = self._precision_key()
+        if not (missing and self.encoder.caches_text and any(mode + text not in self.texts for text in texts)):
+            return self.encode_texts(texts, make_room=make_room), self.encode_images(images, make_room=make_room)
+        decoding = _background_thread().submit(self._decoded, missing)
+        try:
+            text = self.encode_texts(texts, make_room=make_room)
+        except BaseException:
+            wait([decoding])  # the text tower's error wins; nothing is left running behind it
+            raise
+        # A picture's error (on_bad_image = "raise") is raised here, in the caller's thread.
+        decoded = {ref.key: value for ref, value in zip(missing, decoding.result())}
+        return text, self.encode_images(images, make_room=make_room, decoded=decoded)
+
+    def encode_images(self, images: Sequence[Optional[ImageRef]], *, make_room: bool = True,
+                      decoded: Optional[Dict[str, Optional[torch.Tensor]]] = None) -> ImageFeatures:
+        """Features of N images (None = no image); ``make_room`` as for texts;
+        ``decoded``: pixels of some of them by key, decoded already."""
+        found = self._encode_images(images, make_room, decoded)
         global_shape, token_shape = self.encoder.image_output_shapes()
         image_global = torch.zeros((len(images), *global_shape))
         image_tokens = torch.zeros((len(images), *token_shape))
@@ -175,4 +222,4 @@ class FeatureCache:
         """Features for N texts and N images (None = no image), as a padded batch."""
         if len(texts) != len(images):
             raise ValueError(f"Got {len(texts)} texts but {len(images)} images")
-        return join_features(self.encode_texts(texts), self.encode_images(images))
+        return join_features(*self.encode_texts_and_images(texts, images))

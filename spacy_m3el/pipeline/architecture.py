@@ -69,18 +69,21 @@ class M3ELNetwork(nn.Module):
         device = next(self.matcher.parameters()).device
         cache = self.feature_cache if use_feature_cache else None
         with self.backbone_autocast():
-            if isinstance(texts, TextFeatures):
-                text = texts
-            elif cache is not None:
-                text = cache.encode_texts(texts, make_room=make_room)
+            if cache is not None and not isinstance(texts, TextFeatures) and not isinstance(images, PreprocessedImages):
+                text, image = cache.encode_texts_and_images(texts, images, make_room=make_room)
             else:
-                text = self.encoder.encode_texts(texts)
-            if isinstance(images, PreprocessedImages):
-                image = self.encoder.encode_preprocessed(images)
-            elif cache is not None:
-                image = cache.encode_images(images, make_room=make_room)
-            else:
-                image = self.encoder.encode_images([ref.load() if ref is not None else None for ref in images])
+                if isinstance(texts, TextFeatures):
+                    text = texts
+                elif cache is not None:
+                    text = cache.encode_texts(texts, make_room=make_room)
+                else:
+                    text = self.encoder.encode_texts(texts)
+                if isinstance(images, PreprocessedImages):
+                    image = self.encoder.encode_preprocessed(images)
+                elif cache is not None:
+                    image = cache.encode_images(images, make_room=make_room)
+                else:
+                    image = self.encoder.encode_images([ref.load() if ref is not None else None for ref in images])
         items = join_features(text, image).to(device)
         return EncodedItems(**dict(zip(vars(items), float_features(*vars(items).values()))))
 
