@@ -48,3 +48,10 @@ def clip_linker_config(clip_dir: Path, *, frozen: bool) -> Dict[str, Any]:
 def save_vit_b32(directory: Path) -> Path:
     """Random-weight CLIP with ViT-B/32's shapes."""
     return save_random_clip(directory)
+
+
+def decoding_after_text(cache, texts, images, *, make_room=True):
+    """``FeatureCache.encode_texts_and_images`` as it was before pictures were
+    decoded beside the text tower: texts encoded, then pictures decoded and
+    encoded (for the reference rows of the benchmarks)."""
+    return cache.encode_texts(texts, make_room=make_room), cache.encode_images(images, make_room=make_room)

@@ -2,8 +2,7 @@
 
 The rows go through :class:`~.encoding.EntityEncoding`, the route every
 index build takes; this module only schedules them. KB images are decoded
-and resized by ``image_workers`` DataLoader worker processes (0: one batch
-ahead on a thread of the main process) while the main
+and resized by ``image_workers`` DataLoader worker processes while the main
 process runs the frozen backbone (under autocast in the linker's
 ``inference_precision``, channels-last images) and the matcher on one batch
 after another; or, with ``build_processes`` > 1, that many
@@ -22,7 +21,6 @@ import dataclasses
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
@@ -42,23 +40,6 @@ BUILD_META = "build.json"
 SHARDS = "shards"
 #: Entities per shard (rounded up to whole entity batches).
 DEFAULT_SHARD_SIZE = 4096
-
-_END = object()
-
-
-def one_ahead(items: Iterator[Any]) -> Iterator[Any]:
-    """``items``, each next one made on a thread of its own while the caller
-    works on the current one: without image worker processes, the next
-    batch's pictures are decoded and resized (Pillow releases the GIL) while
-    the towers encode this one."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="m3el-next-batch") as pool:
-        pending = pool.submit(next, items, _END)
-        while True:
-            item = pending.result()
-            if item is _END:
-                return
-            pending = pool.submit(next, items, _END)
-            yield item
 
 
 class _EntityBatches(torch.utils.data.Dataset):
@@ -240,7 +221,7 @@ class StreamedBuild:
         loader = torch.utils.data.DataLoader(
             _EntityBatches(self.encoding, self.kb, batches), batch_size=None, num_workers=workers,
             prefetch_factor=4 if workers else None, persistent_workers=False, collate_fn=lambda batch: batch)
-        return iter(loader) if workers else one_ahead(iter(loader))
+        return iter(loader)
 
     def _encode_shards(self, spans: List[Tuple[int, int]], indices: List[int], *, done: int) -> None:
         self.network.eval()

@@ -104,8 +104,7 @@ class LinkerSettings:
                                              "where the package is installed). GPUs and a backbone that trains "
                                              "always run in PyTorch.")
     image_workers: int = _option(1, "Worker processes that decode and resize KB images while a streamed "
-                                    "entity index is built (0: one batch ahead, on a thread of the main "
-                                    "process).")
+                                    "entity index is built (0: in the main process).")
     build_processes: int = _option(1, "Processes that encode a streamed entity index build, each with one "
                                       "torch thread and its own image decoding (1: this process, with "
                                       "image_workers decoders and all torch threads). On CPU, one per core "

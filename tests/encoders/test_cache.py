@@ -45,9 +45,13 @@ def test_a_cold_batch_decodes_its_pictures_beside_the_text_tower(encoder, pictur
     threads.clear()
     cache.encode_texts_and_images(TEXTS, refs)  # warm: nothing to decode
     assert threads == []
-    new_picture = [ImageRef.from_source(picture_dir / "item3.png"), None, None, None]
-    cache.encode_texts_and_images(TEXTS, new_picture)  # texts cached: no tower to overlap, decoded here
-    assert threads[-1] == (threading.current_thread().name, 1)
+    new_pictures = [ImageRef.from_source(picture_dir / f"item{k}.png") for k in (3, 4)] + [None, None]
+    cache.encode_texts_and_images(TEXTS, new_pictures)  # texts cached: no tower to overlap, decoded here
+    assert threads[-1] == (threading.current_thread().name, 2)
+    one_doc = FeatureCache(encoder)
+    one_doc_threads = recording_decoder(one_doc, monkeypatch)
+    one_doc.encode_texts_and_images(TEXTS[:1], refs[:1])  # one picture: decoded after its text, here
+    assert one_doc_threads == [(threading.current_thread().name, 1)]
 
 
 def test_a_bad_picture_decoded_beside_the_text_tower_raises_in_the_caller(encoder, picture_dir, tmp_path):

@@ -1,7 +1,5 @@
 """Streamed entity index builds: equal to the in-memory build, resumable,
 bfloat16, unreadable images, and an ANN index kept with the pipeline."""
-import threading
-
 import numpy
 import pytest
 import spacy
@@ -10,7 +8,7 @@ import torch
 from spacy_m3el import M3ELWarning
 from spacy_m3el.errors import KBError
 from spacy_m3el.index.encoding import EntityEncoding
-from spacy_m3el.index.streamed import StreamedBuild, one_ahead
+from spacy_m3el.index.streamed import StreamedBuild
 from spacy_m3el.pipeline.linker import find_linker
 from tests.pipeline.test_linker import N_ENTITIES, train_pipeline
 
@@ -48,36 +46,6 @@ def test_streamed_build_matches_the_in_memory_build(linker, tmp_path):
     assert not (tmp_path / "cache" / "shards").exists()  # shards are dropped once assembled
     again = streamed(linker, tmp_path / "cache").run()  # a finished build is loaded, not redone
     assert again.meta["checksums"] == built.meta["checksums"]
-
-
-def test_one_ahead_makes_the_next_item_on_its_own_thread_in_order():
-    made_on = []
-
-    def items():
-        for number in range(5):
-            made_on.append(threading.current_thread().name)
-            yield number
-        raise KeyError("a broken batch")
-
-    got = []
-    with pytest.raises(KeyError, match="a broken batch"):  # raised in the caller, after every item before it
-        for item in one_ahead(items()):
-            got.append(item)
-    assert got == [0, 1, 2, 3, 4]
-    assert all(name.startswith("m3el-next-batch") for name in made_on) and len(made_on) == 5
-
-
-def test_without_image_workers_the_build_is_the_same(linker, tmp_path):
-    """No worker processes: the next batch is decoded on a thread, and the index is the very same."""
-    linker.configure(image_workers=1)
-    with_workers = streamed(linker, tmp_path / "workers").run()
-    linker.configure(image_workers=0)
-    try:
-        on_a_thread = streamed(linker, tmp_path / "thread").run()
-    finally:
-        linker.configure(image_workers=1)
-    for name, array in arrays_of(with_workers).items():
-        numpy.testing.assert_array_equal(on_a_thread.arrays[name], array, err_msg=name)
 
 
 def test_a_killed_build_resumes_from_its_finished_shards(linker, tmp_path, monkeypatch):
