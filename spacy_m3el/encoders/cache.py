@@ -185,10 +185,11 @@ class FeatureCache:
         """:meth:`encode_texts` and :meth:`encode_images` of one batch. When
         both towers have work and several pictures are missing from the
         store, those are decoded and resized on a thread of their own while
-        the text tower runs (Pillow and the towers release the GIL): 1.11x
-        the docs/s of ``nlp.pipe`` on the demo (``benchmarks/demo_speed.py``).
-        One picture alone is decoded after the text: beside the two-thread
-        text tower it gained nothing (0.97x one doc at a time)."""
+        the text tower runs (Pillow and the towers release the GIL): 1.1-1.3x
+        the docs/s of ``nlp.pipe`` on the demo in two runs of
+        ``benchmarks/demo_speed.py``. One picture alone is decoded after the
+        text: beside the two-thread text tower it gained nothing (0.97x one
+        doc at a time)."""
         missing = self._missing_images(images)
         mode = self._precision_key()
         if not (len(missing) > 1 and self.encoder.caches_text
