@@ -107,8 +107,8 @@ class _ImageFeatures(nn.Module):
 
 class _PixelFeatures(nn.Module):
     """:class:`_ImageFeatures` of uint8 pixels [N, S, S, 3]: the compiled graph
-    normalises them itself (fused into its first convolution), so no float
-    copy of the batch is made in torch, and none in NCHW order."""
+    normalises them itself, so no float copy of the batch is made in torch,
+    and none in NCHW order."""
 
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
