@@ -237,9 +237,11 @@ def bench_build(args) -> None:
     beside_the_text_tower = FeatureCache.encode_texts_and_images
     FeatureCache.encode_texts_and_images = decoding_after_text  # serial decoding, as before
     start_cpu, start = cpu_seconds(), time.perf_counter()
-    keeper.encoding.encode(kb, max_queries=None)
-    FeatureCache.encode_texts_and_images = beside_the_text_tower
-    del backbone.encode_pixels
+    try:
+        keeper.encoding.encode(kb, max_queries=None)
+    finally:
+        FeatureCache.encode_texts_and_images = beside_the_text_tower
+        del backbone.encode_pixels
     rows["before"] = {"path": "as before streamed builds: in memory, serial decoding, feature cache, float32, "
                               "PyTorch, NCHW image tower",
                       "cpu_ms_per_entity": 1000 * (cpu_seconds() - start_cpu) / len(kb),

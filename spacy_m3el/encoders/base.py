@@ -95,6 +95,15 @@ def join_features(text: TextFeatures, image: ImageFeatures) -> EncodedItems:
     )
 
 
+def normalized_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 pixels [N, S, S, 3] as float [N, 3, S, S] normalised by ``mean``
+    and ``std`` (of 0-1 values) in one pass, channels-last in memory (the
+    layout the CPU towers want). Traceable: compiled towers run it in their graph."""
+    shift = torch.tensor(mean, device=pixels.device).mul(255.0).view(1, 3, 1, 1)
+    scale = torch.tensor(std, device=pixels.device).mul(255.0).reciprocal().view(1, 3, 1, 1)
+    return (pixels.permute(0, 3, 1, 2).float() - shift) * scale
+
+
 class MultimodalEncoder(nn.Module, ABC):
     """Turns texts and images into M3EL's global and local features.
 
@@ -234,24 +243,8 @@ class MultimodalEncoder(nn.Module, ABC):
         return torch.from_numpy(raw), mask
 
     def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 pixels [N, S, S, 3] as the towers' float input [N, 3, S, S],
-        normalised by ``image_mean`` / ``image_std`` in one pass (channels-last
-        in memory, the layout the CPU towers want)."""
-        mean = torch.tensor(self.image_mean, device=pixels.device).mul(255.0).view(1, 3, 1, 1)
-        scale = torch.tensor(self.image_std, device=pixels.device).mul(255.0).reciprocal().view(1, 3, 1, 1)
-        return (pixels.permute(0, 3, 1, 2).float() - mean) * scale
-
-    def preprocess_images(
-        self, images: Sequence[Optional[Image.Image]]
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Resize (shorter side), centre-crop and normalise RGB images.
-
-        A missing image becomes an all-zero input with a False mask.
-        """
-        raw, mask = self.image_pixels(images)
-        pixels = self.normalize_pixels(raw)
-        pixels[~mask] = 0.0
-        return pixels, mask
+        """uint8 pixels [N, S, S, 3] as the towers' float input (:func:`normalized_pixels`)."""
+        return normalized_pixels(pixels, self.image_mean, self.image_std)
 
     def encode_pixels(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """:meth:`encode_image` of uint8 pixels from :meth:`image_pixels`

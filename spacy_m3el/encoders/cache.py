@@ -118,9 +118,8 @@ class FeatureCache:
                 self.texts.put(mode + text, found[text], evict=make_room)
         return found
 
-    def _missing_images(self, refs: Sequence[Optional[ImageRef]]) -> List[ImageRef]:
-        """The distinct pictures of ``refs`` that the store does not hold."""
-        mode = self._precision_key()
+    def _missing_images(self, refs: Sequence[Optional[ImageRef]], mode: str) -> List[ImageRef]:
+        """The distinct pictures of ``refs`` that the store does not hold (under ``mode``'s keys)."""
         unique = {ref.key: ref for ref in refs if ref is not None}
         return [ref for key, ref in unique.items() if mode + key not in self.images]
 
@@ -190,8 +189,8 @@ class FeatureCache:
         ``benchmarks/demo_speed.py``. One picture alone is decoded after the
         text: beside the two-thread text tower it gained nothing (0.97x one
         doc at a time)."""
-        missing = self._missing_images(images)
         mode = self._precision_key()
+        missing = self._missing_images(images, mode)
         if not (len(missing) > 1 and self.encoder.caches_text
                 and any(mode + text not in self.texts for text in texts)):
             return self.encode_texts(texts, make_room=make_room), self.encode_images(images, make_room=make_room)

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .base import MultimodalEncoder
+from .base import MultimodalEncoder, normalized_pixels
 
 EFFICIENTNET_NAME = "efficientnet-lite0"
 #: Images per forward pass of the image tower in CPU inference.
@@ -113,11 +113,10 @@ class _PixelFeatures(nn.Module):
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.features = _ImageFeatures(model)
-        self.register_buffer("mean", torch.tensor(mean).mul(255.0).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("scale", torch.tensor(std).mul(255.0).reciprocal().view(1, 3, 1, 1), persistent=False)
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def forward(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.features((pixels.permute(0, 3, 1, 2).float() - self.mean) * self.scale)
+        return self.features(normalized_pixels(pixels, self.mean, self.std))
 
 
 class _TextFeatures(nn.Module):

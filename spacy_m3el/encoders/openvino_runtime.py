@@ -1,9 +1,9 @@
 """A frozen backbone's towers compiled by OpenVINO for CPU inference.
 
 OpenVINO's CPU plugin fuses the towers' layers and runs bfloat16 natively on
-CPUs that have it; on the 2-core demo machine the image tower ran 2.3x and
-the text tower 2.2x faster per document than PyTorch's frozen TorchScript /
-autocast routes (``benchmarks/profile_doc.py``). The towers are converted
+CPUs that have it; on the 2-core demo machine each tower ran 1.6-2.3x faster
+per document than PyTorch's frozen TorchScript / autocast routes, over runs
+of ``benchmarks/profile_doc.py``. The towers are converted
 from the loaded PyTorch modules in memory through OpenVINO's PyTorch frontend
 (no file is read), once per precision and thread count.
 

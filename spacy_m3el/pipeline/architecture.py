@@ -68,22 +68,16 @@ class M3ELNetwork(nn.Module):
         (features kept elsewhere too)."""
         device = next(self.matcher.parameters()).device
         cache = self.feature_cache if use_feature_cache else None
+        given_text, given_image = isinstance(texts, TextFeatures), isinstance(images, PreprocessedImages)
         with self.backbone_autocast():
-            if cache is not None and not isinstance(texts, TextFeatures) and not isinstance(images, PreprocessedImages):
+            if cache is not None and not given_text and not given_image:
                 text, image = cache.encode_texts_and_images(texts, images, make_room=make_room)
             else:
-                if isinstance(texts, TextFeatures):
-                    text = texts
-                elif cache is not None:
-                    text = cache.encode_texts(texts, make_room=make_room)
-                else:
-                    text = self.encoder.encode_texts(texts)
-                if isinstance(images, PreprocessedImages):
-                    image = self.encoder.encode_preprocessed(images)
-                elif cache is not None:
-                    image = cache.encode_images(images, make_room=make_room)
-                else:
-                    image = self.encoder.encode_images([ref.load() if ref is not None else None for ref in images])
+                text = texts if given_text else (cache.encode_texts(texts, make_room=make_room) if cache is not None
+                                                 else self.encoder.encode_texts(texts))
+                image = (self.encoder.encode_preprocessed(images) if given_image
+                         else cache.encode_images(images, make_room=make_room) if cache is not None
+                         else self.encoder.encode_images([ref.load() if ref is not None else None for ref in images]))
         items = join_features(text, image).to(device)
         return EncodedItems(**dict(zip(vars(items), float_features(*vars(items).values()))))
 
