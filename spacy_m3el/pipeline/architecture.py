@@ -8,7 +8,8 @@ from typing import Any, ContextManager, Dict, Iterator, List, Optional, Sequence
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from thinc.api import ArgsKwargs, Model, PyTorchGradScaler, PyTorchWrapper_v3, get_torch_default_device
+from thinc.api import ArgsKwargs, Model, PyTorchGradScaler, PyTorchShim, get_torch_default_device, xp2torch
+from thinc.layers.pytorchwrapper import forward as pytorch_forward
 from torch import nn
 
 from ..data.images import ImageRef
@@ -235,6 +236,40 @@ def _convert_outputs(model: Model, inputs_outputs, is_train: bool):
     return losses, backprop
 
 
+class AveragingPyTorchShim(PyTorchShim):
+    """thinc's PyTorch shim whose ``use_params`` finds the parameter averages
+    its own ``finish_update`` keeps (``use_averages = true``): thinc's looks
+    them up under other keys, so with it evaluation and saving would use the
+    last step's weights. The candidate scorer's weights are not swapped: the
+    evaluation refits them (``calibrate_on_score``) for the averaged weights,
+    and that fit must be what is saved."""
+
+    @contextlib.contextmanager
+    def use_params(self, params: Dict[Any, Any]) -> Iterator[None]:
+        averaged = {name: param for name, param in self._model.named_parameters()
+                    if (self.id, name) in params and not name.startswith("scorer.")}
+        if not averaged:
+            yield
+            return
+        kept = {name: param.detach().clone() for name, param in averaged.items()}
+        with torch.no_grad():
+            for name, param in averaged.items():
+                param.copy_(xp2torch(params[(self.id, name)], device=param.device).reshape(param.shape))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, param in averaged.items():
+                    param.copy_(kept[name])
+
+
+def swaps_averages(model: Model, params: Dict[Any, Any]) -> bool:
+    """Whether ``model.use_params(params)`` puts averaged weights in place."""
+    return any(isinstance(shim, AveragingPyTorchShim) and any(
+        (shim.id, name) in params for name, _ in shim._model.named_parameters() if not name.startswith("scorer."))
+        for shim in model.shims)
+
+
 _DEFAULT = M3ELConfig.defaults()
 
 
@@ -277,15 +312,12 @@ def build_m3el_model(
     network = M3ELNetwork(encoder, M3ELMatcher(config), feature_cache_bytes=feature_cache_mb * 2**20)
     network.to(get_torch_default_device())
     scaler = PyTorchGradScaler(**(grad_scaler_config or {"enabled": False}))
-    model = PyTorchWrapper_v3(
-        network,
-        convert_inputs=_convert_inputs,
-        convert_outputs=_convert_outputs,
-        mixed_precision=mixed_precision,
-        grad_scaler=scaler,
-        serialize_model=_serialize,
-        deserialize_model=_deserialize,
-    )
+    # What thinc's PyTorchWrapper_v3 builds, with a shim whose averages work.
+    shim = AveragingPyTorchShim(network, mixed_precision=mixed_precision, grad_scaler=scaler,
+                                serialize_model=_serialize, deserialize_model=_deserialize)
+    model = Model("pytorch", pytorch_forward, attrs={"convert_inputs": _convert_inputs,
+                                                     "convert_outputs": _convert_outputs},
+                  shims=[shim], dims={"nI": None, "nO": None})
     model.attrs["m3el_config"] = config.to_dict()
     if isinstance(encoder, SharedTextEncoder):
         from .shared_transformer import new_listener

@@ -304,6 +304,12 @@ def test_spacy_train_from_a_config(picture_dir, tmp_path):
         assert key in meta
     assert meta["m3el_mrr"] > 0.2  # well above chance (about 0.18 for 20 entities)
     assert best.get_pipe("m3el_linker").kb.get_size_entities() == N_ENTITIES
+    # The config averages the parameters: model-best holds the weights (and the scorer's fit) that were scored.
+    from spacy_m3el.data.readers import MultimodalCorpus
+
+    assert best.get_pipe("m3el_linker").state.to_dict()["calibrated"]
+    rescored = best.evaluate(list(MultimodalCorpus(tmp_path / "dev.spacy", gold_ents=True)(best)))
+    assert rescored["m3el_mrr"] == pytest.approx(meta["m3el_mrr"], abs=1e-6)
 
 
 def test_an_entity_added_after_linking_is_found(picture_dir):
@@ -524,3 +530,52 @@ def test_both_runtimes_link_alike_and_one_doc_runs_torch_on_one_thread(trained, 
     assert abs(probs["openvino", "auto"] - exact).max() <= abs(probs["torch", "auto"] - exact).max() + 0.01
     # One doc in the OpenVINO runtime: torch's own ops ran on one thread, the rest on two.
     assert seen_threads == [2] * 7 + [2] * 7 + [1] * 6 + [2]
+
+
+def test_parameter_averages_are_used_to_evaluate_and_save(picture_dir, tmp_path):
+    """``use_averages = true``: evaluation and saving run the averaged
+    matcher (thinc's own PyTorch shim would keep the last step's weights);
+    the scorer fitted for them is what is saved, and training resumes with
+    its own weights and index."""
+    from thinc.api import Adam
+
+    nlp, examples = train_pipeline(picture_dir, epochs=1)
+    linker = nlp.get_pipe("m3el_linker")
+    optimizer = Adam(1e-3, use_averages=True)
+    for _ in range(3):
+        nlp.update(examples[:20], sgd=optimizer)
+        nlp.update(examples[20:40], sgd=optimizer)
+    matcher = linker.network.matcher
+    shim_id = linker.model.shims[0].id
+    trained = {name: param.detach().clone() for name, param in linker.network.named_parameters()}
+    averaged = {name: torch.from_numpy(numpy.asarray(optimizer.averages[(shim_id, name)])).reshape(trained[name].shape)
+                for name in trained if (shim_id, name) in optimizer.averages}
+    assert "matcher.text_global_norm.weight" in averaged
+    assert not torch.equal(averaged["matcher.text_global_norm.weight"], trained["matcher.text_global_norm.weight"])
+    linker.index_keeper.current(linker.kb)
+    training_index = linker.index_keeper.index
+    with nlp.use_params(optimizer.averages):
+        for name, param in linker.network.named_parameters():
+            expected = trained[name] if name.startswith("scorer.") or name not in averaged else averaged[name]
+            assert torch.equal(param.detach(), expected), name
+        assert linker.state.calibration_stale  # the scorer was never fitted for these weights
+        nlp.evaluate(examples)  # calibrates for the averaged weights
+        assert not linker.state.calibration_stale
+        assert linker.index_keeper.index.meta["fingerprint"] == linker.network.fingerprint()
+        fitted_scorer = {n: p.detach().clone() for n, p in linker.network.scorer.named_parameters()}
+    for name, param in matcher.named_parameters():
+        assert torch.equal(param.detach(), trained[f"matcher.{name}"])
+    assert linker.index_keeper.index is training_index
+    assert linker.state.calibration_stale  # the scorer now holds the averaged weights' fit
+    with nlp.use_params(optimizer.averages):  # as spacy train saves model-best after evaluating
+        assert not linker.state.calibration_stale
+        assert linker.index_keeper.is_current(linker.kb)
+        nlp.to_disk(tmp_path / "averaged")
+    state = json.loads((tmp_path / "averaged" / "m3el_linker" / "state.json").read_text())
+    assert state == {"updates": 8, "calibrated": True}
+    loaded = spacy.load(tmp_path / "averaged").get_pipe("m3el_linker")
+    for name, param in loaded.network.matcher.named_parameters():
+        assert torch.equal(param.detach(), averaged[f"matcher.{name}"])
+    for name, param in loaded.network.scorer.named_parameters():
+        assert torch.equal(param.detach(), fitted_scorer[name])
+    assert (tmp_path / "averaged" / "m3el_linker" / "index" / "meta.json").exists()
