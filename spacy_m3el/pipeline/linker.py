@@ -230,6 +230,14 @@ class M3ELLinker(TrainablePipe):
         entities (plus ``hard_negatives``) as every mention's candidates."""
         return training_step(self, examples, sgd=sgd, losses=losses)
 
+    def weights_changed(self) -> None:
+        """After a training update: every entity index was built by the old
+        weights (the averaged weights' too: their averages moved), and the
+        scorer was fitted for them."""
+        self.index_keeper.drop()
+        self._averaged_index = None
+        self.state.calibration_stale = True
+
     def use_params(self, params: Dict[Any, Any]) -> Iterator[None]:
         """Evaluate and save with the optimizer's parameter averages
         (``use_averages = true``); a generator, as spaCy's pipes'

@@ -62,8 +62,7 @@ def training_step(linker: "M3ELLinker", examples: Iterable[Example], *, sgd: Opt
         upstream.send_gradients()
     if sgd is not None:
         linker.finish_update(sgd)
-    linker.index_keeper.drop()  # built by the old weights
-    linker.state.calibration_stale = True
+    linker.weights_changed()
     linker.state.updates = (linker.state.updates or 0) + 1
     if linker.state.updates % RELEASE_EVERY == 0:
         release_freed_memory()  # the batches' freed tensors, pinned in the C heap by what training keeps

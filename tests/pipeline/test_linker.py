@@ -579,3 +579,7 @@ def test_parameter_averages_are_used_to_evaluate_and_save(picture_dir, tmp_path)
     for name, param in loaded.network.scorer.named_parameters():
         assert torch.equal(param.detach(), fitted_scorer[name])
     assert (tmp_path / "averaged" / "m3el_linker" / "index" / "meta.json").exists()
+    nlp.update(examples[:20], sgd=optimizer)  # the averages move: their index is not kept while training goes on
+    assert linker.index_keeper.index is None and linker._averaged_index is None
+    with nlp.use_params(optimizer.averages):
+        assert linker.state.calibration_stale and linker.index_keeper.index is None
