@@ -8,7 +8,7 @@ from typing import Any, ContextManager, Dict, Iterator, List, Optional, Sequence
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from thinc.api import ArgsKwargs, Model, PyTorchGradScaler, PyTorchShim, get_torch_default_device, xp2torch
+from thinc.api import ArgsKwargs, Model, PyTorchGradScaler, get_torch_default_device
 from thinc.layers.pytorchwrapper import forward as pytorch_forward
 from torch import nn
 
@@ -19,6 +19,7 @@ from ..encoders.openvino_runtime import resolve_runtime
 from ..errors import warn
 from ..model import CandidateScorer, EncodedItems, M3ELConfig, M3ELMatcher
 from ..model.candidate_scorer import LEGACY_KEY, OPTIONAL_STATE
+from .averaging import AveragingPyTorchShim
 
 
 def _single_thread_after_fork() -> None:
@@ -234,40 +235,6 @@ def _convert_outputs(model: Model, inputs_outputs, is_train: bool):
         return ArgsKwargs(args=([loss],), kwargs={"grad_tensors": [torch.ones_like(loss)]})
 
     return losses, backprop
-
-
-class AveragingPyTorchShim(PyTorchShim):
-    """thinc's PyTorch shim whose ``use_params`` finds the parameter averages
-    its own ``finish_update`` keeps (``use_averages = true``): thinc's looks
-    them up under other keys, so with it evaluation and saving would use the
-    last step's weights. The candidate scorer's weights are not swapped: the
-    evaluation refits them (``calibrate_on_score``) for the averaged weights,
-    and that fit must be what is saved."""
-
-    @contextlib.contextmanager
-    def use_params(self, params: Dict[Any, Any]) -> Iterator[None]:
-        averaged = {name: param for name, param in self._model.named_parameters()
-                    if (self.id, name) in params and not name.startswith("scorer.")}
-        if not averaged:
-            yield
-            return
-        kept = {name: param.detach().clone() for name, param in averaged.items()}
-        with torch.no_grad():
-            for name, param in averaged.items():
-                param.copy_(xp2torch(params[(self.id, name)], device=param.device).reshape(param.shape))
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, param in averaged.items():
-                    param.copy_(kept[name])
-
-
-def swaps_averages(model: Model, params: Dict[Any, Any]) -> bool:
-    """Whether ``model.use_params(params)`` puts averaged weights in place."""
-    return any(isinstance(shim, AveragingPyTorchShim) and any(
-        (shim.id, name) in params for name, _ in shim._model.named_parameters() if not name.startswith("scorer."))
-        for shim in model.shims)
 
 
 _DEFAULT = M3ELConfig.defaults()

@@ -7,7 +7,7 @@ training (:mod:`.training`), calibration on held-out data
 (:mod:`.held_out`) and saving (:mod:`.storage`) to their own modules.
 """
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
 
 from spacy import util
 from spacy.language import Language
@@ -27,7 +27,8 @@ from ..index.entity_index import EntityIndex
 from ..index.keeper import IndexKeeper
 from ..kb.base import MultimodalKB, create_empty_kb
 from . import linking, storage
-from .architecture import M3ELNetwork, get_network, swaps_averages
+from .architecture import M3ELNetwork, get_network
+from .averaging import AveragedWeights
 from .calibration import ScorerOptions, apply_scorer
 from .candidates import CandidateGenerator, alias_candidates
 from .held_out import calibrate_linker, score_linker
@@ -148,9 +149,8 @@ class M3ELLinker(TrainablePipe):
         #: The entity index of the KB for the current weights.
         self.index_keeper = IndexKeeper(self.network, EntityEncoding(self.network, self.settings,
                                                                      self.inputs.kb_images), self.settings)
-        #: The averaged weights' entity index, and the (averages, update) the scorer was last fitted for.
-        self._averaged_index: Optional[EntityIndex] = None
-        self._averaged_calibrated_at: Optional[Tuple[int, Optional[int]]] = None
+        #: The entity index and calibration of the optimizer's parameter averages.
+        self.averages = AveragedWeights(self)
 
     def configure(self, **changes: Any) -> Dict[str, Any]:
         """Change settings of a running linker (``linker.configure(threshold=0.4,
@@ -230,43 +230,9 @@ class M3ELLinker(TrainablePipe):
         entities (plus ``hard_negatives``) as every mention's candidates."""
         return training_step(self, examples, sgd=sgd, losses=losses)
 
-    def weights_changed(self) -> None:
-        """After a training update: every entity index was built by the old
-        weights (the averaged weights' too: their averages moved), and the
-        scorer was fitted for them."""
-        self.index_keeper.drop()
-        self._averaged_index = None
-        self.state.calibration_stale = True
-
     def use_params(self, params: Dict[Any, Any]) -> Iterator[None]:
-        """Evaluate and save with the optimizer's parameter averages
-        (``use_averages = true``); a generator, as spaCy's pipes'
-        ``use_params`` are (``nlp.use_params`` steps through it). The entity index and the scorer's fit
-        belong to the weights they were made with: the averaged weights keep
-        theirs between an evaluation and the save that follows it, and the
-        training weights get their index back afterwards."""
-        if not swaps_averages(self.model, params):
-            with self.model.use_params(params):
-                yield
-            return
-        keeper, state = self.index_keeper, self.state
-        training_index, training_stale = keeper.index, state.calibration_stale
-        averages = (id(params), state.updates)
-        with self.model.use_params(params):
-            keeper.drop()
-            keeper.index = self._averaged_index  # checked against the weights at first use
-            state.calibration_stale = self._averaged_calibrated_at != averages
-            try:
-                yield
-            finally:
-                self._averaged_index = keeper.index
-                refitted = not state.calibration_stale and self._averaged_calibrated_at != averages
-                if not state.calibration_stale:
-                    self._averaged_calibrated_at = averages
-                keeper.drop()
-                keeper.index = training_index
-                # A fit inside replaced the scorer's weights: they are the averaged weights' now.
-                state.calibration_stale = training_stale or refitted
+        """Parameter averages in place (:mod:`.averaging`); a generator, as spaCy's pipes' are."""
+        yield from self.averages.use_params(params)
 
     def get_loss(self, examples, scores):  # pragma: no cover - the loss lives in the model
         """Not used: M3EL's losses are computed by the network in :meth:`update`."""

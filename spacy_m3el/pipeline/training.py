@@ -62,7 +62,9 @@ def training_step(linker: "M3ELLinker", examples: Iterable[Example], *, sgd: Opt
         upstream.send_gradients()
     if sgd is not None:
         linker.finish_update(sgd)
-    linker.weights_changed()
+    linker.index_keeper.drop()  # built by the old weights
+    linker.averages.forget()  # the averaged weights' too: the averages moved
+    linker.state.calibration_stale = True
     linker.state.updates = (linker.state.updates or 0) + 1
     if linker.state.updates % RELEASE_EVERY == 0:
         release_freed_memory()  # the batches' freed tensors, pinned in the C heap by what training keeps
