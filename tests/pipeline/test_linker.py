@@ -10,6 +10,7 @@ from spacy.tokens import DocBin
 from spacy.training import Example
 
 from spacy_m3el import MultimodalKB
+from spacy_m3el.data.readers import MultimodalCorpus
 from spacy_m3el.kb.base import NIL
 from spacy_m3el.pipeline import held_out, training
 from spacy_m3el.pipeline.calibration import confidence_knots
@@ -305,8 +306,6 @@ def test_spacy_train_from_a_config(picture_dir, tmp_path):
     assert meta["m3el_mrr"] > 0.2  # well above chance (about 0.18 for 20 entities)
     assert best.get_pipe("m3el_linker").kb.get_size_entities() == N_ENTITIES
     # The config averages the parameters: model-best holds the weights (and the scorer's fit) that were scored.
-    from spacy_m3el.data.readers import MultimodalCorpus
-
     assert best.get_pipe("m3el_linker").state.to_dict()["calibrated"]
     rescored = best.evaluate(list(MultimodalCorpus(tmp_path / "dev.spacy", gold_ents=True)(best)))
     assert rescored["m3el_mrr"] == pytest.approx(meta["m3el_mrr"], abs=1e-6)
@@ -530,4 +529,3 @@ def test_both_runtimes_link_alike_and_one_doc_runs_torch_on_one_thread(trained, 
     assert abs(probs["openvino", "auto"] - exact).max() <= abs(probs["torch", "auto"] - exact).max() + 0.01
     # One doc in the OpenVINO runtime: torch's own ops ran on one thread, the rest on two.
     assert seen_threads == [2] * 7 + [2] * 7 + [1] * 6 + [2]
-
