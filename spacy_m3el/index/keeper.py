@@ -69,6 +69,14 @@ class IndexKeeper:
         """Forget the index (the weights it was built by changed)."""
         self.index, self._verified = None, None
 
+    def exchange(self, index: Optional[EntityIndex]) -> Optional[EntityIndex]:
+        """Hold ``index`` (another set of weights', e.g. the parameter
+        averages'; checked against the weights at its first use) instead of
+        the one held; returns that one."""
+        held = self.index
+        self.index, self._verified = index, None
+        return held
+
     def current(self, kb: MultimodalKB) -> EntityIndex:
         """The index if it is valid, else a new one built; searched as the settings ask."""
         index = self.index if self.is_current(kb) else self.build(kb)

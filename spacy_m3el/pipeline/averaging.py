@@ -27,10 +27,14 @@ class AveragingPyTorchShim(PyTorchShim):
     evaluation refits them (``calibrate_on_score``) for the averaged weights,
     and that fit must be what is saved."""
 
+    def averaged_parameters(self, params: Dict[Any, Any]) -> Dict[str, torch.nn.Parameter]:
+        """The parameters ``params`` holds averages of (the scorer's left out), by name."""
+        return {name: param for name, param in self._model.named_parameters()
+                if (self.id, name) in params and not name.startswith("scorer.")}
+
     @contextlib.contextmanager
     def use_params(self, params: Dict[Any, Any]) -> Iterator[None]:
-        averaged = {name: param for name, param in self._model.named_parameters()
-                    if (self.id, name) in params and not name.startswith("scorer.")}
+        averaged = self.averaged_parameters(params)
         if not averaged:
             yield
             return
@@ -48,9 +52,7 @@ class AveragingPyTorchShim(PyTorchShim):
 
 def swaps_averages(model: Model, params: Dict[Any, Any]) -> bool:
     """Whether ``model.use_params(params)`` puts averaged weights in place."""
-    return any(isinstance(shim, AveragingPyTorchShim) and any(
-        (shim.id, name) in params for name, _ in shim._model.named_parameters() if not name.startswith("scorer."))
-        for shim in model.shims)
+    return any(isinstance(shim, AveragingPyTorchShim) and shim.averaged_parameters(params) for shim in model.shims)
 
 
 class AveragedWeights:
@@ -77,20 +79,18 @@ class AveragedWeights:
                 yield
             return
         keeper, state = linker.index_keeper, linker.state
-        training_index, training_stale = keeper.index, state.calibration_stale
+        training_stale = state.calibration_stale
         averages = (id(params), state.updates)
         with linker.model.use_params(params):
-            keeper.drop()
-            keeper.index = self.index  # checked against the weights at first use
+            training_index = keeper.exchange(self.index)
             state.calibration_stale = self.calibrated_at != averages
             try:
                 yield
             finally:
-                self.index = keeper.index
-                refitted = not state.calibration_stale and self.calibrated_at != averages
-                if not state.calibration_stale:
-                    self.calibrated_at = averages
-                keeper.drop()
-                keeper.index = training_index
+                self.index = keeper.exchange(training_index)
+                fitted = not state.calibration_stale
                 # A fit inside replaced the scorer's weights: they are the averaged weights' now.
+                refitted = fitted and self.calibrated_at != averages
+                if fitted:
+                    self.calibrated_at = averages
                 state.calibration_stale = training_stale or refitted
