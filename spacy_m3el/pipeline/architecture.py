@@ -209,6 +209,13 @@ def _deserialize(network: M3ELNetwork, data: bytes, device: torch.device) -> M3E
         warn("These M3EL weights were saved before the candidate scorer had a text expert: its weights were "
              "carried over, but mentions whose picture it distrusts now score differently. Refit it with "
              "`python -m spacy_m3el calibrate`.")
+    scorer_state = {k[len("scorer."):]: v for k, v in state.items() if k.startswith("scorer.")}
+    if network.scorer.upgrade_gate_state(scorer_state):
+        state["scorer.gate_weights"] = scorer_state["gate_weights"]
+        warn("These M3EL weights were saved before the candidate scorer mixed its experts' probabilities and its "
+             "picture gate read how well the picture and the text match their best candidates: its weights were "
+             "carried over, but mentions with a picture now score differently. Refit it with "
+             "`python -m spacy_m3el calibrate`.")
     missing, unexpected = network.load_state_dict(state, strict=False)
     if network.encoder.frozen:
         missing = [k for k in missing if not k.startswith("encoder.")]

@@ -24,7 +24,7 @@ under it.
 import copy
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy
@@ -38,9 +38,6 @@ from ..progress import progress_bar
 Result = Dict[str, Any]
 #: L2 penalty on every fitted weight except the scale and the NIL bias.
 L2 = 1e-3
-#: Penalty on the text expert's squared distance from the picture expert: weak, it only decides
-#: where held-out data say nothing (on the demo, as strong as L2 cost the pictured mentions 0.03 nats).
-TEXT_EXPERT_SHRINKAGE = 1e-5
 ECE_BINS = 10
 #: Folds of the cross-fit that gives out-of-sample probabilities.
 FOLDS = 5
@@ -80,6 +77,11 @@ class CandidateTensors:
     nil: torch.Tensor  # [B, len(NIL_FEATURES)]
     has_image: torch.Tensor  # [B] bool
 
+    def select(self, chosen: torch.Tensor) -> "CandidateTensors":
+        """The mentions where ``chosen`` [B] (bool) is true."""
+        return CandidateTensors(self.m3el[chosen], self.branches[chosen], self.lexical[chosen], self.valid[chosen],
+                                self.nil[chosen], self.has_image[chosen])
+
 
 def nil_features(result: Result) -> List[float]:
     """bias, no alias-table candidate, no image: in ``NIL_FEATURES`` order."""
@@ -113,14 +115,19 @@ def to_tensors(results: Sequence[Result], branches: Sequence[str]) -> CandidateT
     return CandidateTensors(m3el, branch, lexical, valid, nil, has_image)
 
 
-def _logits(scorer: CandidateScorer, tensors: CandidateTensors, options: ScorerOptions):
+def _log_probabilities(scorer: CandidateScorer, tensors: CandidateTensors, options: ScorerOptions,
+                       *, gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[B, K + 1] log-probabilities of the candidates and NIL (last); the
+    mixture of both experts by the picture gate (or ``gate``) with ``options.gate``."""
     mask = scorer.feature_mask(prior=options.prior, name=options.name)
     device = scorer.log_scale.device
     branches, valid = tensors.branches.to(device), tensors.valid.to(device)
-    gate = scorer.gate(branches, valid, tensors.has_image.to(device)) if options.gate else None
-    logits = scorer.logits(tensors.m3el.to(device), branches, tensors.lexical.to(device),
-                           feature_mask=mask, use_branches=options.branches, gate=gate)
-    return logits, scorer.nil_logits(tensors.nil.to(device), gate)
+    if options.gate and gate is None:
+        gate = scorer.gate(branches, valid, tensors.has_image.to(device))
+    return scorer.log_probabilities(tensors.m3el.to(device), branches, tensors.lexical.to(device), valid,
+                                    feature_mask=mask, use_branches=options.branches,
+                                    gate=gate.to(device) if options.gate else None,
+                                    nil_features=tensors.nil.to(device))
 
 
 def effective_threshold(scorer: CandidateScorer, threshold: Optional[float]) -> float:
@@ -142,9 +149,8 @@ def apply_scorer(
     candidate's, or NIL's) through the scorer's confidence map."""
     if not results:
         return
-    tensors = to_tensors(results, scorer.branches)
-    logits, nil_logits = _logits(scorer, tensors, options)
-    probs, nil_probs = scorer.probabilities(logits, tensors.valid.to(logits.device), nil_logits)
+    joint = _log_probabilities(scorer, to_tensors(results, scorer.branches), options).exp()
+    probs, nil_probs = joint[:, :-1], joint[:, -1]
     cutoff = effective_threshold(scorer, threshold)
     for result, row, nil_prob in zip(results, probs.cpu().tolist(), nil_probs.cpu().tolist()):
         candidates = result["candidates"]
@@ -297,11 +303,16 @@ def fit_weights(
 ) -> Dict[str, Any]:
     """Fit the scorer's weights to held-out mentions (their results and gold
     ids, NIL included) by L-BFGS, each mention's loss weighed by
-    ``weights`` (default: equal); the threshold is left alone. Without NIL
-    mentions the NIL option stays off. With ``picture_fits`` (per item:
-    whether its picture is its own, None where not known) the picture gate
-    is fitted first, as a classifier of that (:func:`fit_picture_gate`), and
-    kept while the rest is fitted; else it is fitted with the rest."""
+    ``weights`` (default: equal); the threshold is left alone. With the
+    picture gate each expert learns from the mentions it serves: the
+    picture expert from mentions with a picture that is their own
+    (``picture_fits`` per item: True, False for another mention's, None
+    where not known, taken as own), the text expert from mentions without
+    a picture (none: it scores as the picture expert does); mentions with
+    another's picture teach the gate only, fitted first as a classifier of
+    that (:func:`fit_picture_gate`; without both kinds the gate trusts
+    every picture). Without the gate the picture expert learns from every
+    mention. An expert whose mentions have no NIL gold keeps its NIL option off."""
     labels = _labels(results, gold_ids)
     kept = [i for i, label in enumerate(labels) if label is not None]
     if not kept:
@@ -314,60 +325,34 @@ def fit_weights(
         raise ValueError(f"calibration: every one of the {len(kept)} mentions whose gold entity is among their "
                          "candidates (or NIL) has weight 0: nothing to fit")
     kept = [i for i in kept if float(all_weights[i]) > 0]  # exactly as if they were not there
-    subset = [results[i] for i in kept]
-    tensors = to_tensors(subset, scorer.branches)
+    tensors = to_tensors([results[i] for i in kept], scorer.branches)
     width = tensors.m3el.shape[1]
-    target = torch.tensor([width if labels[i] == -1 else labels[i] for i in kept])
-    item_weights = all_weights[kept]
-    has_nil = bool((target == width).any())
+    device = scorer.log_scale.device
+    target = torch.tensor([width if labels[i] == -1 else labels[i] for i in kept], device=device)
+    item_weights = all_weights[kept].to(device)
     had = {name: value.detach().clone() for name, value in scorer.named_parameters()}
     # Every fit starts from the untrained scorer, not from the weights training left: the fit is not convex
     # in the experts' log scales, and a trained start (a text expert at scale 1e-4) kept the demo's text
     # expert from reading the text at all.
     scorer.reset_parameters()
-    params = [scorer.log_scale, scorer.feature_weights]
-    if options.branches and scorer.branches:
-        params.append(scorer.branch_weights)
-    if options.gate:
-        gate_fitted = picture_fits is not None and fit_picture_gate(scorer, results, picture_fits, weights=weights,
-                                                                    max_iter=max_iter)
-        params += [scorer.text_log_scale, scorer.text_feature_weights]
-        if not gate_fitted:
-            params.append(scorer.gate_weights)
     set_confidence_map(scorer, None)  # fitted to the weights it had
-    nil_options = [scorer.nil_weights, scorer.text_nil_weights] if options.gate else [scorer.nil_weights]
-    if has_nil:  # else the NIL options stay off, as the reset left them
-        params += nil_options
-        with torch.no_grad():
-            for nil in nil_options:
-                nil.zero_()
-    device = scorer.log_scale.device
-    target = target.to(device)
-    item_weights = (item_weights / item_weights.sum()).to(device)
-    valid = tensors.valid.to(device)
-    optimizer = torch.optim.LBFGS(params, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def objective() -> torch.Tensor:
-        optimizer.zero_grad()
-        logits, nil_logits = _logits(scorer, tensors, options)
-        joint = torch.cat([logits.masked_fill(~valid, float("-inf")), nil_logits[:, None]], dim=1)
-        loss = (torch.nn.functional.cross_entropy(joint, target, reduction="none") * item_weights).sum()
-        penalty = scorer.feature_weights.pow(2).sum() + scorer.branch_weights.pow(2).sum()
-        if has_nil:
-            penalty = penalty + scorer.nil_weights[1:].pow(2).sum()
-        if options.gate:
-            # The text expert is shrunk towards the picture expert, not towards 0: where the held-out
-            # mentions all have a trusted picture it has nothing to learn from and scores as that one does.
-            penalty = penalty + TEXT_EXPERT_SHRINKAGE / L2 * text_expert_distance(scorer, nil=has_nil)
-            if not gate_fitted:
-                penalty = penalty + scorer.gate_weights[1:].pow(2).sum()
-        loss = loss + L2 * penalty
-        loss.backward()
-        return loss
-
-    before = float(objective().detach())
-    optimizer.step(objective)
-    after = float(objective().detach())
+    experts = [(False, torch.ones(len(kept), dtype=torch.bool))]
+    if options.gate:
+        fit_picture_gate(scorer, results, picture_fits or [None] * len(results), weights=weights, max_iter=max_iter)
+        own = torch.tensor([picture_fits is None or picture_fits[i] is not False for i in kept])
+        experts = [(False, tensors.has_image & own), (True, ~tensors.has_image)]
+    before = _mean_nll(scorer, tensors, target, item_weights, options)
+    for text_expert, chosen in experts:
+        if bool(chosen.any()):
+            chosen_at = chosen.to(device)
+            _fit_expert(scorer, tensors.select(chosen), target[chosen_at], item_weights[chosen_at],
+                        options=options, text_expert=text_expert, max_iter=max_iter)
+        elif text_expert:  # nothing to learn from: the text expert scores as the picture expert does
+            with torch.no_grad():
+                scorer.text_log_scale.copy_(scorer.log_scale)
+                scorer.text_feature_weights.copy_(scorer.feature_weights)
+                scorer.text_nil_weights.copy_(scorer.nil_weights)
+    after = _mean_nll(scorer, tensors, target, item_weights, options)
     if not math.isfinite(after) or not all(bool(torch.isfinite(value).all()) for value in scorer.parameters()):
         # A diverged line search must not leave NaN weights behind (they would poison training too).
         with torch.no_grad():
@@ -378,18 +363,51 @@ def fit_weights(
         after = before
     for param in scorer.parameters():
         param.grad = None  # else the next training step would apply the fit's gradients
-    return {"mentions": len(results), "fitted_on": len(kept), "nil_option": has_nil,
+    return {"mentions": len(results), "fitted_on": len(kept), "nil_option": bool((target == width).any()),
             "nil_mentions": int(sum(1 for g in gold_ids if g == NIL)), "nll_before": before, "nll_after": after}
 
 
-def text_expert_distance(scorer: CandidateScorer, *, nil: bool) -> torch.Tensor:
-    """Squared distance of the text expert's weights (scale, lexical, and NIL's with ``nil``) from the
-    picture expert's (which it does not pull)."""
-    distance = (scorer.text_log_scale - scorer.log_scale.detach()).pow(2).sum()
-    distance = distance + (scorer.text_feature_weights - scorer.feature_weights.detach()).pow(2).sum()
-    if nil:
-        distance = distance + (scorer.text_nil_weights - scorer.nil_weights.detach()).pow(2).sum()
-    return distance
+@torch.no_grad()
+def _mean_nll(scorer: CandidateScorer, tensors: CandidateTensors, target: torch.Tensor, item_weights: torch.Tensor,
+              options: ScorerOptions) -> float:
+    log_probs = _log_probabilities(scorer, tensors, options)
+    return float(-(log_probs.gather(1, target[:, None])[:, 0] * item_weights).sum() / item_weights.sum())
+
+
+def _fit_expert(scorer: CandidateScorer, tensors: CandidateTensors, target: torch.Tensor,
+                item_weights: torch.Tensor, *, options: ScorerOptions, text_expert: bool, max_iter: int) -> None:
+    """Fit one expert's scale, lexical (and, for the picture expert, branch)
+    weights and NIL option to its mentions; the other expert is left as it is."""
+    has_nil = bool((target == tensors.m3el.shape[1]).any())
+    if text_expert:
+        params = [scorer.text_log_scale, scorer.text_feature_weights]
+        nil, gate, expert_options = scorer.text_nil_weights, torch.zeros(len(target)), options
+        penalised = [scorer.text_feature_weights]
+    else:
+        params = [scorer.log_scale, scorer.feature_weights]
+        if options.branches and scorer.branches:
+            params.append(scorer.branch_weights)
+        nil, gate, expert_options = scorer.nil_weights, None, replace(options, gate=False)
+        penalised = [scorer.feature_weights, scorer.branch_weights]
+    if has_nil:  # else the NIL option stays off, as the reset left it
+        params.append(nil)
+        with torch.no_grad():
+            nil.zero_()
+    weights = item_weights / item_weights.sum()
+    optimizer = torch.optim.LBFGS(params, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        log_probs = _log_probabilities(scorer, tensors, expert_options, gate=gate)
+        loss = -(log_probs.gather(1, target[:, None])[:, 0] * weights).sum()
+        penalty = sum(value.pow(2).sum() for value in penalised)
+        if has_nil:
+            penalty = penalty + nil[1:].pow(2).sum()
+        loss = loss + L2 * penalty
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
 
 
 def _normalised(weights: Sequence[float], count: int) -> torch.Tensor:

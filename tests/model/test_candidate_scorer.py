@@ -23,10 +23,11 @@ def test_an_untrained_scorer_ranks_by_m3el_and_never_says_nil():
     logits = scorer.logits(m3el, branches, lexical, feature_mask=mask, use_branches=True)
     assert torch.allclose(logits, 0.2 * m3el, atol=1e-5)
     valid = torch.ones_like(m3el, dtype=torch.bool)
-    nil = scorer.nil_logits(torch.tensor([[1.0, 1.0, 1.0]] * 3))
-    probs, nil_probs = scorer.probabilities(logits, valid, nil)
-    assert torch.allclose(probs.sum(1) + nil_probs, torch.ones(3))
-    assert float(nil_probs.max()) < 1e-15
+    joint = scorer.log_probabilities(m3el, branches, lexical, valid, feature_mask=mask, use_branches=True,
+                                     nil_features=torch.tensor([[1.0, 1.0, 1.0]] * 3)).detach().exp()
+    assert torch.allclose(joint.sum(1), torch.ones(3))
+    assert torch.equal(joint[:, :-1].argmax(1), m3el.argmax(1))
+    assert float(joint[:, -1].max()) < 1e-15
 
 
 def test_feature_mask_switches_groups_off():
@@ -45,11 +46,12 @@ def test_padding_gets_no_probability():
     scorer = CandidateScorer(BRANCHES)
     m3el, branches, lexical = inputs(batch=2, width=4)
     valid = torch.tensor([[True, True, False, False], [True, True, True, True]])
-    logits = scorer.logits(m3el, branches, lexical, feature_mask=scorer.feature_mask(prior=True, name=True),
-                           use_branches=True)
-    probs, nil = scorer.probabilities(logits, valid, torch.zeros(2))
-    assert probs[0, 2:].tolist() == [0.0, 0.0]
-    assert torch.allclose(probs.sum(1) + nil, torch.ones(2))
+    mask = scorer.feature_mask(prior=True, name=True)
+    for gate in (None, torch.tensor([0.3, 1.0])):
+        joint = scorer.log_probabilities(m3el, branches, lexical, valid, feature_mask=mask, use_branches=True,
+                                         gate=gate, nil_features=torch.zeros(2, len(NIL_FEATURES))).exp()
+        assert joint[0, 2:4].tolist() == [0.0, 0.0]
+        assert torch.allclose(joint.sum(1), torch.ones(2))
 
 
 def test_training_loss_learns_a_prior_the_m3el_score_cannot_see():
@@ -88,7 +90,7 @@ def test_a_new_scorer_is_unfitted_and_fits_thinc():
 def test_the_picture_gate_trusts_an_agreeing_picture_and_drops_a_missing_one():
     scorer = CandidateScorer(BRANCHES)
     with torch.no_grad():
-        scorer.gate_weights.copy_(torch.tensor([0.0, 3.0, 0.0, 0.0]))
+        scorer.gate_weights.copy_(torch.tensor([0.0, 3.0, 0.0, 0.0, 0.0, 0.0]))
     text = torch.tensor([[5.0, 1.0, 0.0, -1.0]] * 3)
     agreeing = torch.stack([text, text, text, text], dim=-1)  # the picture ranks as the text does
     against = torch.stack([text, -text, -text, -text], dim=-1)
@@ -96,15 +98,16 @@ def test_the_picture_gate_trusts_an_agreeing_picture_and_drops_a_missing_one():
     has_image = torch.tensor([True, True, False])
     inputs_ = scorer.gate_inputs(agreeing, valid)
     assert torch.allclose(inputs_[:, 0], torch.ones(3), atol=1e-5)  # correlation 1
+    assert inputs_[0, 3:].tolist() == [15.0, 5.0]  # the picture's and the text's best scores
     trust, distrust = scorer.gate(agreeing, valid, has_image), scorer.gate(against, valid, has_image)
     assert float(trust[0]) > 0.9 and float(distrust[0]) < 0.1 and float(trust[2]) == 0.0
     # Without a picture (gate 0) the picture branches do not count: the text alone ranks.
     mask = scorer.feature_mask(prior=False, name=False)
     lexical = torch.zeros(3, 4, len(LEXICAL_FEATURES))
     m3el = against.mean(dim=-1)
-    gated = scorer.logits(m3el, against, lexical, feature_mask=mask, use_branches=False,
-                          gate=torch.zeros(3))
-    assert torch.allclose(gated, scorer.scale * text / 4, atol=1e-5)
+    gated = scorer.log_probabilities(m3el, against, lexical, valid, feature_mask=mask, use_branches=False,
+                                     gate=torch.zeros(3))
+    assert torch.allclose(gated, (scorer.text_scale * text / 4).log_softmax(1), atol=1e-5)
     assert gated[0].argmax() == 0 and m3el[0].argmax() != 0
 
 
@@ -116,7 +119,7 @@ def test_the_alias_prior_weight_is_never_negative():
     assert weights.tolist() == [0.0, 0.0, -3.0, 0.5]  # log_prior, from_alias kept >= 0; name features free
 
 
-def test_the_gate_blends_the_picture_expert_and_the_text_expert():
+def test_the_gate_mixes_the_experts_probabilities():
     scorer = CandidateScorer(BRANCHES)
     with torch.no_grad():
         scorer.nil_weights.copy_(torch.tensor([2.0, 0.0, 0.0]))
@@ -125,16 +128,29 @@ def test_the_gate_blends_the_picture_expert_and_the_text_expert():
         scorer.text_feature_weights.copy_(torch.tensor([0.0, 1.0, 0.0, 0.0]))
     m3el, branches, lexical = inputs()
     mask = scorer.feature_mask(prior=True, name=True)
-    pictured = scorer.logits(m3el, branches, lexical, feature_mask=mask, use_branches=True)
-    text = 3.0 * branches[..., BRANCHES.index("text")] / len(BRANCHES) + lexical[..., 1]  # no picture branch in it
-    gate = torch.tensor([1.0, 0.0, 0.25])
-    blended = scorer.logits(m3el, branches, lexical, feature_mask=mask, use_branches=True, gate=gate)
-    assert torch.allclose(blended[0], pictured[0], atol=1e-5)
-    assert torch.allclose(blended[1], text[1], atol=1e-5)
-    assert torch.allclose(blended[2], 0.25 * pictured[2] + 0.75 * text[2], atol=1e-5)
+    valid = torch.ones_like(m3el, dtype=torch.bool)
     features = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    assert scorer.nil_logits(features, gate).tolist() == [2.0, 1.5, 0.25 * 2.0 + 0.75 * 1.0]
-    assert scorer.nil_logits(features).tolist() == [2.0, 2.0, 2.0]  # no gate: the picture expert alone
+    pictured = torch.cat([scorer.logits(m3el, branches, lexical, feature_mask=mask, use_branches=True),
+                          torch.full((3, 1), 2.0)], dim=1).softmax(1)
+    text_logits = 3.0 * branches[..., BRANCHES.index("text")] / len(BRANCHES) + lexical[..., 1]  # no picture branch
+    text = torch.cat([text_logits, (features @ torch.tensor([0.0, 1.0, 0.5]))[:, None]], dim=1).softmax(1)
+    gate = torch.tensor([1.0, 0.0, 0.25])
+    mixed = scorer.log_probabilities(m3el, branches, lexical, valid, feature_mask=mask, use_branches=True,
+                                     gate=gate, nil_features=features).exp()
+    assert torch.allclose(mixed[0], pictured[0], atol=1e-6)  # a trusted picture: the picture expert's answer
+    assert torch.allclose(mixed[1], text[1], atol=1e-6)
+    assert torch.allclose(mixed[2], 0.25 * pictured[2] + 0.75 * text[2], atol=1e-6)
+    alone = scorer.log_probabilities(m3el, branches, lexical, valid, feature_mask=mask, use_branches=True,
+                                     nil_features=features).exp()
+    assert torch.allclose(alone, pictured, atol=1e-6)  # no gate: the picture expert alone
+
+
+def test_a_gate_saved_with_fewer_inputs_is_the_same_gate():
+    scorer = CandidateScorer(BRANCHES)
+    state = {"gate_weights": torch.tensor([1.0, 2.0, 0.0, 0.5])}
+    assert scorer.upgrade_gate_state(state)
+    assert state["gate_weights"].tolist() == [1.0, 2.0, 0.0, 0.5, 0.0, 0.0]
+    assert not scorer.upgrade_gate_state(state)  # already current
 
 
 def test_a_scorer_saved_before_the_text_expert_scores_picture_less_mentions_as_it_did():
@@ -152,10 +168,10 @@ def test_a_scorer_saved_before_the_text_expert_scores_picture_less_mentions_as_i
     text = branches[..., BRANCHES.index("text")]
     # The old formula without a picture (gate 0): the text branch's share of the content, boosted.
     before = 0.1 * (text / 4 + 0.5 * text) * 1.4 + lexical @ torch.tensor([0.3, 1.5, -0.2, 0.1])
-    now = scorer.logits(m3el, branches, lexical, feature_mask=mask, use_branches=True, gate=torch.zeros(3))
+    now = scorer.text_logits(branches, lexical, feature_mask=mask)
     assert torch.allclose(now, before, atol=1e-4)
     no_image = torch.tensor([[1.0, 1.0, 1.0]])
-    assert scorer.nil_logits(no_image, torch.zeros(1)).tolist() == pytest.approx([1.0 + 2.0 - 0.5])
+    assert scorer.nil_logits(no_image, text_expert=True).tolist() == pytest.approx([1.0 + 2.0 - 0.5])
 
 
 def test_own_pictures_train_the_experts_without_the_gate():
@@ -170,9 +186,10 @@ def test_own_pictures_train_the_experts_without_the_gate():
                                pictures_are_own=True)
     own.backward()
     assert scorer.gate_weights.grad is None or float(scorer.gate_weights.grad.abs().sum()) == 0.0
-    expected = torch.nn.functional.cross_entropy(
-        scorer.logits(scores["score"], torch.stack([scores[b] for b in BRANCHES], dim=-1), lexical,
-                      feature_mask=mask, use_branches=True, gate=has_image.float()), labels)
+    branches = torch.stack([scores[b] for b in BRANCHES], dim=-1)
+    pictured = scorer.logits(scores["score"], branches, lexical, feature_mask=mask, use_branches=True)
+    text = scorer.text_logits(branches, lexical, feature_mask=mask)
+    expected = torch.nn.functional.cross_entropy(torch.where(has_image[:, None], pictured, text), labels)
     assert torch.allclose(own, expected)
     scorer.zero_grad()
     scorer.training_loss(scores, lexical, labels, feature_mask=mask, use_branches=True,

@@ -405,9 +405,44 @@ def test_a_fit_does_not_depend_on_the_weights_training_left():
     with torch.no_grad():  # as a training run left the demo's: a text expert that no longer reads the text
         trained.text_log_scale.fill_(math.log(1e-4))
         trained.text_feature_weights.copy_(torch.tensor([0.0, 4.5, -2.7, -0.3]))
-        trained.gate_weights.copy_(torch.tensor([-3.0, 0.0, 0.0, 0.0]))
+        trained.gate_weights.copy_(torch.tensor([-3.0, 0.0, 0.0, 0.0, 0.0, 0.0]))
     for scorer in (fresh, trained):
         fit_weights(scorer, results, gold, options=ScorerOptions(), picture_fits=fits)
     for (name, a), (_, b) in zip(fresh.named_parameters(), trained.named_parameters()):
         assert torch.equal(a, b), name
     assert float(fresh.text_scale) > 0.01
+
+
+def test_each_expert_learns_from_the_mentions_it_serves():
+    pictured, pictured_gold, fits = own_and_other_pictures(15, 80)
+    rng = random.Random(16)
+    text_only, text_gold = [], []
+    for _ in range(80):
+        g = rng.randrange(6)
+        result = mention(rng, gold=g, image=False, prior_decides=False)
+        for candidate in result["candidates"]:
+            candidate["branches"].update({branch: 0.0 for branch in ("image", "t2v", "v2t")})
+        text_only.append(result)
+        text_gold.append(f"E{g}")
+    picture_expert = ("log_scale", "feature_weights", "branch_weights", "nil_weights")
+    text_expert = ("text_log_scale", "text_feature_weights", "text_nil_weights")
+
+    def fitted(results, gold, fits):
+        scorer = CandidateScorer(BRANCHES)
+        fit_weights(scorer, results, gold, options=ScorerOptions(), picture_fits=fits)
+        return dict(scorer.named_parameters())
+
+    everything = fitted(pictured + text_only, pictured_gold + text_gold, fits + [None] * len(text_only))
+    own = [i for i, fit in enumerate(fits) if fit]
+    # Without the mentions that have another's picture: the same experts, a gate that trusts every picture.
+    without_others = fitted([pictured[i] for i in own] + text_only, [pictured_gold[i] for i in own] + text_gold,
+                            [True] * len(own) + [None] * len(text_only))
+    for name in picture_expert + text_expert:
+        assert torch.allclose(everything[name], without_others[name], atol=1e-5), name
+    assert not torch.allclose(everything["gate_weights"], without_others["gate_weights"])
+    # Other golds for the mentions without a picture move the text expert only.
+    shifted = [f"E{(int(g[1:]) + 1) % 6}" for g in text_gold]
+    moved = fitted(pictured + text_only, pictured_gold + shifted, fits + [None] * len(text_only))
+    for name in picture_expert:
+        assert torch.allclose(everything[name], moved[name], atol=1e-5), name
+    assert float(moved["text_log_scale"]) < float(everything["text_log_scale"]) - 1.0  # the text no longer tells
