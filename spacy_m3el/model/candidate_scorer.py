@@ -8,7 +8,9 @@ entity. The scorer's logit for candidate j of a mention is
     scale * (m3el_j + sum_b w_b * branch_b,j) + sum_f v_f * feature_f,j
 
 and the NIL option's logit is ``u . nil_features`` (a bias, "the mention has
-no alias-table candidate", "the mention has no image"). A softmax over the candidates plus NIL gives probabilities;
+no alias-table candidate", "the mention has no image", and how well the
+picture and the text match their best candidate: a mention of an entity
+outside the KB matches none of its candidates well). A softmax over the candidates plus NIL gives probabilities;
 ``scale`` is the inverse temperature. Disabled feature groups are masked, so
 the paper's M3EL score alone is ``scale * m3el``: same ranking, still calibrated.
 
@@ -56,7 +58,9 @@ LEXICAL_FEATURES = ("log_prior", "from_alias", "name_exact", "name_normalized")
 #: Which feature group (component setting) each lexical feature belongs to.
 FEATURE_GROUPS = {"log_prior": "prior", "from_alias": "prior", "name_exact": "name", "name_normalized": "name"}
 #: Per mention, for the NIL option.
-NIL_FEATURES = ("bias", "no_alias_candidates", "no_image")
+NIL_FEATURES = ("bias", "no_alias_candidates", "no_image", "picture_best_score", "text_best_score")
+#: NIL features of a scorer saved before the text expert (the first ones of ``NIL_FEATURES``).
+LEGACY_NIL_FEATURES = 3
 #: Branches that read the mention's picture: the text expert does without them.
 PICTURE_BRANCHES = ("image", "t2v", "v2t")
 #: Inputs of the picture gate after its bias.
@@ -150,27 +154,28 @@ class CandidateScorer(nn.Module):
         state = dict(state)
         boost = state.pop(LEGACY_KEY).reshape(-1)[0]
         old_nil = state["nil_weights"]
-        state["nil_weights"] = old_nil[: len(NIL_FEATURES)].clone()
-        state["text_nil_weights"] = old_nil[: len(NIL_FEATURES)].clone()
+        state["nil_weights"] = old_nil[:LEGACY_NIL_FEATURES].clone()
+        state["text_nil_weights"] = old_nil[:LEGACY_NIL_FEATURES].clone()
         state["text_feature_weights"] = state["feature_weights"].clone()
         text_weight = 1.0
         if "text" in self.branches:
             text_weight = 1.0 + len(self.branches) * float(state["branch_weights"][self.branches.index("text")])
         scale = state["log_scale"].clamp(max=MAX_LOG_SCALE).exp() * (1.0 + boost) * max(text_weight, 1e-3)
         state["text_log_scale"] = scale.clamp(min=1e-6).log().reshape(1)
-        self.upgrade_gate_state(state)
+        self.upgrade_input_sizes(state)
         return state
 
-    def upgrade_gate_state(self, state: Dict[str, torch.Tensor]) -> bool:
-        """Give a gate saved with fewer inputs (keys without the ``scorer.``
-        prefix) a zero weight on each input it lacks, in place: the same
-        gate. True when it did."""
-        saved = state.get("gate_weights")
-        if saved is None or saved.numel() >= self.gate_weights.numel():
-            return False
-        lacking = self.gate_weights.numel() - saved.numel()
-        state["gate_weights"] = torch.cat([saved.reshape(-1), saved.new_zeros(lacking)])
-        return True
+    def upgrade_input_sizes(self, state: Dict[str, torch.Tensor]) -> bool:
+        """Give the gate and NIL options of a scorer saved with fewer inputs
+        (keys without the ``scorer.`` prefix) a zero weight on each input
+        they lack, in place: the same gate and NIL options. True when it did."""
+        upgraded = False
+        for name in ("gate_weights", "nil_weights", "text_nil_weights"):
+            saved, size = state.get(name), getattr(self, name).numel()
+            if saved is not None and saved.numel() < size:
+                state[name] = torch.cat([saved.reshape(-1), saved.new_zeros(size - saved.numel())])
+                upgraded = True
+        return upgraded
 
     def gate_inputs(self, branches: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """[B, len(GATE_FEATURES)] from the branch scores [B, K, n_branches]

@@ -210,11 +210,11 @@ def _deserialize(network: M3ELNetwork, data: bytes, device: torch.device) -> M3E
              "carried over, but mentions whose picture it distrusts now score differently. Refit it with "
              "`python -m spacy_m3el calibrate`.")
     scorer_state = {k[len("scorer."):]: v for k, v in state.items() if k.startswith("scorer.")}
-    if network.scorer.upgrade_gate_state(scorer_state):
-        state["scorer.gate_weights"] = scorer_state["gate_weights"]
+    if network.scorer.upgrade_input_sizes(scorer_state):
+        state.update({f"scorer.{k}": v for k, v in scorer_state.items()})
         warn("These M3EL weights were saved before the candidate scorer mixed its experts' probabilities and its "
-             "picture gate read how well the picture and the text match their best candidates: its weights were "
-             "carried over, but mentions with a picture now score differently. Refit it with "
+             "picture gate and NIL options read how well the picture and the text match their best candidates: "
+             "its weights were carried over, but mentions with a picture now score differently. Refit it with "
              "`python -m spacy_m3el calibrate`.")
     missing, unexpected = network.load_state_dict(state, strict=False)
     if network.encoder.frozen:

@@ -3,11 +3,13 @@
 Works on linking results (``{"candidates": [...], "modalities": [...]}``),
 where each candidate keeps its raw M3EL ``score``, its ``branches`` and its
 lexical ``features``: the probabilities can be recomputed from results alone
-(after a fit, without running the model again). ``fit`` is a multinomial
-logistic regression over each mention's candidates plus NIL, solved with
-L-BFGS: it sets both experts' inverse temperatures, feature weights and NIL
-options, the branch weights and the picture gate, then picks the NIL threshold that
-maximises accuracy. ``calibrate_scorer`` does the same with cross-fitting:
+(after a fit, without running the model again). ``fit`` fits the picture
+gate (a logistic classifier of a mention's own picture against another's),
+then each expert as a multinomial logistic regression over its mentions'
+candidates plus NIL, solved with L-BFGS (the picture expert's inverse
+temperature, branch and feature weights and NIL option on mentions with
+their own picture, the text expert's on mentions without one), then picks
+the NIL threshold that maximises accuracy. ``calibrate_scorer`` does the same with cross-fitting:
 every mention also gets probabilities from a scorer fitted without it, the
 threshold is chosen on those (and kept only when its gain there is more
 than chance: with calibrated probabilities the NIL option alone already
@@ -32,7 +34,13 @@ import torch
 
 from ..errors import warn
 from ..kb.base import NIL
-from ..model.candidate_scorer import CONFIDENCE_KNOTS, LEXICAL_FEATURES, NIL_FEATURES, CandidateScorer
+from ..model.candidate_scorer import (
+    CONFIDENCE_KNOTS,
+    LEXICAL_FEATURES,
+    NIL_FEATURES,
+    PICTURE_BRANCHES,
+    CandidateScorer,
+)
 from ..progress import progress_bar
 
 Result = Dict[str, Any]
@@ -84,10 +92,15 @@ class CandidateTensors:
 
 
 def nil_features(result: Result) -> List[float]:
-    """bias, no alias-table candidate, no image: in ``NIL_FEATURES`` order."""
-    no_alias = not any(c["features"]["from_alias"] for c in result["candidates"])
-    no_image = "image" not in (result.get("modalities") or [])
-    values = {"bias": 1.0, "no_alias_candidates": float(no_alias), "no_image": float(no_image)}
+    """bias, no alias-table candidate, no image, the best candidate's picture
+    score (0 without an image) and text score: in ``NIL_FEATURES`` order."""
+    candidates = result["candidates"]
+    no_alias = not any(c["features"]["from_alias"] for c in candidates)
+    has_image = "image" in (result.get("modalities") or [])
+    picture = max((sum(c["branches"].get(b, 0.0) for b in PICTURE_BRANCHES) for c in candidates), default=0.0)
+    text = max((c["branches"].get("text", 0.0) for c in candidates), default=0.0)
+    values = {"bias": 1.0, "no_alias_candidates": float(no_alias), "no_image": float(not has_image),
+              "picture_best_score": picture if has_image else 0.0, "text_best_score": text}
     return [values[name] for name in NIL_FEATURES]
 
 

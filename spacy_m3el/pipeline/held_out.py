@@ -27,10 +27,13 @@ def calibrate_linker(linker: "M3ELLinker", examples: Iterable[Example], *,
     picture gate, NIL options) and the NIL threshold on held-out examples
     with gold links (NIL included), each mention with its picture,
     without one and with another mention's picture (seeded), so that
-    none of these gets answers fitted to the other; each condition
-    weighs as much as the share of mentions the linker expects under it
-    (``calibration_pictures``). The picture gate is fitted first, to tell
-    the mentions' own pictures from the others'. The fit is
+    none of these gets answers fitted to the other. The picture gate is
+    fitted first, to tell the mentions' own pictures from the others';
+    then the picture expert on the mentions with their own picture and
+    the text expert on those without one. Each condition weighs as much
+    as the share of mentions the linker expects under it
+    (``calibration_pictures``) in the NIL threshold and the confidence
+    map. The fit is
     cross-validated: the threshold is chosen, and the report's
     ``out_of_fold`` figures computed, on probabilities from fits that
     did not see the mention; the predicted docs are annotated with those

@@ -54,12 +54,14 @@ class LinkerSettings:
     reweight_branches: bool = _option(True, "Candidate scorer: learn a weight per M3EL branch score on "
                                             "top of their mean (with incl_prior, incl_name_match and picture_gate "
                                             "also off: the paper's M3EL score alone, still calibrated).")
-    picture_gate: bool = _option(True, "Candidate scorer: blend a picture expert (every branch) and a text "
-                                       "expert (the branches that do not read the mention's picture: not image, "
-                                       "T2V, V2T) per mention by a learned gate on how well the picture agrees "
-                                       "with the text over the candidates; a mention without a picture is "
-                                       "scored by the text expert alone (off: the picture expert alone, on the "
-                                       "branches' mean).")
+    picture_gate: bool = _option(True, "Candidate scorer: mix the probabilities of a picture expert (every "
+                                       "branch; fitted on mentions with their own picture) and a text expert (the "
+                                       "branches that do not read the mention's picture: not image, T2V, V2T; "
+                                       "fitted on mentions without one) per mention by a learned gate, the "
+                                       "probability that the picture is the mention's own, from how well picture "
+                                       "and text agree over the candidates and how well each matches its best "
+                                       "one; a mention without a picture is scored by the text expert alone "
+                                       "(off: the picture expert alone, on the branches' mean).")
     picture_dropout: float = _option(0.2, "Training: share of mentions whose picture is removed in the batch "
                                           "copy the candidate scorer trains on (M3EL's own losses see the "
                                           "pictures as given), for mentions without a picture.")
@@ -73,8 +75,9 @@ class LinkerSettings:
     calibration_pictures: Dict[str, float] = _option(
         {"given": 0.6, "none": 0.2, "shuffled": 0.2},
         "Calibration: the share of mentions expected with their own picture (given), without one (none) and with "
-        "a picture that shows something else (shuffled); the fit weighs the held-out mentions under each "
-        "condition by it (the defaults match picture_dropout and picture_mismatch). A linker without an image "
+        "a picture that shows something else (shuffled); the NIL threshold and the confidence map (without "
+        "picture_gate, the whole fit) weigh the held-out mentions under each condition by it (the defaults "
+        "match picture_dropout and picture_mismatch). A linker without an image "
         "branch fits on the given pictures alone; a condition set to 0 is left out.")
     labels_discard: List[str] = _option([], "Entity labels the linker leaves alone.")
     use_gold_ents: bool = _option(True, "Train on the gold entity spans even where the predicted doc "

@@ -24,7 +24,7 @@ def test_an_untrained_scorer_ranks_by_m3el_and_never_says_nil():
     assert torch.allclose(logits, 0.2 * m3el, atol=1e-5)
     valid = torch.ones_like(m3el, dtype=torch.bool)
     joint = scorer.log_probabilities(m3el, branches, lexical, valid, feature_mask=mask, use_branches=True,
-                                     nil_features=torch.tensor([[1.0, 1.0, 1.0]] * 3)).detach().exp()
+                                     nil_features=torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0]] * 3)).detach().exp()
     assert torch.allclose(joint.sum(1), torch.ones(3))
     assert torch.equal(joint[:, :-1].argmax(1), m3el.argmax(1))
     assert float(joint[:, -1].max()) < 1e-15
@@ -122,18 +122,18 @@ def test_the_alias_prior_weight_is_never_negative():
 def test_the_gate_mixes_the_experts_probabilities():
     scorer = CandidateScorer(BRANCHES)
     with torch.no_grad():
-        scorer.nil_weights.copy_(torch.tensor([2.0, 0.0, 0.0]))
-        scorer.text_nil_weights.copy_(torch.tensor([0.0, 1.0, 0.5]))
+        scorer.nil_weights.copy_(torch.tensor([2.0, 0.0, 0.0, 0.0, 0.0]))
+        scorer.text_nil_weights.copy_(torch.tensor([0.0, 1.0, 0.5, 0.0, -0.1]))
         scorer.text_log_scale.fill_(math.log(3.0))
         scorer.text_feature_weights.copy_(torch.tensor([0.0, 1.0, 0.0, 0.0]))
     m3el, branches, lexical = inputs()
     mask = scorer.feature_mask(prior=True, name=True)
     valid = torch.ones_like(m3el, dtype=torch.bool)
-    features = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    features = torch.tensor([[1.0, 0.0, 0.0, 9.0, 3.0], [1.0, 1.0, 1.0, 0.0, 2.0], [1.0, 1.0, 0.0, 5.0, 4.0]])
     pictured = torch.cat([scorer.logits(m3el, branches, lexical, feature_mask=mask, use_branches=True),
                           torch.full((3, 1), 2.0)], dim=1).softmax(1)
     text_logits = 3.0 * branches[..., BRANCHES.index("text")] / len(BRANCHES) + lexical[..., 1]  # no picture branch
-    text = torch.cat([text_logits, (features @ torch.tensor([0.0, 1.0, 0.5]))[:, None]], dim=1).softmax(1)
+    text = torch.cat([text_logits, (features @ torch.tensor([0.0, 1.0, 0.5, 0.0, -0.1]))[:, None]], dim=1).softmax(1)
     gate = torch.tensor([1.0, 0.0, 0.25])
     mixed = scorer.log_probabilities(m3el, branches, lexical, valid, feature_mask=mask, use_branches=True,
                                      gate=gate, nil_features=features).exp()
@@ -145,12 +145,15 @@ def test_the_gate_mixes_the_experts_probabilities():
     assert torch.allclose(alone, pictured, atol=1e-6)  # no gate: the picture expert alone
 
 
-def test_a_gate_saved_with_fewer_inputs_is_the_same_gate():
+def test_a_gate_and_nil_options_saved_with_fewer_inputs_are_the_same():
     scorer = CandidateScorer(BRANCHES)
-    state = {"gate_weights": torch.tensor([1.0, 2.0, 0.0, 0.5])}
-    assert scorer.upgrade_gate_state(state)
+    state = {"gate_weights": torch.tensor([1.0, 2.0, 0.0, 0.5]), "nil_weights": torch.tensor([3.0, 1.0, 0.5]),
+             "text_nil_weights": torch.tensor([2.0, 1.0, 0.5]), "log_scale": torch.tensor([0.0])}
+    assert scorer.upgrade_input_sizes(state)
     assert state["gate_weights"].tolist() == [1.0, 2.0, 0.0, 0.5, 0.0, 0.0]
-    assert not scorer.upgrade_gate_state(state)  # already current
+    assert state["nil_weights"].tolist() == [3.0, 1.0, 0.5, 0.0, 0.0]
+    assert state["text_nil_weights"].tolist() == [2.0, 1.0, 0.5, 0.0, 0.0]
+    assert not scorer.upgrade_input_sizes(state)  # already current
 
 
 def test_a_scorer_saved_before_the_text_expert_scores_picture_less_mentions_as_it_did():
@@ -160,7 +163,7 @@ def test_a_scorer_saved_before_the_text_expert_scores_picture_less_mentions_as_i
            "gate_weights": torch.tensor([1.0, 2.0, 0.0, 0.5]), "text_boost": torch.tensor([0.4])}
     scorer = CandidateScorer(BRANCHES)
     state = scorer.upgrade_legacy_state(old)
-    assert "text_boost" not in state and state["nil_weights"].tolist() == old_nil[:3].tolist()
+    assert "text_boost" not in state and state["nil_weights"].tolist() == old_nil[:3].tolist() + [0.0, 0.0]
     current = scorer.state_dict()
     scorer.load_state_dict({**current, **state})
     m3el, branches, lexical = inputs()
@@ -170,7 +173,7 @@ def test_a_scorer_saved_before_the_text_expert_scores_picture_less_mentions_as_i
     before = 0.1 * (text / 4 + 0.5 * text) * 1.4 + lexical @ torch.tensor([0.3, 1.5, -0.2, 0.1])
     now = scorer.text_logits(branches, lexical, feature_mask=mask)
     assert torch.allclose(now, before, atol=1e-4)
-    no_image = torch.tensor([[1.0, 1.0, 1.0]])
+    no_image = torch.tensor([[1.0, 1.0, 1.0, 0.0, 7.0]])
     assert scorer.nil_logits(no_image, text_expert=True).tolist() == pytest.approx([1.0 + 2.0 - 0.5])
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from spacy_m3el.kb.base import NIL
-from spacy_m3el.model import CandidateScorer
+from spacy_m3el.model import NIL_FEATURES, CandidateScorer
 from spacy_m3el.pipeline.calibration import (
     ScorerOptions,
     apply_scorer,
@@ -15,6 +15,7 @@ from spacy_m3el.pipeline.calibration import (
     fit,
     fit_picture_gate,
     fit_weights,
+    nil_features,
     to_tensors,
 )
 from spacy_m3el.pipeline.features import lexical_features
@@ -446,3 +447,49 @@ def test_each_expert_learns_from_the_mentions_it_serves():
     for name in picture_expert:
         assert torch.allclose(everything[name], moved[name], atol=1e-5), name
     assert float(moved["text_log_scale"]) < float(everything["text_log_scale"]) - 1.0  # the text no longer tells
+
+
+def test_nil_is_learned_from_a_picture_that_matches_no_candidate():
+    """Out-of-KB mentions whose M3EL score and text read like a linked
+    one's but whose picture matches none of the candidates get NIL: the
+    NIL option reads the best picture score (the branches are not
+    reweighted here, so nothing else can tell)."""
+    rng = random.Random(17)
+    options = ScorerOptions(branches=False)
+
+    def out_of_kb(rng):
+        result = mention(rng, gold=rng.randrange(6), prior_decides=False)
+        for candidate in result["candidates"]:
+            candidate["branches"].update({b: rng.gauss(40.0, 4.0) for b in ("image", "t2v", "v2t")})
+        return result
+
+    def split(seed, count):
+        results, gold = data(seed, count, prior_decides=False)
+        for _ in range(count // 3):
+            results.append(out_of_kb(rng))
+            gold.append(NIL)
+        return results, gold
+
+    results, gold = split(18, 240)
+    scorer = CandidateScorer(BRANCHES)
+    fit(scorer, results, gold, options=options)
+    assert scorer.nil_weights[NIL_FEATURES.index("picture_best_score")] < 0  # a better picture match: less NIL
+    test, test_gold = split(19, 150)
+    apply_scorer(scorer, test, options=options, threshold=None)
+    answered_nil = [(r["id"] == NIL, g == NIL) for r, g in zip(test, test_gold)]
+    nil_recall = sum(said for said, nil in answered_nil if nil) / test_gold.count(NIL)
+    linked_as_nil = sum(said for said, nil in answered_nil if not nil) / (len(test) - test_gold.count(NIL))
+    assert nil_recall > 0.9 and linked_as_nil < 0.1
+
+
+def test_nil_features_read_the_best_candidate_of_each_modality():
+    rng = random.Random(20)
+    result = mention(rng, gold=1)
+    features = dict(zip(NIL_FEATURES, nil_features(result)))
+    candidates = result["candidates"]
+    assert features["picture_best_score"] == pytest.approx(
+        max(sum(c["branches"][b] for b in ("image", "t2v", "v2t")) for c in candidates))
+    assert features["text_best_score"] == pytest.approx(max(c["branches"]["text"] for c in candidates))
+    no_picture = mention(rng, gold=1, image=False)
+    assert dict(zip(NIL_FEATURES, nil_features(no_picture)))["picture_best_score"] == 0.0
+    assert nil_features({"candidates": [], "modalities": ["text"]}) == [1.0, 1.0, 1.0, 0.0, 0.0]
