@@ -141,18 +141,30 @@ def test_weights_saved_before_the_confidence_map_still_load(trained):
     state = load(_serialize(network))
     older = {k: v for k, v in state.items() if k not in ("scorer.confidence_x", "scorer.confidence_y")}
     assert len(older) == len(state) - 2
-    # Before the text expert: one NIL weight more, a text boost, no text expert.
+    # Before the text expert: three NIL features and one NIL weight more, a text boost, no text expert,
+    # a gate of three inputs.
     legacy = {k: v for k, v in older.items() if not k.startswith("scorer.text_")}
-    legacy["scorer.nil_weights"] = torch.cat([state["scorer.nil_weights"], torch.tensor([0.5])])
+    legacy["scorer.nil_weights"] = torch.cat([state["scorer.nil_weights"][:3], torch.tensor([0.5])])
+    legacy["scorer.gate_weights"] = state["scorer.gate_weights"][:4]
     legacy["scorer.text_boost"] = torch.tensor([0.2])
+    # Before the mixture: a gate of three inputs, NIL options of three features.
+    mixture_less = dict(older)
+    for name in ("scorer.nil_weights", "scorer.text_nil_weights"):
+        mixture_less[name] = state[name][:3]
+    mixture_less["scorer.gate_weights"] = state["scorer.gate_weights"][:4]
+    padded_nil = state["scorer.nil_weights"][:3].tolist() + [0.0, 0.0]
     try:
         _deserialize(network, save(older), device)
         with pytest.raises(ValueError, match="missing \\['scorer.log_scale'\\]"):
             _deserialize(network, save({k: v for k, v in older.items() if k != "scorer.log_scale"}), device)
         with pytest.warns(UserWarning, match="before the candidate scorer had a text expert"):
             _deserialize(network, save(legacy), device)
-        assert network.scorer.nil_weights.tolist() == state["scorer.nil_weights"].tolist()
-        assert network.scorer.text_nil_weights.tolist() == state["scorer.nil_weights"].tolist()
+        assert network.scorer.nil_weights.tolist() == padded_nil
+        assert network.scorer.text_nil_weights.tolist() == padded_nil
+        with pytest.warns(UserWarning, match="mixed its experts' probabilities"):
+            _deserialize(network, save(mixture_less), device)
+        assert network.scorer.nil_weights.tolist() == padded_nil
+        assert network.scorer.gate_weights.tolist() == state["scorer.gate_weights"][:4].tolist() + [0.0, 0.0]
     finally:
         _deserialize(network, save(state), device)
 
