@@ -180,13 +180,16 @@ class CandidateScorer(nn.Module):
     def gate_inputs(self, branches: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """[B, len(GATE_FEATURES)] from the branch scores [B, K, n_branches]
         of each mention's valid candidates [B, K] (detached)."""
-        batch = branches.shape[0]
-        if "text" not in self.branches or not bool(self.picture_branches.any()) or branches.shape[1] < 2:
-            return branches.new_zeros(batch, len(GATE_FEATURES))
+        if not bool(self.picture_branches.any()) or branches.shape[1] == 0:
+            return branches.new_zeros(branches.shape[0], len(GATE_FEATURES))
+        # Every input that is defined counts: one candidate has no spread (its standard scores and the
+        # correlation are 0) and a model without a text branch has no text side, but how well the picture
+        # matches its best candidate still tells its own picture from another's.
         branches = branches.detach().float()
         weight = valid.to(branches.dtype)
         count = weight.sum(dim=1, keepdim=True).clamp(min=1.0)
-        text = branches[..., self.branches.index("text")]
+        text = branches[..., self.branches.index("text")] if "text" in self.branches else branches.new_zeros(
+            branches.shape[:2])
         picture = (branches * self.picture_branches.to(branches.dtype)).sum(dim=-1)
 
         def standardised(x: torch.Tensor) -> torch.Tensor:

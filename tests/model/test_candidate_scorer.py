@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from spacy_m3el.model import LEXICAL_FEATURES, NIL_FEATURES, CandidateScorer
+from spacy_m3el.model.candidate_scorer import GATE_FEATURES
 
 BRANCHES = ("text", "image", "t2v", "v2t")
 
@@ -198,3 +199,20 @@ def test_own_pictures_train_the_experts_without_the_gate():
     scorer.training_loss(scores, lexical, labels, feature_mask=mask, use_branches=True,
                          has_image=has_image).backward()  # varied pictures: the gate learns
     assert float(scorer.gate_weights.grad.abs().sum()) > 0.0
+
+
+def test_the_gate_reads_what_is_defined_with_one_candidate_or_no_text_branch():
+    scorer = CandidateScorer(BRANCHES)
+    one = torch.tensor([[[4.0, 5.0, 6.0, 7.0]]])  # one candidate: text 4, picture 5 + 6 + 7
+    inputs_ = scorer.gate_inputs(one, torch.ones(1, 1, dtype=torch.bool))
+    assert inputs_.tolist() == [[0.0, 0.0, 0.0, 18.0, 4.0]]  # no spread, but the best scores
+    image_only = CandidateScorer(("image",))
+    pictures = torch.tensor([[[3.0], [9.0], [1.0]]])
+    inputs_ = image_only.gate_inputs(pictures, torch.tensor([[True, True, False]]))
+    assert inputs_[0, 3] == 9.0 and inputs_[0, 4] == 0.0
+    with torch.no_grad():
+        image_only.gate_weights.copy_(torch.tensor([-9.0, 0.0, 0.0, 0.0, 1.0, 0.0]))
+    gate = image_only.gate(pictures, torch.tensor([[True, True, False]]), torch.tensor([True]))
+    assert float(gate[0]) == pytest.approx(0.5)  # the picture's best score moves it
+    empty = scorer.gate_inputs(torch.zeros(2, 0, len(BRANCHES)), torch.zeros(2, 0, dtype=torch.bool))
+    assert empty.shape == (2, len(GATE_FEATURES)) and not empty.any()
