@@ -321,7 +321,7 @@ def fit_weights(
     picture expert from mentions with a picture that is their own
     (``picture_fits`` per item: True, False for another mention's, None
     where not known, taken as own), the text expert from mentions without
-    a picture (none: it scores as the picture expert does); mentions with
+    a picture (an expert without mentions takes the other's weights); mentions with
     another's picture teach the gate only, fitted first as a classifier of
     that (:func:`fit_picture_gate`; without both kinds the gate trusts
     every picture). Without the gate the picture expert learns from every
@@ -355,16 +355,15 @@ def fit_weights(
         own = torch.tensor([picture_fits is None or picture_fits[i] is not False for i in kept])
         experts = [(False, tensors.has_image & own), (True, ~tensors.has_image)]
     before = _mean_nll(scorer, tensors, target, item_weights, options)
+    fitted = {text_expert: bool(chosen.any()) for text_expert, chosen in experts}
     for text_expert, chosen in experts:
-        if bool(chosen.any()):
+        if fitted[text_expert]:
             chosen_at = chosen.to(device)
             _fit_expert(scorer, tensors.select(chosen), target[chosen_at], item_weights[chosen_at],
                         options=options, text_expert=text_expert, max_iter=max_iter)
-        elif text_expert:  # nothing to learn from: the text expert scores as the picture expert does
-            with torch.no_grad():
-                scorer.text_log_scale.copy_(scorer.log_scale)
-                scorer.text_feature_weights.copy_(scorer.feature_weights)
-                scorer.text_nil_weights.copy_(scorer.nil_weights)
+    if options.gate and fitted[True] != fitted[False]:
+        # One expert had nothing to learn from: it takes the other's scale, lexical weights and NIL option.
+        _copy_expert(scorer, to_text=fitted[False])
     after = _mean_nll(scorer, tensors, target, item_weights, options)
     if not math.isfinite(after) or not all(bool(torch.isfinite(value).all()) for value in scorer.parameters()):
         # A diverged line search must not leave NaN weights behind (they would poison training too).
@@ -378,6 +377,14 @@ def fit_weights(
         param.grad = None  # else the next training step would apply the fit's gradients
     return {"mentions": len(results), "fitted_on": len(kept), "nil_option": bool((target == width).any()),
             "nil_mentions": int(sum(1 for g in gold_ids if g == NIL)), "nll_before": before, "nll_after": after}
+
+
+@torch.no_grad()
+def _copy_expert(scorer: CandidateScorer, *, to_text: bool) -> None:
+    pairs = [(scorer.log_scale, scorer.text_log_scale), (scorer.feature_weights, scorer.text_feature_weights),
+             (scorer.nil_weights, scorer.text_nil_weights)]
+    for picture, text in pairs:
+        (text if to_text else picture).copy_(picture if to_text else text)
 
 
 @torch.no_grad()

@@ -493,3 +493,18 @@ def test_nil_features_read_the_best_candidate_of_each_modality():
     no_picture = mention(rng, gold=1, image=False)
     assert dict(zip(NIL_FEATURES, nil_features(no_picture)))["picture_best_score"] == 0.0
     assert nil_features({"candidates": [], "modalities": ["text"]}) == [1.0, 1.0, 1.0, 0.0, 0.0]
+
+
+def test_an_expert_without_mentions_takes_the_other_s_weights():
+    pictured, gold, fits = own_and_other_pictures(21, 60)
+    scorer = CandidateScorer(BRANCHES)
+    fit_weights(scorer, pictured, gold, options=ScorerOptions(), picture_fits=fits)  # no mention without a picture
+    assert scorer.text_log_scale.tolist() == scorer.log_scale.tolist()
+    assert scorer.text_nil_weights.tolist() == scorer.nil_weights.tolist()
+    rng = random.Random(22)
+    text_only = [mention(rng, gold=rng.randrange(6), image=False) for _ in range(60)]
+    text_gold = [f"E{max(range(6), key=lambda j: r['candidates'][j]['branches']['text'])}" for r in text_only]
+    scorer = CandidateScorer(BRANCHES)
+    fit_weights(scorer, text_only, text_gold, options=ScorerOptions(), picture_fits=[None] * len(text_only))
+    assert scorer.log_scale.tolist() == scorer.text_log_scale.tolist() and float(scorer.text_scale) > 0.3
+    assert scorer.feature_weights.tolist() == scorer.text_feature_weights.tolist()
