@@ -384,7 +384,8 @@ def _copy_expert(scorer: CandidateScorer, *, to_text: bool) -> None:
     pairs = [(scorer.log_scale, scorer.text_log_scale), (scorer.feature_weights, scorer.text_feature_weights),
              (scorer.nil_weights, scorer.text_nil_weights)]
     for picture, text in pairs:
-        (text if to_text else picture).copy_(picture if to_text else text)
+        source, target = (picture, text) if to_text else (text, picture)
+        target.copy_(source)
 
 
 @torch.no_grad()
