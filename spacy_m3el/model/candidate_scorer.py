@@ -46,7 +46,7 @@ picture counts than where it does not. The gate's inputs are detached: it
 decides which expert to trust, it does not train the branches.
 """
 import math
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -86,6 +86,25 @@ IMPOSSIBLE = -1e30
 #: The key that marks a scorer saved before the text expert (one set of weights, the text boosted
 #: where the picture was distrusted, a NIL weight for a distrusted picture).
 LEGACY_KEY = "text_boost"
+
+
+def text_and_picture_scores(branches: torch.Tensor, names: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """[B, K] each, from the branch scores [B, K, n_branches] named ``names``:
+    the text branch's score of each candidate and the sum of the branches that
+    read the picture (0 where the model has none)."""
+    text = branches[..., list(names).index("text")] if "text" in names else branches.new_zeros(branches.shape[:2])
+    reads_picture = torch.tensor([name in PICTURE_BRANCHES for name in names], dtype=branches.dtype,
+                                 device=branches.device)
+    return text, (branches * reads_picture).sum(dim=-1)
+
+
+def best_scores(scores: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """[B] each: the best of each mention's valid candidates' scores [B, K]
+    (0 for a mention without candidates) and which candidate it is."""
+    if scores.shape[1] == 0:
+        return scores.new_zeros(scores.shape[0]), torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+    best = scores.masked_fill(~valid, float("-inf")).max(dim=1)
+    return best.values.where(valid.any(dim=1), 0.0), best.indices
 
 
 class CandidateScorer(nn.Module):
@@ -188,9 +207,7 @@ class CandidateScorer(nn.Module):
         branches = branches.detach().float()
         weight = valid.to(branches.dtype)
         count = weight.sum(dim=1, keepdim=True).clamp(min=1.0)
-        text = branches[..., self.branches.index("text")] if "text" in self.branches else branches.new_zeros(
-            branches.shape[:2])
-        picture = (branches * self.picture_branches.to(branches.dtype)).sum(dim=-1)
+        text, picture = text_and_picture_scores(branches, self.branches)
 
         def standardised(x: torch.Tensor) -> torch.Tensor:
             mean = (x * weight).sum(dim=1, keepdim=True) / count
@@ -200,12 +217,10 @@ class CandidateScorer(nn.Module):
 
         z_text, z_picture = standardised(text), standardised(picture)
         correlation = (z_text * z_picture).sum(dim=1) / count[:, 0]
-        text_best = text.masked_fill(~valid, float("-inf")).max(dim=1)
-        picture_best = picture.masked_fill(~valid, float("-inf")).max(dim=1)
-        anything = valid.any(dim=1)
-        return torch.stack([correlation, z_picture.gather(1, text_best.indices[:, None])[:, 0],
-                            z_text.gather(1, picture_best.indices[:, None])[:, 0],
-                            picture_best.values.where(anything, 0.0), text_best.values.where(anything, 0.0)], dim=1)
+        text_best, text_choice = best_scores(text, valid)
+        picture_best, picture_choice = best_scores(picture, valid)
+        return torch.stack([correlation, z_picture.gather(1, text_choice[:, None])[:, 0],
+                            z_text.gather(1, picture_choice[:, None])[:, 0], picture_best, text_best], dim=1)
 
     def gate(self, branches: torch.Tensor, valid: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
         """[B] the probability that the mention's picture is its own, 0 without a picture."""

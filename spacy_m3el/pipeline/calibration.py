@@ -38,8 +38,9 @@ from ..model.candidate_scorer import (
     CONFIDENCE_KNOTS,
     LEXICAL_FEATURES,
     NIL_FEATURES,
-    PICTURE_BRANCHES,
     CandidateScorer,
+    best_scores,
+    text_and_picture_scores,
 )
 from ..progress import progress_bar
 
@@ -91,17 +92,20 @@ class CandidateTensors:
                                 self.nil[chosen], self.has_image[chosen])
 
 
-def nil_features(result: Result) -> List[float]:
-    """bias, no alias-table candidate, no image, the best candidate's picture
-    score (0 without an image) and text score: in ``NIL_FEATURES`` order."""
-    candidates = result["candidates"]
-    no_alias = not any(c["features"]["from_alias"] for c in candidates)
-    has_image = "image" in (result.get("modalities") or [])
-    picture = max((sum(c["branches"].get(b, 0.0) for b in PICTURE_BRANCHES) for c in candidates), default=0.0)
-    text = max((c["branches"].get("text", 0.0) for c in candidates), default=0.0)
-    values = {"bias": 1.0, "no_alias_candidates": float(no_alias), "no_image": float(not has_image),
-              "picture_best_score": picture if has_image else 0.0, "text_best_score": text}
-    return [values[name] for name in NIL_FEATURES]
+def nil_feature_tensor(branches: torch.Tensor, names: Sequence[str], lexical: torch.Tensor, valid: torch.Tensor,
+                       has_image: torch.Tensor) -> torch.Tensor:
+    """[B, len(NIL_FEATURES)]: bias, no alias-table candidate, no image, the
+    best candidate's picture score (0 without an image) and text score, from
+    the padded candidate tensors (branch scores named ``names``)."""
+    # Summed in float64: the branch scores are float32, so the picture's sum is exact whatever the branches'
+    # order, and the same in training, calibration and linking.
+    text, picture = text_and_picture_scores(branches.double(), names)
+    from_alias = (lexical[..., LEXICAL_FEATURES.index("from_alias")] != 0) & valid
+    values = {"bias": torch.ones(len(valid), dtype=torch.float64),
+              "no_alias_candidates": (~from_alias.any(dim=1)).double(), "no_image": (~has_image).double(),
+              "picture_best_score": best_scores(picture, valid)[0] * has_image,
+              "text_best_score": best_scores(text, valid)[0]}
+    return torch.stack([values[name] for name in NIL_FEATURES], dim=1).float()
 
 
 def to_tensors(results: Sequence[Result], branches: Sequence[str]) -> CandidateTensors:
@@ -122,9 +126,8 @@ def to_tensors(results: Sequence[Result], branches: Sequence[str]) -> CandidateT
             branch[i, :count] = torch.tensor([[c["branches"].get(b, 0.0) for b in branches] for c in candidates])
         lexical[i, :count] = torch.tensor([[c["features"][f] for f in LEXICAL_FEATURES] for c in candidates])
         valid[i, :count] = True
-    nil = torch.tensor([nil_features(r) for r in results],
-                       dtype=torch.float32).reshape(batch, len(NIL_FEATURES))
     has_image = torch.tensor(["image" in (r.get("modalities") or []) for r in results], dtype=torch.bool)
+    nil = nil_feature_tensor(branch, branches, lexical, valid, has_image)
     return CandidateTensors(m3el, branch, lexical, valid, nil, has_image)
 
 
@@ -321,7 +324,9 @@ def fit_weights(
     picture expert from mentions with a picture that is their own
     (``picture_fits`` per item: True, False for another mention's, None
     where not known, taken as own), the text expert from mentions without
-    a picture (an expert without mentions takes the other's weights); mentions with
+    a picture (an expert without such mentions learns from the other's,
+    reading only what it reads of them, the NIL option without the picture
+    features); mentions with
     another's picture teach the gate only, fitted first as a classifier of
     that (:func:`fit_picture_gate`; without both kinds the gate trusts
     every picture). Without the gate the picture expert learns from every
@@ -355,15 +360,20 @@ def fit_weights(
         own = torch.tensor([picture_fits is None or picture_fits[i] is not False for i in kept])
         experts = [(False, tensors.has_image & own), (True, ~tensors.has_image)]
     before = _mean_nll(scorer, tensors, target, item_weights, options)
-    fitted = {text_expert: bool(chosen.any()) for text_expert, chosen in experts}
+    own_mentions = {text_expert: chosen for text_expert, chosen in experts}
     for text_expert, chosen in experts:
-        if fitted[text_expert]:
-            chosen_at = chosen.to(device)
-            _fit_expert(scorer, tensors.select(chosen), target[chosen_at], item_weights[chosen_at],
-                        options=options, text_expert=text_expert, max_iter=max_iter)
-    if options.gate and fitted[True] != fitted[False]:
-        # One expert had nothing to learn from: it takes the other's scale, lexical weights and NIL option.
-        _copy_expert(scorer, to_text=fitted[False])
+        borrowed = not bool(chosen.any())
+        if borrowed:
+            # Nothing of its own to learn from: the other expert's mentions, read as this expert reads them.
+            chosen = own_mentions.get(not text_expert, chosen)
+            if not bool(chosen.any()):
+                continue
+        chosen_at = chosen.to(device)
+        subset = tensors.select(chosen)
+        if borrowed:
+            subset = replace(subset, nil=_without_picture_features(subset.nil))
+        _fit_expert(scorer, subset, target[chosen_at], item_weights[chosen_at], options=options,
+                    text_expert=text_expert, max_iter=max_iter)
     after = _mean_nll(scorer, tensors, target, item_weights, options)
     if not math.isfinite(after) or not all(bool(torch.isfinite(value).all()) for value in scorer.parameters()):
         # A diverged line search must not leave NaN weights behind (they would poison training too).
@@ -379,13 +389,18 @@ def fit_weights(
             "nil_mentions": int(sum(1 for g in gold_ids if g == NIL)), "nll_before": before, "nll_after": after}
 
 
-@torch.no_grad()
-def _copy_expert(scorer: CandidateScorer, *, to_text: bool) -> None:
-    pairs = [(scorer.log_scale, scorer.text_log_scale), (scorer.feature_weights, scorer.text_feature_weights),
-             (scorer.nil_weights, scorer.text_nil_weights)]
-    for picture, text in pairs:
-        source, target = (picture, text) if to_text else (text, picture)
-        target.copy_(source)
+#: NIL features that read the picture: one expert's mentions never have a picture, the other's always do.
+PICTURE_NIL_FEATURES = ("no_image", "picture_best_score")
+
+
+def _without_picture_features(nil: torch.Tensor) -> torch.Tensor:
+    """``nil`` [B, len(NIL_FEATURES)] with the picture features zeroed, so
+    that an expert fitted on the other's mentions puts no weight on them: a
+    text expert that learnt NIL from pictured mentions would otherwise say
+    NIL for every mention without a picture (best picture score 0)."""
+    nil = nil.clone()
+    nil[:, [NIL_FEATURES.index(name) for name in PICTURE_NIL_FEATURES]] = 0.0
+    return nil
 
 
 @torch.no_grad()

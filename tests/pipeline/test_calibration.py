@@ -15,7 +15,6 @@ from spacy_m3el.pipeline.calibration import (
     fit,
     fit_picture_gate,
     fit_weights,
-    nil_features,
     to_tensors,
 )
 from spacy_m3el.pipeline.features import lexical_features
@@ -482,29 +481,59 @@ def test_nil_is_learned_from_a_picture_that_matches_no_candidate():
     assert nil_recall > 0.9 and linked_as_nil < 0.1
 
 
+def nil_features(result):
+    return dict(zip(NIL_FEATURES, to_tensors([result], BRANCHES).nil[0].tolist()))
+
+
 def test_nil_features_read_the_best_candidate_of_each_modality():
     rng = random.Random(20)
     result = mention(rng, gold=1)
-    features = dict(zip(NIL_FEATURES, nil_features(result)))
+    features = nil_features(result)
     candidates = result["candidates"]
     assert features["picture_best_score"] == pytest.approx(
         max(sum(c["branches"][b] for b in ("image", "t2v", "v2t")) for c in candidates))
     assert features["text_best_score"] == pytest.approx(max(c["branches"]["text"] for c in candidates))
-    no_picture = mention(rng, gold=1, image=False)
-    assert dict(zip(NIL_FEATURES, nil_features(no_picture)))["picture_best_score"] == 0.0
-    assert nil_features({"candidates": [], "modalities": ["text"]}) == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert features["no_alias_candidates"] == 0.0 and features["no_image"] == 0.0
+    no_picture = mention(rng, gold=1, image=False, with_alias=False)
+    assert nil_features(no_picture)["picture_best_score"] == 0.0
+    assert nil_features(no_picture)["no_alias_candidates"] == nil_features(no_picture)["no_image"] == 1.0
+    # Padding (a mention with fewer candidates than its batch's widest) is not a candidate.
+    few = mention(rng, gold=0, n=2)
+    for candidate in few["candidates"]:
+        candidate["branches"] = {b: -5.0 for b in BRANCHES}
+    batch = to_tensors([result, few, {"candidates": [], "modalities": ["text"]}], BRANCHES).nil
+    assert dict(zip(NIL_FEATURES, batch[1].tolist()))["text_best_score"] == -5.0
+    assert batch[2].tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert to_tensors([{"candidates": [], "modalities": ["text", "image"]}], BRANCHES).nil.tolist() == [
+        [1.0, 1.0, 0.0, 0.0, 0.0]]
 
 
-def test_an_expert_without_mentions_takes_the_other_s_weights():
+def test_an_expert_without_mentions_learns_from_the_other_s():
     pictured, gold, fits = own_and_other_pictures(21, 60)
+    rng = random.Random(23)
+    for _ in range(30):  # out of the KB: their picture matches none of the candidates
+        result = mention(rng, gold=-1, with_alias=False)
+        for candidate in result["candidates"]:
+            candidate["branches"].update({b: rng.gauss(40.0, 4.0) for b in ("image", "t2v", "v2t")})
+        pictured.append(result)
+        gold.append(NIL)
+        fits.append(True)
     scorer = CandidateScorer(BRANCHES)
-    fit_weights(scorer, pictured, gold, options=ScorerOptions(), picture_fits=fits)  # no mention without a picture
-    assert scorer.text_log_scale.tolist() == scorer.log_scale.tolist()
-    assert scorer.text_nil_weights.tolist() == scorer.nil_weights.tolist()
+    fit_weights(scorer, pictured, gold, options=ScorerOptions(), picture_fits=fits)  # none without a picture
+    assert float(scorer.text_scale) > 0.3  # the text expert learnt to read the pictured mentions' text
+    # Its NIL option reads no picture feature, while the picture expert's reads how well the picture matches.
+    picture_features = [NIL_FEATURES.index(name) for name in ("no_image", "picture_best_score")]
+    assert scorer.text_nil_weights[picture_features].tolist() == [0.0, 0.0]
+    assert float(scorer.nil_weights[NIL_FEATURES.index("picture_best_score")]) < 0.0
+    # So a linkable mention without a picture is linked by its text, not sent to NIL for the missing picture,
+    # while one without alias-table candidates (as the NIL mentions here) still gets NIL.
+    linkable = [mention(rng, gold=rng.randrange(6), image=False) for _ in range(40)]
+    outside = [mention(rng, gold=-1, with_alias=False, image=False) for _ in range(40)]
+    apply_scorer(scorer, linkable + outside, options=ScorerOptions(), threshold=None)
+    assert sum(r["id"] == NIL for r in linkable) <= 2 and sum(r["id"] == NIL for r in outside) >= 38
     rng = random.Random(22)
     text_only = [mention(rng, gold=rng.randrange(6), image=False) for _ in range(60)]
     text_gold = [f"E{max(range(6), key=lambda j: r['candidates'][j]['branches']['text'])}" for r in text_only]
     scorer = CandidateScorer(BRANCHES)
     fit_weights(scorer, text_only, text_gold, options=ScorerOptions(), picture_fits=[None] * len(text_only))
-    assert scorer.log_scale.tolist() == scorer.text_log_scale.tolist() and float(scorer.text_scale) > 0.3
-    assert scorer.feature_weights.tolist() == scorer.text_feature_weights.tolist()
+    assert float(scorer.text_scale) > 0.3 and float(scorer.scale) > 0.3  # the picture expert learnt from them
