@@ -23,22 +23,26 @@ def convert_mimic(
     """Convert a MIMIC-format dataset (WikiMEL, RichpediaMEL, WikiDiverse,
     Clipart-MEL) to DocBins (image paths, not pixels) plus a MultimodalKB."""
     from ..data.mimic import SPLITS, ConversionReport, MIMICFormatError, load_mimic_kb, read_mimic_docs
+    from ..errors import KBError
 
     nlp = spacy.blank(lang)
     output_dir.mkdir(parents=True, exist_ok=True)
-    with msg.loading("Building the KB..."):
-        kb = load_mimic_kb(nlp.vocab, data_dir)
+    try:
+        with msg.loading("Building the KB..."):
+            kb = load_mimic_kb(nlp.vocab, data_dir)
+    except (MIMICFormatError, KBError) as err:
+        msg.fail(str(err), exits=1)
     msg.good(f"KB: {len(kb)} entities, {kb.get_size_aliases()} aliases")
     summary = {"entities": len(kb), "aliases": kb.get_size_aliases(), "splits": {}}
     for split in SPLITS:
         report = ConversionReport()
-        docs = read_mimic_docs(nlp, data_dir, split, known_entities=kb.entity_ids, report=report)
         bin_ = DocBin(store_user_data=True)
-        for doc in progress_bar(docs, desc=f"{split}", unit="mention"):
-            bin_.add(doc)
-        for line in report.problems():
-            msg.warn(f"{split}: {line}")
         try:
+            docs = read_mimic_docs(nlp, data_dir, split, known_entities=kb.entity_ids, report=report)
+            for doc in progress_bar(docs, desc=f"{split}", unit="mention"):
+                bin_.add(doc)
+            for line in report.problems():
+                msg.warn(f"{split}: {line}")
             report.check(f"{data_dir} ({split})")
         except MIMICFormatError as err:
             msg.fail(str(err), exits=1)
@@ -51,6 +55,7 @@ def convert_mimic(
             "missing_mention_images": len(report.missing_mention_images),
             "aligned_to_tokens": len(report.alignment.moved),
             "unaligned_skipped": len(report.alignment.unaligned),
+            "malformed_skipped": len(report.malformed),
             "alignment_examples": report.alignment.to_dict()["moved_examples"],
         }
         msg.good(f"{split}: {report.mentions} mentions -> {output_dir / f'{split}.spacy'}")

@@ -47,12 +47,16 @@ class ConversionReport:
     unlocated: List[str] = field(default_factory=list)
     missing_mention_images: List[str] = field(default_factory=list)
     unknown_answers: List[str] = field(default_factory=list)
+    #: Samples skipped because a field is missing or of the wrong type: (where, what is wrong).
+    malformed: List[Tuple[str, str]] = field(default_factory=list)
     #: Mentions aligned to the tokens, or skipped because no token holds them.
     alignment: AlignmentReport = field(default_factory=AlignmentReport)
 
     def problems(self) -> List[str]:
         """One line per kind of problem, with a count and example ids."""
         lines = list(self.alignment.lines())
+        if self.malformed:
+            lines.append(f"{len(self.malformed)} malformed sample(s) skipped, e.g. {self.malformed[:3]}")
         for items, what in (
             (self.unlocated, "mention(s) not found on word boundaries in their sentence (kept: the mention "
                              "is appended to the sentence, as context)"),
@@ -69,8 +73,15 @@ class ConversionReport:
             warn(f"{where}: {line}", stacklevel=3)
 
     def check(self, where: str) -> None:
-        """Refuse a split where most answers are unknown: the data and the KB
+        """Refuse a split where most samples are malformed, most mentions
+        cannot be aligned, or most answers are unknown: the data and the KB
         do not fit (for example ids that need qid2id.json)."""
+        samples = len(self.malformed) + self.alignment.mentions
+        if self.malformed and len(self.malformed) > samples / 2:
+            raise MIMICFormatError(
+                f"{where}: {len(self.malformed)} of {samples} samples are malformed, e.g. {self.malformed[:3]}: "
+                "each must be an object with the strings 'sentence' and 'mentions' and an 'answer'"
+            )
         unaligned = len(self.alignment.unaligned)
         if unaligned and unaligned > self.alignment.mentions / 2:
             raise MIMICFormatError(
@@ -115,14 +126,40 @@ def _entity_ids(root: Path, records: List[dict]) -> List[str]:
 
 
 def _kb_records(path: Path) -> List[dict]:
+    """The usable entries of ``kb_entity.json``: an entry that is not an
+    object or lacks an 'id' or 'entity_name' is skipped with a warning, and
+    a file where most entries are so is refused."""
     records = _read_json(path)
     if not isinstance(records, list):
         raise MIMICFormatError(f"{path} must hold a list of entities")
+    usable, skipped = [], []
     for position, record in enumerate(records):
-        for key in ("id", "entity_name"):
-            if not isinstance(record, dict) or key not in record:
-                raise MIMICFormatError(f"{path}: entry {position} has no '{key}'")
-    return records
+        missing = [key for key in ("id", "entity_name") if not isinstance(record, dict) or key not in record]
+        if missing:
+            skipped.append((f"entry {position}", f"no {' or '.join(repr(key) for key in missing)}"
+                            if isinstance(record, dict) else f"not an object but {type(record).__name__}"))
+        else:
+            usable.append(record)
+    if skipped and len(skipped) > len(records) / 2:
+        raise MIMICFormatError(f"{path}: {len(skipped)} of {len(records)} entries are malformed, e.g. "
+                               f"{skipped[:3]}: each must be an object with an 'id' and an 'entity_name'")
+    if skipped:
+        warn(f"{path}: {len(skipped)} of {len(records)} malformed record(s) skipped, e.g. {skipped[:3]}")
+    return usable
+
+
+def _image_names(record: dict) -> Tuple[List[str], bool]:
+    """The entity's picture file names from 'image_list', and whether it was
+    malformed (a single name is read as a list of one; anything else as none)."""
+    images = record.get("image_list")
+    if images is None:
+        return [], False
+    if isinstance(images, str):
+        return [images], True
+    if not isinstance(images, list):
+        return [], True
+    names = [name for name in images if isinstance(name, str) and name]
+    return names, len(names) != len(images)
 
 
 def load_mimic_kb(
@@ -142,16 +179,28 @@ def load_mimic_kb(
     records = _kb_records(root / "kb_entity.json")
     kb = MultimodalKB(vocab)
     image_root = root / KB_IMAGES
-    undescribed = []
+    undescribed, duplicates, odd_images = [], [], []
     # One summary warning below instead of one per entity.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for entity_id, record in zip(_entity_ids(root, records), records):
+            if entity_id in kb:
+                duplicates.append(entity_id)
+                continue
             description = str(record.get("desc") or record.get("attr") or "")
             if not description.strip():
                 undescribed.append(entity_id)
+            names, malformed = _image_names(record)
+            if malformed:
+                odd_images.append(entity_id)
             kb.add_entity(entity_id, name=unquote(str(record["entity_name"])), description=description,
-                          images=[str(image_root / name) for name in record.get("image_list") or []])
+                          images=[str(image_root / name) for name in names])
+    if duplicates:
+        warn(f"{root / 'kb_entity.json'}: {len(duplicates)} record(s) repeat an entity id already read, e.g. "
+             f"{duplicates[:5]}: the first entry of each id is kept")
+    if odd_images:
+        warn(f"{root / 'kb_entity.json'}: {len(odd_images)} record(s) have an 'image_list' that is not a list of "
+             f"file names, e.g. {odd_images[:5]} (a single name is read as one picture; anything else is left out)")
     if undescribed:
         warn(f"{root}: {len(undescribed)} of {len(kb)} entities have no description ('desc' or 'attr'), "
              f"e.g. {undescribed[:5]}: their text is the name alone")
@@ -172,9 +221,12 @@ def _add_aliases(kb: MultimodalKB, root: Path, alias_splits: Iterable[str]) -> N
         if kb.name(row).strip():
             aliases.add(kb.name(row), kb.entity_id(row))
     for split in alias_splits:
-        for sample in _read_json(split_file(root, split)):
-            answer = str(sample.get("answer", "nil"))
-            mention = unquote(str(sample.get("mentions", "")))
+        samples = _read_json(split_file(root, split))
+        for sample in samples if isinstance(samples, list) else []:  # the split's reader reports what is wrong
+            if _sample_problem(sample) is not None:
+                continue
+            answer = str(sample["answer"])
+            mention = unquote(sample["mentions"])
             if answer.lower() != "nil" and answer in kb and mention.strip():
                 aliases.add(mention, answer)
     aliases.add_to(kb)
@@ -234,9 +286,11 @@ def read_mimic_docs(
         raise MIMICFormatError(f"{path} must hold a list of samples")
     for position, sample in enumerate(samples):
         sample_id = str(sample.get("id", position)) if isinstance(sample, dict) else str(position)
-        for key in ("sentence", "mentions", "answer"):
-            if not isinstance(sample, dict) or key not in sample:
-                raise MIMICFormatError(f"{path}: sample '{sample_id}' has no '{key}'")
+        problem = _sample_problem(sample)
+        if problem is not None:
+            report.malformed.append((f"entry {position}" if not isinstance(sample, dict) or "id" not in sample
+                                     else f"id {sample_id}", problem))
+            continue
         answer = str(sample["answer"])
         if answer.lower() == "nil":
             answer = NIL
@@ -249,7 +303,10 @@ def read_mimic_docs(
             report.nil += 1
         elif answer is None:
             report.unknown_answers.append(sample_id)
-        image = _mention_image(root, str(sample.get("imgPath") or ""))
+        image_path = sample.get("imgPath")
+        image = _mention_image(root, image_path if isinstance(image_path, str) else "")
+        if image_path and not isinstance(image_path, str):
+            image = ""  # reported with the missing ones: the mention is linked without a picture
         if image == "":
             report.missing_mention_images.append(sample_id)
             image = None
@@ -257,6 +314,21 @@ def read_mimic_docs(
         doc.user_data["mimic_id"] = sample_id
         report.mentions += 1
         yield doc
+
+
+def _sample_problem(sample: object) -> Optional[str]:
+    """What makes a sample unusable (a field missing or of the wrong type), or None."""
+    if not isinstance(sample, dict):
+        return f"not an object but {type(sample).__name__}"
+    for key in ("sentence", "mentions", "answer"):
+        if key not in sample:
+            return f"no '{key}'"
+    for key in ("sentence", "mentions"):
+        if not isinstance(sample[key], str):
+            return f"'{key}' is {type(sample[key]).__name__}, not a string"
+    if isinstance(sample["answer"], bool) or not isinstance(sample["answer"], (str, int)):
+        return f"'answer' is {type(sample['answer']).__name__}, not an entity id"
+    return None
 
 
 def _sample_doc(nlp: Language, sample: dict, sample_id: str, answer: str,
@@ -302,6 +374,7 @@ class MIMICCorpus:
                 break
             yield example_with_images(nlp, reference, image_dir=self.data_dir)
         report.warn(f"{self.data_dir} ({self.split})")
+        report.check(f"{self.data_dir} ({self.split})")
 
 
 def create_mimic_reader(data_dir: str, split: str, limit: int = 0) -> Callable[[Language], Iterable[Example]]:

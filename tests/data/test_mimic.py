@@ -109,7 +109,7 @@ def test_convert_command_writes_docbins_and_kb(mimic_dir, tmp_path):
     summary = json.loads((tmp_path / "out" / "conversion.json").read_text())
     assert summary["splits"]["train"] == {"mentions": 4, "nil": 1, "unlocated": 1, "unknown_answers": 0,
                                           "missing_mention_images": 1, "aligned_to_tokens": 0,
-                                          "unaligned_skipped": 0, "alignment_examples": []}
+                                          "unaligned_skipped": 0, "malformed_skipped": 0, "alignment_examples": []}
 
 
 def write_release_layout(root, picture_dir):
@@ -145,6 +145,59 @@ def test_converter_refuses_data_whose_answers_are_mostly_unknown(tmp_path, pictu
     result = CliRunner().invoke(app, ["convert-mimic", str(root), str(tmp_path / "out")])
     assert result.exit_code == 1
     assert "answers are not entities of kb_entity.json" in result.output and "qid2id.json" in result.output
+
+
+def test_malformed_samples_and_entities_are_skipped_with_a_count(mimic_dir, tmp_path):
+    """Rows of the wrong shape or type are skipped and counted, the run goes on;
+    a duplicate entity id keeps its first record; an 'image_list' that is a
+    single name is read as one picture."""
+    kb = json.loads((mimic_dir / "kb_entity.json").read_text())
+    kb[2]["image_list"] = "Q2.png"
+    kb.append({"id": "Q1", "entity_name": "Another Oscar", "desc": "a repeat"})
+    kb.append("not an entity")
+    (mimic_dir / "kb_entity.json").write_text(json.dumps(kb))
+    train = json.loads((mimic_dir / "toy_train.json").read_text())
+    train += [{"id": "bad-mention", "sentence": "In 1984 it rained.", "mentions": 1984, "answer": "Q1"},
+              {"id": "bad-sentence", "sentence": None, "mentions": "Jordan", "answer": "Q3"},
+              {"id": "no-answer", "sentence": "Jordan flows.", "mentions": "Jordan"},
+              ["a", "list"],
+              {"id": "odd-picture", "sentence": "Jordan flows.", "mentions": "Jordan", "answer": "Q3",
+               "imgPath": ["m1.png"]}]
+    (mimic_dir / "toy_train.json").write_text(json.dumps(train))
+    with pytest.warns(UserWarning) as caught:
+        kb_read = load_mimic_kb(spacy.blank("en").vocab, mimic_dir)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "1 of 5 malformed record(s) skipped" in messages and "entry 4" in messages
+    assert "1 record(s) repeat an entity id already read, e.g. ['Q1']" in messages
+    assert "'image_list' that is not a list of file names, e.g. ['Q3']" in messages
+    assert kb_read.get_entity("Q1")["name"] == "Oscar Robertson" and len(kb_read.images(kb_read.row("Q3"))) == 1
+    report = ConversionReport()
+    docs = list(read_mimic_docs(spacy.blank("en"), mimic_dir, "train", known_entities=kb_read.entity_ids,
+                                report=report))
+    assert len(docs) == 5 and docs[-1].user_data["mimic_id"] == "odd-picture" and docs[-1]._.image is None
+    assert report.malformed == [("id bad-mention", "'mentions' is int, not a string"),
+                                ("id bad-sentence", "'sentence' is NoneType, not a string"),
+                                ("id no-answer", "no 'answer'"), ("entry 7", "not an object but list")]
+    assert "odd-picture" in report.missing_mention_images
+    result = CliRunner().invoke(app, ["convert-mimic", str(mimic_dir), str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "4 malformed sample(s) skipped" in result.output
+    summary = json.loads((tmp_path / "out" / "conversion.json").read_text())
+    assert summary["splits"]["train"]["mentions"] == 5 and summary["splits"]["train"]["malformed_skipped"] == 4
+
+
+def test_mostly_malformed_inputs_are_refused(mimic_dir, tmp_path):
+    train = [{"id": f"s{i}", "sentence": None, "mentions": "Jordan", "answer": "Q3"} for i in range(3)]
+    (mimic_dir / "toy_train.json").write_text(json.dumps(train + [{"id": "ok", "sentence": "Jordan flows.",
+                                                                    "mentions": "Jordan", "answer": "Q3"}]))
+    result = CliRunner().invoke(app, ["convert-mimic", str(mimic_dir), str(tmp_path / "out")])
+    assert result.exit_code == 1 and "3 of 4 samples are malformed" in result.output, result.output
+    assert "Traceback" not in result.output
+    with pytest.raises(MIMICFormatError, match="3 of 4 samples are malformed"):
+        list(MIMICCorpus(mimic_dir, "train")(spacy.blank("en")))
+    (mimic_dir / "kb_entity.json").write_text(json.dumps([{"id": "Q1"}, {"entity_name": "x"}, []]))
+    result = CliRunner().invoke(app, ["convert-mimic", str(mimic_dir), str(tmp_path / "out2")])
+    assert result.exit_code == 1 and "3 of 3 entries are malformed" in result.output
 
 
 @pytest.mark.parametrize(
