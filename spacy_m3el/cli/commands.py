@@ -11,6 +11,8 @@ from wasabi import msg
 
 from ..progress import progress_bar
 
+#: Escaped: Typer's help is Rich markup, where "[ray]" would be read as a style and dropped.
+RAY_EXTRA = "pip install 'spacy-m3el\\[ray]'"
 app = typer.Typer(help="spacy-m3el: multimodal entity linking for spaCy", no_args_is_help=True)
 
 
@@ -180,7 +182,7 @@ def link(
     batch_size: int = typer.Option(32, help="Docs per batch"),
     top_k: int = typer.Option(5, help="Candidates kept per entity in the output"),
     gpu_id: int = typer.Option(-1, help="GPU to use (-1: CPU)"),
-    use_ray: bool = typer.Option(False, "--ray", help="Link on Ray Data workers (pip install 'spacy-m3el[ray]')"),
+    use_ray: bool = typer.Option(False, "--ray", help=f"Link on Ray Data workers ({RAY_EXTRA})"),
     address: Optional[str] = typer.Option(None, help="With --ray: the cluster to join ('auto', 'ray://host:port'); "
                                           "default: a local Ray on this machine"),
     num_workers: int = typer.Option(2, help="With --ray: worker actors, each holding one loaded pipeline"),
@@ -337,7 +339,7 @@ def _build_index(linker, work_dir: Path, ann_index: Optional[str], processes: Op
 def build_cache(
     pipeline: str = typer.Argument(..., help="Trained pipeline with an m3el_linker: a directory or a package name"),
     output: Path = typer.Argument(..., help="Where to save the pipeline with its entity index"),
-    use_ray: bool = typer.Option(False, "--ray", help="Encode the KB on Ray Data workers (pip install 'spacy-m3el[ray]')"),
+    use_ray: bool = typer.Option(False, "--ray", help=f"Encode the KB on Ray Data workers ({RAY_EXTRA})"),
     address: Optional[str] = typer.Option(None, help="With --ray: the cluster to join (default: a local Ray)"),
     num_workers: int = typer.Option(2, help="With --ray: worker actors, each holding one loaded pipeline"),
     ann_index: Optional[str] = typer.Option(None, help="Also build this ANN index ('auto' or a faiss "

@@ -157,6 +157,12 @@ def test_commands_run_under_spacys_cli():
         assert command in out.stdout
 
 
+@pytest.mark.parametrize("command", ["link", "build-cache"])
+def test_help_names_the_extra_to_install(command):
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "pip install 'spacy-m3el[ray]'" in result.output
+
+
 def test_calibrate_fits_on_held_out_data_and_saves(linker_dir, picture_dir, tmp_path):
     import math
 
