@@ -29,6 +29,7 @@ from spacy.tokens import Doc
 
 from ..extensions import image_source, make_doc
 from .alignment import AlignmentReport, align_entities
+from .images import is_url
 
 Row = Dict[str, Any]
 
@@ -67,10 +68,11 @@ def row_doc(
     if image is not None:
         if not isinstance(image, str):
             raise ValueError("'image' must be a path")
-        path = Path(image) if image_dir is None or Path(image).is_absolute() else image_dir / image
-        if not path.is_file():
-            raise ValueError(f"image file '{path}' not found")
-        image = str(path)
+        if not is_url(image):  # a URL goes to the linker, which fetches it only where allow_image_urls is set
+            path = Path(image) if image_dir is None or Path(image).is_absolute() else image_dir / image
+            if not path.is_file():
+                raise ValueError(f"image file '{path}' not found")
+            image = str(path)
     doc = make_doc(nlp, text, image)
     if row.get("spans") is not None:
         spans = row["spans"]
@@ -188,8 +190,9 @@ def _output_row(doc: Doc, line: Any, row: Row, on_error: Callable[[Row], None], 
     row_id = row.get("id", line)
     unread = [e.text for e in doc.ents if image_source(e) is not None and e._.m3el_modalities == ["text"]]
     if unread:
-        on_error({"line": line, "id": row_id, "error": f"the image could not be read: {unread} linked on text alone",
-                  "skipped": False, "unreadable_image": True})
+        why = " (a URL: fetched only where the linker's allow_image_urls is set)" if is_url(row.get("image")) else ""
+        on_error({"line": line, "id": row_id, "skipped": False, "unreadable_image": True,
+                  "error": f"the image could not be read{why}: {unread} linked on text alone"})
     out = doc_row(doc, row_id, top_k=top_k)
     return {"line": line, **out} if with_line else out
 

@@ -99,12 +99,13 @@ def test_link_writes_rows_and_reports_bad_ones(linker_dir, picture_dir, tmp_path
         {"id": "cut-span", "text": "Look at the item.", "spans": [[13, 16, "THING"]]},
         {"id": "off-span", "text": "Look at the item.", "spans": [[12, 16, "THING"], [40, 44, "THING"]]},
         {"id": "undecodable", "text": "Another item here.", "image": "broken.png"},
+        {"id": "url", "text": "An item online.", "image": "https://example.com/item.png"},
     ]
     lines = [row if isinstance(row, str) else json.dumps(row) for row in rows]
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     run("link", linker_dir / "ruled", tmp_path / "in.jsonl", tmp_path / "out.jsonl")
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert [row["id"] for row in out] == ["ok-1", "given-span", "cut-span", "off-span", "undecodable"]
+    assert [row["id"] for row in out] == ["ok-1", "given-span", "cut-span", "off-span", "undecodable", "url"]
     # A span that cuts a token is aligned to it, its original offsets kept; one outside the text is left out.
     cut = out[2]["ents"][0]
     assert (cut["start"], cut["end"], cut["text"], cut["original"]) == (12, 16, "item", [13, 16])
@@ -119,6 +120,8 @@ def test_link_writes_rows_and_reports_bad_ones(linker_dir, picture_dir, tmp_path
     assert "missing.png' not found" in errors["gone"] and "outside the text" in errors["off-span"]
     assert "cut-span" not in errors
     assert "linked on text alone" in errors["undecodable"]
+    # An image URL is not fetched (nothing is, by default): the row is linked on its text and says why.
+    assert out[5]["ents"][0]["modalities"] == ["text"] and "allow_image_urls" in errors["url"]
     # Two worker processes give the same rows (scores up to float rounding across batch sizes).
     run("link", linker_dir / "ruled", tmp_path / "in.jsonl", tmp_path / "out2.jsonl", "--n-process", 2,
         "--batch-size", 2)
