@@ -2,7 +2,7 @@
 import contextlib
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import spacy
 import typer
@@ -97,6 +97,7 @@ def evaluate(
     nlp = _load(pipeline, gpu_id)
     corpus = MultimodalCorpus(data, image_dir=image_dir)
     examples = list(corpus(nlp))
+    _check_pictures(examples, data, image_dir)
     result = evaluate_pipeline(nlp, examples, protocol=protocol, progress=True, pictures=pictures, seed=seed)
     result["alignment"] = corpus.alignment.to_dict()
     rows = [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in result.items() if not isinstance(v, dict)]
@@ -135,6 +136,7 @@ def calibrate(
     nlp = _load(pipeline, gpu_id)
     linker = find_linker(nlp)
     examples = list(MultimodalCorpus(data, image_dir=image_dir)(nlp))
+    _check_pictures(examples, data, image_dir)
     link_gold_mentions(nlp, linker, examples, progress=True)
     report = linker.calibrate(examples, progress=True)
     msg.table([(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in report.items()
@@ -160,6 +162,22 @@ def calibrate(
                for condition, figures in report["conditions"].items()], header=("out of fold, pictures", *shown))
     save_pipeline(nlp, output)
     msg.good(f"Calibrated pipeline saved to {output}")
+
+
+def _check_pictures(examples: List[Any], data: Path, image_dir: Optional[Path]) -> None:
+    """Stop before linking when the corpus' pictures are not on disk, which
+    is a wrong or missing --image-dir, not a few bad files."""
+    from ..data.images import is_url
+    from ..extensions import image_source
+
+    paths = {str(source) for example in examples for item in (example.reference, *example.reference.ents)
+             if isinstance(source := image_source(item), (str, Path)) and not is_url(source)}
+    missing = sorted(path for path in paths if not Path(path).is_file())
+    if missing:
+        hint = (f"check --image-dir ({image_dir})" if image_dir is not None
+                else "give --image-dir, the folder their relative paths start from")
+        msg.fail(f"{len(missing)} of {len(paths)} pictures of {data} are not on disk, e.g. {missing[:3]}: {hint}",
+                 exits=1)
 
 
 def _load(pipeline: str, gpu_id: int):

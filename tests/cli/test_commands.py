@@ -192,6 +192,30 @@ def test_calibrate_fits_on_held_out_data_and_saves(linker_dir, picture_dir, tmp_
     assert metrics["m3el_n_nil"] == 8 and 0.0 <= metrics["m3el_ece"] <= 1.0 and metrics["m3el_nil_r"] > 0.5
 
 
+def test_evaluate_and_calibrate_stop_when_the_pictures_are_not_where_the_corpus_says(linker_dir, picture_dir,
+                                                                                       tmp_path):
+    from spacy.tokens import DocBin
+
+    from tests.pipeline.test_linker import make_docs
+
+    docs = make_docs(spacy.blank("en"), picture_dir)[:4]
+    for doc in docs:
+        doc._.image = doc._.image.rsplit("/", 1)[-1]  # relative, as converted corpora store them
+    DocBin(docs=docs, store_user_data=True).to_disk(tmp_path / "rel.spacy")
+    for command in ("evaluate", "calibrate"):
+        args = [command, str(linker_dir / "pipeline"), str(tmp_path / "rel.spacy")]
+        args += [str(tmp_path / "out")] if command == "calibrate" else []
+        result = CliRunner().invoke(app, args)
+        said = " ".join(result.output.split())
+        assert result.exit_code == 1 and "2 of 2 pictures of" in said and "'item0_alt.png'" in said, said
+        assert "give --image-dir" in said and "Traceback" not in said
+        result = CliRunner().invoke(app, args + ["--image-dir", str(tmp_path)])
+        assert result.exit_code == 1 and "check --image-dir" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, ["evaluate", str(linker_dir / "pipeline"), str(tmp_path / "rel.spacy"),
+                                      "--image-dir", str(picture_dir)])
+    assert result.exit_code == 0, result.output
+
+
 def test_swap_kb_links_against_your_own_kb_in_one_command(linker_dir, picture_dir, tmp_path):
     from spacy_m3el import make_doc
     from spacy_m3el.pipeline.linker import find_linker
