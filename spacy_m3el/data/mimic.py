@@ -197,7 +197,7 @@ def load_mimic_kb(
                           images=[str(image_root / name) for name in names])
     if duplicates:
         warn(f"{root / 'kb_entity.json'}: {len(duplicates)} record(s) repeat an entity id already read, e.g. "
-             f"{duplicates[:5]}: the first entry of each id is kept")
+             f"{duplicates[:5]}: the first record of each id is kept")
     if odd_images:
         warn(f"{root / 'kb_entity.json'}: {len(odd_images)} record(s) have an 'image_list' that is not a list of "
              f"file names, e.g. {odd_images[:5]} (a single name is read as one picture; anything else is left out)")
