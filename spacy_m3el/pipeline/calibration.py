@@ -360,14 +360,14 @@ def fit_weights(
         own = torch.tensor([picture_fits is None or picture_fits[i] is not False for i in kept])
         experts = [(False, tensors.has_image & own), (True, ~tensors.has_image)]
     before = _mean_nll(scorer, tensors, target, item_weights, options)
-    own_mentions = {text_expert: chosen for text_expert, chosen in experts}
+    own_mentions = dict(experts)
     for text_expert, chosen in experts:
+        # Nothing of its own to learn from: the other expert's mentions, read as this expert reads them.
         borrowed = not bool(chosen.any())
         if borrowed:
-            # Nothing of its own to learn from: the other expert's mentions, read as this expert reads them.
             chosen = own_mentions.get(not text_expert, chosen)
-            if not bool(chosen.any()):
-                continue
+        if not bool(chosen.any()):
+            continue
         chosen_at = chosen.to(device)
         subset = tensors.select(chosen)
         if borrowed:
